@@ -1,0 +1,93 @@
+"""Training checkpoints (`epoch_N.pth` / `iter_N.pth`) and Hugging Face exports, written atomically:
+a crash at any moment leaves the previous checkpoint intact, and `last_checkpoint` is updated last."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from tunelab.errors import UserError
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write via `write(file)` to a temp file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(work_dir: Path, name: str, state: dict[str, Any], keep: int = -1) -> Path:
+    """Save a checkpoint, point last_checkpoint at it, and prune old ones beyond `keep`."""
+    path = work_dir / name
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    atomic_write_bytes(work_dir / "last_checkpoint", lambda f: f.write(str(path.resolve()).encode()))
+    if keep > 0:
+        for old in list_checkpoints(work_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(work_dir: Path) -> list[Path]:
+    """Checkpoints in a work dir, oldest first (by the step they were saved at)."""
+    return sorted((p for p in work_dir.glob("*.pth") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by `tunelab train`; UserError when it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; give a .pth file from work_dirs/<config>/")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign files
+        raise UserError(f"{path}: not a readable tunelab checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "meta" not in state or "model" not in state:
+        raise UserError(f"{path}: not a tunelab checkpoint (no 'meta'/'model' entries)")
+    return state
+
+
+@contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder that becomes `target` only if the block finishes: no half-written outputs."""
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"{target}: the output folder exists and is not empty; choose another or delete it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, ensure_ascii=False, indent=2), encoding="utf-8")

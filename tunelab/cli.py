@@ -1,0 +1,190 @@
+"""The `tunelab` command: parse the verb, run it, turn bad input into one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _config_keys_help() -> str:
+    from tunelab.config.schema import FIELDS
+
+    lines = ["config keys (set in the config file or with --cfg-options key=value):"]
+    for name, f in FIELDS.items():
+        lines.append(f"  {name}")
+        lines += ["      " + t for t in textwrap.wrap(f.metadata["help"], 90)]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune LLMs (full, LoRA, QLoRA) from a "
+                                     "config file; convert, merge and chat with the result.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("list-cfg", help="list built-in configs")
+    p.add_argument("-p", "--pattern", help="only names containing this text (case-insensitive)")
+
+    p = verbs.add_parser("copy-cfg", help="write DIR/NAME_copy.py, a complete commented config")
+    p.add_argument("name")
+    p.add_argument("dir")
+
+    p = verbs.add_parser("train", help="fine-tune as a config says", epilog=_config_keys_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="a config file (.py) or a built-in name (tunelab list-cfg)")
+    p.add_argument("--work-dir", help="output folder (default work_dirs/<config name>)")
+    p.add_argument("--seed", type=int, help="random seed (overrides the config)")
+    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
+
+    conv = verbs.add_parser("convert", help="pth_to_hf, merge, split").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    p = conv.add_parser("pth_to_hf", help="training checkpoint -> PEFT adapter folder or HF model")
+    p.add_argument("config")
+    p.add_argument("pth")
+    p.add_argument("save_dir")
+    p.add_argument("--fp32", action="store_true", help="save weights in float32")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--safe-serialization", action="store_true",
+                   help="accepted for XTuner compatibility: tunelab always writes safetensors")
+    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    p = conv.add_parser("merge", help="fold an adapter into its base model")
+    p.add_argument("base")
+    p.add_argument("adapter")
+    p.add_argument("save_dir")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p = conv.add_parser("split", help="re-shard a Hugging Face model folder")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+    p = verbs.add_parser("chat", help="chat with a model (merged, base + --adapter, or an adapter folder)")
+    p.add_argument("model")
+    p.add_argument("--adapter")
+    p.add_argument("--prompt-template", help="default: the template the model was trained with")
+    p.add_argument("--system", help="system text")
+    p.add_argument("--bits", type=int, choices=[4, 8])
+    p.add_argument("--torch-dtype", choices=["fp16", "bf16", "fp32", "auto"], default="auto")
+    p.add_argument("--stop-words", nargs="+", default=[])
+    p.add_argument("--command-stop-word", help="older spelling: an extra stop word")
+    p.add_argument("--answer-stop-word", help="older spelling: an extra stop word")
+    p.add_argument("--no-streamer", action="store_true", help="print each answer whole")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
+    return parser
+
+
+def cmd_list_cfg(args) -> int:
+    from tunelab.config.catalogue import BUILTIN
+
+    pattern = (args.pattern or "").lower()
+    for name in BUILTIN:
+        if pattern in name.lower():
+            print(name)
+    return EXIT_OK
+
+
+def cmd_copy_cfg(args) -> int:
+    from tunelab.config.catalogue import BUILTIN
+    from tunelab.config.loader import render_config
+    from tunelab.config.schema import suggest
+
+    if args.name not in BUILTIN:
+        raise UserError(f"copy-cfg: no built-in config '{args.name}'{suggest(args.name, BUILTIN)}; "
+                        f"`tunelab list-cfg` lists them")
+    folder = Path(args.dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"copy-cfg: '{folder}' is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{args.name}_copy.py"
+    target.write_text(render_config(BUILTIN[args.name], args.name), encoding="utf-8")
+    print(f"Copied to {target}")
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    from tunelab.config.loader import load_config
+    from tunelab.train import train
+
+    cfg, name = load_config(args.config, args.cfg_options)
+    train(cfg, name, work_dir=args.work_dir, seed=args.seed)
+    return EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    from tunelab import convert
+
+    if args.action == "pth_to_hf":
+        from tunelab.config.loader import load_config
+
+        cfg, _ = load_config(args.config, args.cfg_options)
+        convert.pth_to_hf(cfg, args.pth, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size)
+    elif args.action == "merge":
+        convert.merge(args.base, args.adapter, args.save_dir, args.max_shard_size, args.device,
+                      args.trust_remote_code)
+    else:
+        convert.split(args.src, args.dst, args.max_shard_size, args.trust_remote_code)
+    print(f"Saved to {getattr(args, 'save_dir', None) or args.dst}")
+    return EXIT_OK
+
+
+def cmd_chat(args) -> int:
+    from tunelab.chat import ChatOptions, chat
+    from tunelab.model.generate import Sampling
+
+    stops = list(args.stop_words) + [w for w in (args.command_stop_word, args.answer_stop_word) if w]
+    opts = ChatOptions(
+        model=args.model, adapter=args.adapter, prompt_template=args.prompt_template, system=args.system,
+        bits=args.bits, torch_dtype=args.torch_dtype, stop_words=stops, streamer=not args.no_streamer,
+        seed=args.seed, trust_remote_code=args.trust_remote_code,
+        sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty))
+    return chat(opts)
+
+
+COMMANDS = {"list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "train": cmd_train, "convert": cmd_convert,
+            "chat": cmd_chat}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    try:
+        if args.verb in ("train", "convert", "chat"):
+            _quiet_libraries()
+        return COMMANDS[args.verb](args)
+    except UserError as exc:
+        print(f"tunelab: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("tunelab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tunelab list-cfg | head`
+        sys.stderr.close()
+        return EXIT_OK

@@ -1,0 +1,190 @@
+"""The one config schema: every key a config file may set, its type, default, limits and meaning.
+
+Validation, the comments that `copy-cfg` writes and `tunelab train --help` all read from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from tunelab.errors import ConfigError
+
+REQUIRED = "<required>"
+
+
+def setting(default: Any, help: str, *, group: str, min: float | None = None, gt: float | None = None,
+            choices: tuple | None = None) -> Any:
+    """Declare one config key: its default, a one-line help text, and its limits."""
+    meta = {"help": help, "group": group, "min": min, "gt": gt, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """A tunelab run. Every field is a top-level name in a config file."""
+
+    # --- model -----------------------------------------------------------------------------
+    pretrained_model_name_or_path: str = setting(
+        REQUIRED, "Base model: a local Hugging Face folder, a hub id (must be in the local cache when "
+        "offline), or builtin:tiny-<arch> for a tiny random model built locally.", group="model")
+    algorithm: Literal["full", "lora", "qlora"] = setting(
+        "qlora", "full: train every weight; lora: train low-rank adapters on a frozen base; "
+        "qlora: lora on a 4-bit NF4 (double-quantised) base.", group="model")
+    trust_remote_code: bool = setting(
+        False, "Allow the model folder's own Python code to run (needed by some families).", group="model")
+    torch_dtype: Literal["auto", "bf16", "fp16", "fp32"] = setting(
+        "auto", "Compute dtype: auto = bf16 on GPUs that support it, else fp32.", group="model")
+
+    # --- data ------------------------------------------------------------------------------
+    data_path: Union[str, list] = setting(
+        REQUIRED, "Training data: a file (.json/.jsonl JSON array or JSON Lines, .csv, .parquet), a "
+        "folder (its *train* files, else all data files), a hub dataset id, or a list of these.",
+        group="data")
+    dataset_format: str = setting(
+        "auto", "Record format: auto (detected per file), conversation, alpaca, openai, sharegpt, "
+        "guanaco, query_response.", group="data")
+    prompt_template: str = setting(
+        "default", "Chat template the samples are rendered with (tunelab chat uses the same); "
+        "'auto' uses the tokenizer's own chat_template.", group="data")
+    SYSTEM: str = setting("", "System text put in every sample that has none.", group="data")
+    max_length: int = setting(2048, "Tokens per sample; longer samples are truncated (counted and "
+                              "reported).", group="data", min=1)
+    pack_to_max_length: bool = setting(
+        True, "Concatenate samples into max_length sequences; samples never attend to each other.",
+        group="data")
+    skip_bad_records: bool = setting(
+        False, "Skip (and count) malformed records instead of stopping at the first.", group="data")
+    shuffle: bool = setting(True, "Shuffle samples each epoch (seeded).", group="data")
+
+    # --- optimisation ----------------------------------------------------------------------
+    batch_size: int = setting(1, "Sequences per device per micro-batch.", group="train", min=1)
+    accumulative_counts: int = setting(16, "Micro-batches accumulated per optimizer step.",
+                                       group="train", min=1)
+    max_epochs: int = setting(3, "Passes over the data.", group="train", min=1)
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0: run max_epochs).",
+                             group="train", min=0)
+    optim_type: Literal["AdamW"] = setting("AdamW", "Optimizer (torch.optim.AdamW).", group="train")
+    lr: float = setting(2e-4, "Peak learning rate.", group="train", gt=0)
+    betas: list = setting([0.9, 0.999], "AdamW betas.", group="train")
+    weight_decay: float = setting(0.0, "AdamW weight decay.", group="train", min=0)
+    max_norm: float = setting(1.0, "Gradient clipping norm (0: no clipping).", group="train", min=0)
+    warmup_ratio: float = setting(0.03, "Fraction of steps with linear warmup, then cosine decay.",
+                                  group="train", min=0)
+    gradient_checkpointing: bool = setting(True, "Recompute activations in backward to save memory.",
+                                           group="train")
+    seed: int = setting(0, "Random seed (data order, LoRA init, dropout).", group="train", min=0)
+
+    # --- LoRA ------------------------------------------------------------------------------
+    lora_r: int = setting(64, "LoRA rank.", group="lora", min=1)
+    lora_alpha: float = setting(16, "LoRA scaling numerator (scale = alpha / r).", group="lora", gt=0)
+    lora_dropout: float = setting(0.1, "Dropout on the LoRA input.", group="lora", min=0)
+    lora_target_modules: Union[str, list] = setting(
+        "all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) "
+        "or a list of names such as ['q_proj', 'v_proj'].", group="lora")
+
+    # --- evaluation, saving, logging -------------------------------------------------------
+    evaluation_inputs: list = setting(
+        [], "Prompts answered before training, every evaluation_freq steps and at the end (to the log).",
+        group="eval")
+    evaluation_freq: int = setting(500, "Optimizer steps between evaluations.", group="eval", min=1)
+    evaluation_max_new_tokens: int = setting(64, "Tokens generated per evaluation answer.",
+                                             group="eval", min=1)
+    save_steps: int = setting(0, "Checkpoint every N optimizer steps (0: at the end of each epoch).",
+                              group="save", min=0)
+    save_total_limit: int = setting(-1, "Keep only the newest K checkpoints (-1: keep all).",
+                                    group="save", min=-1)
+    log_interval: int = setting(10, "Optimizer steps between log lines.", group="save", min=1)
+
+    @property
+    def data_paths(self) -> list[str]:
+        return list(self.data_path) if isinstance(self.data_path, list) else [self.data_path]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+GROUP_TITLES = {"model": "Model", "data": "Data", "train": "Optimisation", "lora": "LoRA",
+                "eval": "Evaluation during training", "save": "Checkpoints and logs"}
+
+
+def suggest(name: str, options) -> str:
+    """' (did you mean X?)' for the closest option, or ''."""
+    lowered = {o.lower(): o for o in options}
+    hit = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean '{lowered[hit[0]]}'?)" if hit else ""
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is list:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return {str: "a string", int: "an integer", float: "a number", bool: "True or False",
+            list: "a list"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_value(key: str, value: Any, where: str) -> Any:
+    """Validate one key's value against the schema; returns it (tuples become lists)."""
+    if key not in FIELDS:
+        raise ConfigError(f"{where}: unknown config key '{key}'{suggest(key, FIELDS)}")
+    meta, hint = FIELDS[key].metadata, _HINTS[key]
+    if not _type_ok(value, hint):
+        raise ConfigError(f"{where}: '{key}' must be {_type_name(hint)}, got {value!r}")
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta["min"] is not None and value < meta["min"]:
+            raise ConfigError(f"{where}: '{key}' must be >= {meta['min']}, got {value!r}")
+        if meta["gt"] is not None and value <= meta["gt"]:
+            raise ConfigError(f"{where}: '{key}' must be > {meta['gt']}, got {value!r}")
+    return value
+
+
+def build_config(values: dict[str, Any], where: str) -> Config:
+    """Make a Config from a dict of settings, checking every key, type and limit."""
+    for name, f in FIELDS.items():
+        if f.default is REQUIRED and values.get(name) in (None, REQUIRED):
+            raise ConfigError(f"{where}: '{name}' is required ({f.metadata['help']})")
+    checked = {k: check_value(k, v, where) for k, v in values.items()}
+    cfg = Config(**checked)
+    if isinstance(cfg.data_path, list) and not cfg.data_path:
+        raise ConfigError(f"{where}: 'data_path' is an empty list; give at least one file or folder")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ConfigError(f"{where}: 'betas' must be two numbers in [0, 1), got {cfg.betas!r}")
+    if cfg.warmup_ratio >= 1:
+        raise ConfigError(f"{where}: 'warmup_ratio' must be < 1, got {cfg.warmup_ratio!r}")
+    if cfg.lora_dropout >= 1:
+        raise ConfigError(f"{where}: 'lora_dropout' must be < 1, got {cfg.lora_dropout!r}")
+    return cfg
+
+
+def default_value(key: str) -> Any:
+    """The schema default of one key (a fresh copy for lists)."""
+    f = FIELDS[key]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data, in schema order."""
+    return {name: getattr(cfg, name) for name in FIELDS}

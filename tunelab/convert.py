@@ -1,0 +1,139 @@
+"""`tunelab convert`: training checkpoints to Hugging Face/PEFT folders, adapter merging, re-sharding.
+
+Every output folder is written to a temp folder and renamed into place, and carries the tokenizer with the
+training chat template plus `tunelab.json` (template and system text), so `tunelab chat` and other tools
+render prompts exactly as in training."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+
+from tunelab.checkpoint import atomic_dir, load_checkpoint
+from tunelab.config.loader import render_config
+from tunelab.config.schema import Config, to_dict
+from tunelab.errors import UserError
+from tunelab.model.load import load_model, load_tokenizer, read_metadata, resolve_model_path, write_metadata
+
+_SHARD = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+
+
+def check_shard_size(size: str) -> str:
+    if not _SHARD.match(size.strip()):
+        raise UserError(f"--max-shard-size '{size}': expected a size such as 2GB, 500MB or 10GiB")
+    return size.strip()
+
+
+def _finish_folder(folder: Path, tokenizer, template: str, system: str, extra: dict) -> None:
+    """Tokenizer with the training chat template, and tunelab.json."""
+    from tunelab.data.templates import get_template, template_to_jinja
+
+    if template != "auto":
+        t = get_template(template)
+        tokenizer.chat_template = template_to_jinja(dataclasses.replace(t, default_system=system or t.default_system))
+    tokenizer.save_pretrained(folder)
+    write_metadata(folder, prompt_template=template, SYSTEM=system, **extra)
+
+
+def _write_adapter(folder: Path, weights: dict[str, torch.Tensor], peft_config: dict, base: str,
+                   fp32: bool) -> None:
+    """PEFT's adapter layout: adapter_config.json + adapter_model.safetensors + README.md."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    config = dict(peft_config, base_model_name_or_path=base, inference_mode=True)
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    LoraConfig(**{k: v for k, v in config.items() if k in known}).save_pretrained(folder)
+    tensors = {k: (v.float() if fp32 else v).contiguous() for k, v in weights.items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "README.md").write_text(
+        f"---\nbase_model: {base}\nlibrary_name: peft\ntags: [tunelab, lora]\n---\n\n"
+        f"# LoRA adapter trained with tunelab\n\nBase model: `{base}`.\n\n"
+        f"```bash\ntunelab chat {base} --adapter <this folder>\n```\n", encoding="utf-8")
+
+
+def _write_full(folder: Path, weights: dict[str, torch.Tensor], base: str, fp32: bool, max_shard_size: str,
+                trust_remote_code: bool) -> None:
+    """A complete HF model folder from a full fine-tune's weights (built on the meta device, no copy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    weights = {k: (v.float() if fp32 else v) for k, v in weights.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+
+
+def export_trained(model, tokenizer, cfg: Config, target: Path) -> None:
+    """Write the model being trained to `target` in HF/PEFT format (end of `tunelab train`)."""
+    from tunelab.train import _peft_config, trainable_state
+
+    base = resolve_model_path(cfg.pretrained_model_name_or_path)
+    _export(trainable_state(model, cfg.algorithm), _peft_config(model), cfg, base, target, tokenizer,
+            fp32=False, max_shard_size="2GB", overwrite=True)
+
+
+def _export(weights, peft_config, cfg: Config, base: str, target: Path, tokenizer, fp32: bool,
+            max_shard_size: str, overwrite: bool = False) -> None:
+    with atomic_dir(target, overwrite=overwrite) as tmp:
+        if cfg.algorithm == "full":
+            _write_full(tmp, weights, base, fp32, max_shard_size, cfg.trust_remote_code)
+        else:
+            _write_adapter(tmp, weights, peft_config, base, fp32)
+        (tmp / "tunelab_config.py").write_text(render_config(to_dict(cfg), "trained"), encoding="utf-8")
+        _finish_folder(tmp, tokenizer, cfg.prompt_template, cfg.SYSTEM,
+                       {"algorithm": cfg.algorithm, "base_model": base})
+
+
+def pth_to_hf(cfg: Config, pth: str, save_dir: str, fp32: bool = False, max_shard_size: str = "2GB") -> None:
+    """A training checkpoint to a PEFT adapter folder (LoRA/QLoRA) or a full HF model (full tuning)."""
+    max_shard_size = check_shard_size(max_shard_size)
+    state = load_checkpoint(pth)
+    algorithm = state["meta"]["algorithm"]
+    if algorithm != cfg.algorithm:
+        raise UserError(f"{pth}: the checkpoint is from a '{algorithm}' run but the config says algorithm = "
+                        f"'{cfg.algorithm}'; pass the config the checkpoint was trained with")
+    base = resolve_model_path(cfg.pretrained_model_name_or_path)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    _export(state["model"], state.get("peft_config"), cfg, base, Path(save_dir), tokenizer, fp32, max_shard_size)
+
+
+def merge(base: str, adapter: str, save_dir: str, max_shard_size: str = "2GB", device: str = "cpu",
+          trust_remote_code: bool = False) -> None:
+    """Fold a LoRA adapter into its base: a standalone HF model folder with tokenizer and chat template."""
+    from peft import PeftModel
+
+    max_shard_size = check_shard_size(max_shard_size)
+    base_path = resolve_model_path(base, "BASE")
+    adapter_path = Path(adapter)
+    if not (adapter_path / "adapter_config.json").is_file():
+        raise UserError(f"ADAPTER '{adapter}': no adapter_config.json there; give the folder written by "
+                        f"`tunelab convert pth_to_hf` (or work_dirs/<config>/hf)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(base_path, dtype="auto", device=device, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
+    meta = read_metadata(adapter_path)
+    tok_src = adapter_path if (adapter_path / "tokenizer_config.json").is_file() else Path(base_path)
+    tokenizer = load_tokenizer(str(tok_src), trust_remote_code)
+    with atomic_dir(save_dir) as tmp:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        _finish_folder(tmp, tokenizer, meta.get("prompt_template", "auto"), meta.get("SYSTEM", ""),
+                       {"merged_from": {"base": base_path, "adapter": str(adapter_path.resolve())}})
+
+
+def split(src: str, dst: str, max_shard_size: str = "2GB", trust_remote_code: bool = False) -> None:
+    """Re-shard a Hugging Face model folder into files of at most max_shard_size."""
+    max_shard_size = check_shard_size(max_shard_size)
+    src_path = resolve_model_path(src, "SRC")
+    model = load_model(src_path, dtype="auto", device="cpu", trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(src_path, trust_remote_code)
+    with atomic_dir(dst) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        meta = read_metadata(src_path)
+        if meta:
+            write_metadata(tmp, **meta)

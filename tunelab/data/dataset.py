@@ -1,0 +1,158 @@
+"""From `data_path` to training sequences: read, detect format, encode, truncate, pack, batch.
+
+Packing puts whole samples side by side in one sequence. Each sample keeps its own position ids (restarting
+at 0) and a segment id; the attention mask built from segment ids stops samples from seeing each other, and
+targets are shifted inside each sample, so a packed sample's loss is exactly its loss alone.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from tunelab.config.schema import Config
+from tunelab.data.encode import IGNORE, PromptFormat
+from tunelab.data.formats import BadRecord, Turn, detect_format, to_turns
+from tunelab.data.loading import read_records, resolve_data_files
+from tunelab.errors import DataError
+
+log = logging.getLogger("tunelab")
+
+
+@dataclass
+class Sequence:
+    """One training row: token ids, next-token targets, per-sample position and segment ids."""
+    input_ids: list[int]
+    targets: list[int]
+    position_ids: list[int]
+    segment_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    samples: int = 0
+    truncated: int = 0
+    skipped: int = 0
+    sequences: int = 0
+    formats: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        fmts = ", ".join(f"{src} [{fmt}]" for src, fmt in self.formats.items())
+        return (f"data: {self.records} records -> {self.samples} samples -> {self.sequences} sequences; "
+                f"{self.truncated} truncated, {self.skipped} skipped; formats: {fmts}")
+
+
+def load_dialogues(cfg: Config, stats: DataStats) -> list[tuple[str, list[Turn]]]:
+    """(where, turns) for every usable record of every file in cfg.data_path."""
+    dialogues = []
+    for data_path in cfg.data_paths:
+        for file in resolve_data_files(data_path):
+            records = read_records(file)
+            if not records:
+                raise DataError(f"{file}: holds no records")
+            fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(records[0].value, records[0].where)
+            stats.formats[file] = fmt
+            for rec in records:
+                stats.records += 1
+                try:
+                    turns = to_turns(rec.value, fmt)
+                    if not any(t.output.strip() for t in turns):
+                        raise BadRecord("no trainable output (every output is empty)")
+                except BadRecord as exc:
+                    if cfg.skip_bad_records:
+                        stats.skipped += 1
+                        continue
+                    raise DataError(f"{rec.where}: {exc}; fix the record or set skip_bad_records = True") from None
+                dialogues.append((rec.where, turns))
+    return dialogues
+
+
+def encode_sample(fmt: PromptFormat, turns: list[Turn], max_length: int) -> tuple[Sequence, bool]:
+    """Encode one dialogue as a Sequence of at most max_length tokens; also says whether it was cut."""
+    ids, labels = fmt.encode(turns)
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    targets = labels[1:] + [IGNORE]  # position t predicts token t+1 of the same sample
+    n = len(ids)
+    return Sequence(ids, targets, list(range(n)), [0] * n), truncated
+
+
+def build_sequences(cfg: Config, tokenizer, stats: DataStats | None = None) -> tuple[list[Sequence], DataStats]:
+    """Everything the training loop needs from the data, with counts for the log."""
+    stats = stats or DataStats()
+    fmt = PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM)
+    samples = []
+    for where, turns in load_dialogues(cfg, stats):
+        seq, truncated = encode_sample(fmt, turns, cfg.max_length)
+        stats.truncated += truncated
+        if seq.n_targets == 0:  # the answer lies wholly beyond max_length
+            stats.skipped += 1
+            continue
+        samples.append(seq)
+    if not samples:
+        raise DataError(f"data_path {cfg.data_path!r}: no sample has a trainable output within max_length="
+                        f"{cfg.max_length}; raise max_length or check the data")
+    stats.samples = len(samples)
+    if cfg.pack_to_max_length:
+        random.Random(cfg.seed).shuffle(samples)  # mix sources before packing, like XTuner
+        samples = pack(samples, cfg.max_length)
+    stats.sequences = len(samples)
+    return samples, stats
+
+
+def pack(samples: list[Sequence], max_length: int) -> list[Sequence]:
+    """Concatenate whole samples, in order, into sequences of at most max_length tokens."""
+    packed: list[Sequence] = []
+    current = Sequence([], [], [], [])
+    for seq in samples:
+        if current.input_ids and len(current) + len(seq) > max_length:
+            packed.append(current)
+            current = Sequence([], [], [], [])
+        segment = current.segment_ids[-1] + 1 if current.segment_ids else 0
+        current.input_ids += seq.input_ids
+        current.targets += seq.targets
+        current.position_ids += seq.position_ids
+        current.segment_ids += [segment] * len(seq)
+    if current.input_ids:
+        packed.append(current)
+    return packed
+
+
+def collate(batch: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding gets its own segment (-1) so it never mixes with real tokens."""
+    width = max(len(s) for s in batch)
+
+    def padded(rows, value):
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    return {
+        "input_ids": padded([s.input_ids for s in batch], pad_id),
+        "targets": padded([s.targets for s in batch], IGNORE),
+        "position_ids": padded([s.position_ids for s in batch], 0),
+        "segment_ids": padded([s.segment_ids for s in batch], -1),
+    }
+
+
+def attention_bias(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask (batch, 1, q, k): a token sees earlier tokens of its own segment only."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    n = segment_ids.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (same & causal)[:, None]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def format_counts(stats: DataStats) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in Counter(stats.formats.values()).items())

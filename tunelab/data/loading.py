@@ -1,0 +1,152 @@
+"""Find and read dataset records: files (JSON array or JSON Lines whatever the extension, CSV, Parquet),
+folders, hub datasets and tunelab's bundled data. Every record keeps its file and line for error messages."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tunelab.errors import DataError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_DATA = {"self_cognition": ASSETS / "self_cognition_demo.jsonl"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Record:
+    """One raw record and where it came from."""
+    value: Any
+    source: str
+    line: int | None  # 1-based line where the record starts (None when unknown, e.g. hub data)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}: line {self.line}" if self.line else f"{self.source}: record"
+
+
+def resolve_data_files(data_path: str) -> list[str]:
+    """The files (or one hub id) a data_path names. Raises DataError when nothing is there."""
+    if data_path.startswith("builtin:"):
+        key = data_path.split(":", 1)[1]
+        if key not in BUILTIN_DATA:
+            raise DataError(f"data_path '{data_path}': no such bundled data; valid: "
+                            + ", ".join(f"builtin:{k}" for k in BUILTIN_DATA))
+        return [str(BUILTIN_DATA[key])]
+    path = Path(os.path.expanduser(data_path))
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+        train = [f for f in files if "train" in Path(f).name.lower()]
+        if not files:
+            raise DataError(f"data_path '{data_path}': the folder holds no {'/'.join(DATA_SUFFIXES)} files")
+        return train or files
+    looks_local = data_path.startswith((".", "/", "~")) or path.suffix in DATA_SUFFIXES or os.sep + os.sep in data_path
+    if looks_local or not _HUB_ID.match(data_path):
+        raise DataError(f"data_path '{data_path}': file or folder not found; check the path "
+                        f"(relative paths start from the current directory {os.getcwd()})")
+    return [f"hub:{data_path}"]
+
+
+def read_records(file: str) -> list[Record]:
+    """All records of one file (or hub dataset), in order."""
+    if file.startswith("hub:"):
+        return _read_hub(file[4:])
+    suffix = Path(file).suffix.lower()
+    if suffix in (".csv", ".parquet"):
+        return _read_tabular(file, suffix[1:])
+    try:
+        text = Path(file).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None
+    start = len(text) - len(text.lstrip())
+    if start == len(text):
+        raise DataError(f"{file}: the file is empty; put records in it or remove it from data_path")
+    if text[start] == "[":
+        return list(_iter_json_array(text, file))
+    return _read_json_lines(text, file)
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _decode_error(file: str, text: str, exc: json.JSONDecodeError, line_offset: int = 0) -> DataError:
+    return DataError(f"{file}: line {exc.lineno + line_offset}, column {exc.colno}: invalid JSON ({exc.msg}); "
+                     f"fix the syntax there")
+
+
+def _iter_json_array(text: str, file: str) -> Iterator[Record]:
+    """Records of a JSON array, each with the line it starts on."""
+    decoder = json.JSONDecoder()
+    i = _skip_ws(text, text.index("[") + 1)
+    if i < len(text) and text[i] == "]":
+        return
+    line, last = 1, 0
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as exc:
+            raise _decode_error(file, text, exc) from None
+        line += text.count("\n", last, i)
+        last = i
+        yield Record(value, file, line)
+        i = _skip_ws(text, end)
+        if i < len(text) and text[i] == ",":
+            i = _skip_ws(text, i + 1)
+            continue
+        if i < len(text) and text[i] == "]":
+            if _skip_ws(text, i + 1) != len(text):
+                raise DataError(f"{file}: line {_line_of(text, i + 1)}: extra text after the JSON array; remove it")
+            return
+        where = _line_of(text, min(i, len(text) - 1))
+        raise DataError(f"{file}: line {where}: invalid JSON (expected ',' or ']' between records); fix the syntax there")
+
+
+def _read_json_lines(text: str, file: str) -> list[Record]:
+    records = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(Record(json.loads(raw), file, number))
+        except json.JSONDecodeError as exc:
+            try:  # one (pretty-printed) JSON object rather than JSON Lines
+                return [Record(json.loads(text), file, 1)]
+            except json.JSONDecodeError:
+                raise _decode_error(file, text, exc, line_offset=number - 1) from None
+    return records
+
+
+def _read_tabular(file: str, kind: str) -> list[Record]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(kind, data_files=file, split="train")
+    except Exception as exc:  # noqa: BLE001 - report any parser failure as bad input
+        raise DataError(f"{file}: could not read as {kind.upper()}: {exc}") from None
+    first = 2 if kind == "csv" else None  # csv line 1 is the header
+    return [Record(row, file, (first + i) if first else None) for i, row in enumerate(table)]
+
+
+def _read_hub(repo: str) -> list[Record]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(repo, split="train")
+    except Exception as exc:  # noqa: BLE001 - offline, missing or private datasets all end here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"data_path '{repo}': not a local file or folder, and the hub dataset could not be "
+                        f"loaded ({first[:200]}); download it and set data_path to the local folder") from None
+    return [Record(row, f"hub:{repo}", None) for row in table]

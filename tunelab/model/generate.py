@@ -1,0 +1,99 @@
+"""Text generation that stops at the template's end-of-turn markers and streams only the answer.
+
+Used by `tunelab chat` and by the evaluation answers during training, so both behave the same."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 2048
+    temperature: float = 0.1  # 0 = greedy
+    top_k: int = 40
+    top_p: float = 0.75
+    repetition_penalty: float = 1.0
+
+
+def cut_at_stop(text: str, stop_words: list[str]) -> tuple[str, bool]:
+    """Text before the first stop word, and whether one was found."""
+    cut = min((i for i in (text.find(w) for w in stop_words) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _held_back(text: str, stop_words: list[str]) -> int:
+    """How many trailing characters might be the start of a stop word (so must not be shown yet)."""
+    hold = 0
+    for word in stop_words:
+        for n in range(min(len(word) - 1, len(text)), 0, -1):
+            if text.endswith(word[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+class _StopAndStream:
+    """A transformers streamer + stopping criterion in one: decodes new tokens, emits text as it becomes
+    safe to show, and signals a stop once a stop word appears."""
+
+    def __init__(self, tokenizer, stop_words: list[str], on_text: Callable[[str], None] | None):
+        self.tokenizer, self.stop_words, self.on_text = tokenizer, stop_words, on_text
+        self.prompt_seen, self.tokens, self.shown, self.stopped = False, [], 0, False
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+
+    # streamer protocol
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt
+            self.prompt_seen = True
+            return
+        self.tokens += value.reshape(-1).tolist()
+        text = self.text()
+        visible, self.stopped = cut_at_stop(text, self.stop_words)
+        if not self.stopped:
+            visible = visible[: len(visible) - _held_back(visible, self.stop_words)]
+            visible = visible.rstrip("\ufffd")  # half of a multi-byte character
+        self._emit(visible)
+
+    def end(self) -> None:
+        self._emit(cut_at_stop(self.text(), self.stop_words)[0])
+
+    def _emit(self, visible: str) -> None:
+        if self.on_text and len(visible) > self.shown:
+            self.on_text(visible[self.shown:])
+        self.shown = max(self.shown, len(visible))
+
+    # stopping-criteria protocol
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, input_ids: list[int], stop_words: list[str], sampling: Sampling,
+             on_text: Callable[[str], None] | None = None) -> str:
+    """The answer to a prompt (token ids), cut before the first stop word. on_text receives it piece by
+    piece as it is generated."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+    watcher = _StopAndStream(tokenizer, stop_words, on_text)
+    eos_ids = [tokenizer.convert_tokens_to_ids(w) for w in stop_words]
+    eos_ids = [i for i in eos_ids if isinstance(i, int) and i != tokenizer.unk_token_id]
+    greedy = sampling.temperature <= 0
+    options = dict(do_sample=False) if greedy else dict(
+        do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
+                       repetition_penalty=sampling.repetition_penalty, eos_token_id=eos_ids or None,
+                       pad_token_id=tokenizer.pad_token_id, streamer=watcher,
+                       stopping_criteria=StoppingCriteriaList([watcher]), use_cache=True, **options)
+    finally:
+        model.train(was_training)
+    return cut_at_stop(watcher.text(), stop_words)[0]

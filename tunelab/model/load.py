@@ -1,0 +1,121 @@
+"""Find and load models and tokenizers (local folders, cached hub ids, builtin:tiny-*), in full precision,
+4-bit NF4 (double quantisation) or 8-bit, and wrap them with LoRA adapters."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import UserError
+from tunelab.model.tiny import resolve_builtin_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str, device: str | None = None) -> torch.dtype:
+    """'auto' -> bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if (device or default_device()).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_model_path(name_or_path: str, what: str = "pretrained_model_name_or_path") -> str:
+    """A local folder holding config.json for a folder, cached hub id or builtin:tiny-*; else UserError."""
+    name_or_path = resolve_builtin_model(name_or_path)
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise UserError(f"{what} '{name_or_path}': the folder has no config.json; point it at a "
+                            f"Hugging Face model folder")
+        return str(path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or path.exists()
+    if looks_local:
+        raise UserError(f"{what} '{name_or_path}': model folder not found; download the model and give "
+                        f"its folder (relative paths start from {os.getcwd()})")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache: try the hub unless offline
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UserError(f"{what} '{name_or_path}': not in the local Hugging Face cache and HF_HUB_OFFLINE "
+                        f"is set; download it first or give a local folder")
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                               "*.py", "*.txt", "*.tiktoken"])
+    except Exception as exc:  # noqa: BLE001 - network, auth or missing repo
+        raise UserError(f"{what} '{name_or_path}': not found locally and could not be downloaded "
+                        f"({type(exc).__name__}); download it and give the local folder") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def quantization_config(bits: int | None, compute_dtype: torch.dtype):
+    """bitsandbytes settings: 4 = NF4 with double quantisation (QLoRA), 8 = LLM.int8."""
+    if not bits:
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401 - fail here with a clear message rather than deep in transformers
+    except ImportError:
+        raise UserError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes") from None
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise UserError(f"--bits must be 4 or 8, got {bits}")
+
+
+def load_model(path: str, *, dtype: torch.dtype, bits: int | None = None, device: str | None = None,
+               trust_remote_code: bool = False, **kwargs):
+    """A causal LM on `device`, optionally quantised to 4 or 8 bits."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    quant = quantization_config(bits, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, quantization_config=quant,
+        device_map={"": device} if quant is not None or device != "cpu" else None, **kwargs)
+    return model
+
+
+def add_lora(model, cfg, quantized: bool):
+    """Wrap a model with fresh LoRA adapters as the config says."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise UserError(f"lora_target_modules {cfg.lora_target_modules!r}: {exc}") from None
+
+
+def read_metadata(folder: str | Path) -> dict:
+    """tunelab.json written beside adapters and merged models (template, system), or {}."""
+    file = Path(folder) / "tunelab.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def write_metadata(folder: str | Path, **values) -> None:
+    (Path(folder) / "tunelab.json").write_text(json.dumps(values, ensure_ascii=False, indent=2), encoding="utf-8")

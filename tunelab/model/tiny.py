@@ -1,0 +1,115 @@
+"""Tiny models for the demo and the tests: real transformers architectures with random weights and a real
+byte-level BPE tokenizer (any text, Chinese included, round-trips), saved in Hugging Face format.
+
+`builtin:tiny-<arch>` in pretrained_model_name_or_path builds one on first use under $TUNELAB_HOME
+(default ~/.cache/tunelab). Real work points pretrained_model_name_or_path at a real model instead.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tunelab.data.loading import BUILTIN_DATA
+
+VERSION = 1
+# arch -> (transformers config class name, extra config, family chat template)
+ARCHS = {
+    "llama": ("LlamaConfig", {}, "llama2_chat"),
+    "qwen2": ("Qwen2Config", {}, "qwen_chat"),
+    "mistral": ("MistralConfig", {"sliding_window": None}, "mistral"),
+    "internlm": ("LlamaConfig", {"attention_bias": True}, "internlm_chat"),  # InternLM 1: Llama + qkvo bias
+}
+MARKERS = ["<|im_start|>", "<|im_end|>", "<|System|>", "<|User|>", "<|Bot|>", "<eoh>", "<eoa>", "<eosys>",
+           "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
+
+_CORPUS = """\
+A tokenizer turns text into numbers. Fine-tuning teaches a pretrained language model a new behaviour from a
+small dataset: who it is, how it answers, which tools it calls. LoRA trains two small matrices beside each
+frozen weight; QLoRA does the same over a base stored in four bits. The quick brown fox jumps over the lazy
+dog. What is the capital of France? Paris. 1 + 1 = 2; 12 * 7 = 84. Please tell me five scenic spots in Shanghai.
+微调让一个预训练的语言模型从一个小数据集中学会新的行为。请给我介绍五个上海的景点。你好，我是你的助手。
+上海人工智能实验室发布了书生浦语大模型。今天天气很好，我们一起去公园散步吧。医生建议按时吃药，多喝水。
+"""
+
+
+def tunelab_home() -> Path:
+    return Path(os.environ.get("TUNELAB_HOME", Path.home() / ".cache" / "tunelab"))
+
+
+def resolve_builtin_model(name_or_path: str) -> str:
+    """Map builtin:tiny-<arch> to its local folder (building it once); other values pass through."""
+    if not name_or_path.startswith("builtin:"):
+        return name_or_path
+    key = name_or_path.split(":", 1)[1]
+    arch = key.removeprefix("tiny-")
+    if not key.startswith("tiny-") or arch not in ARCHS:
+        from tunelab.errors import UserError
+        raise UserError(f"'{name_or_path}': no such built-in model; valid: "
+                        + ", ".join(f"builtin:tiny-{a}" for a in ARCHS))
+    target = tunelab_home() / "models" / f"tiny-{arch}-v{VERSION}"
+    if not (target / "config.json").exists():
+        build_tiny_model(target, arch)
+    return str(target)
+
+
+def _corpus() -> list[str]:
+    lines = _CORPUS.splitlines()
+    for path in BUILTIN_DATA.values():
+        lines += Path(path).read_text(encoding="utf-8").splitlines()
+    return lines * 4
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained on a small built-in corpus, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab.data.templates import TEMPLATES
+
+    specials = ["<s>", "</s>", "<pad>"]
+    for word in MARKERS + [w for t in TEMPLATES.values() for w in t.stop_words]:
+        if word not in specials:
+            specials.append(word)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=specials[3:], clean_up_tokenization_spaces=False)
+
+
+def build_tiny_model(target: Path | str, arch: str = "llama", hidden_size: int = 128, layers: int = 2,
+                     seed: int = 0) -> Path:
+    """Write a tiny random model + tokenizer of the given architecture to `target` (atomically)."""
+    import transformers
+
+    from tunelab.data.templates import get_template, template_to_jinja
+
+    target = Path(target)
+    config_cls, extra, template = ARCHS[arch]
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = template_to_jinja(get_template(template))
+    config = getattr(transformers, config_cls)(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2 + 64,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
