@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from tunelab.errors import UserError
@@ -159,6 +160,21 @@ COMMANDS = {"list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "train": cmd_tra
             "chat": cmd_chat}
 
 
+def _setup_logging() -> None:
+    """tunelab's own lines to stderr; libraries' chatter only when it is an error."""
+    log = logging.getLogger("tunelab")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for noisy in ("bitsandbytes", "peft", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -173,8 +189,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    _setup_logging()
     try:
         if args.verb in ("train", "convert", "chat"):
             _quiet_libraries()

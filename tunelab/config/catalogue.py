@@ -57,14 +57,18 @@ DEMO: dict[str, Any] = dict(
     evaluation_inputs=["who are you", "你是谁"],
     evaluation_freq=50,
     evaluation_max_new_tokens=40,
-    save_steps=0,
+    save_steps=40,
     save_total_limit=2,
     log_interval=10,
 )
 
 
 def _generate() -> dict[str, dict[str, Any]]:
-    configs: dict[str, dict[str, Any]] = {"demo": DEMO}
+    configs: dict[str, dict[str, Any]] = {
+        "demo": DEMO,
+        "demo_qlora": dict(DEMO, algorithm="qlora"),
+        "demo_full": dict(DEMO, algorithm="full", lr=5e-4),
+    }
     for model, fam in FAMILIES.items():
         for algo, algo_settings in ALGORITHMS.items():
             for ds, ds_settings in DATASETS.items():

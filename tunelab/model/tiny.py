@@ -99,7 +99,7 @@ def build_tiny_model(target: Path | str, arch: str = "llama", hidden_size: int =
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2 + 64,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **extra)
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.1, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny real models built once per session, the shared data folder, a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """Keep builtin:tiny-* models, HF caches and the network out of the user's machine."""
+    home = tmp_path_factory.mktemp("tunelab_home")
+    os.environ["TUNELAB_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HOME"] = str(home / "hf")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield home
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert DATA.is_dir(), f"shared data not found at {DATA}"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random model + tokenizer per architecture, saved in Hugging Face format."""
+    from tunelab.model.tiny import ARCHS, build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_model(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+def run_cli(*args: str, cwd: Path | str | None = None, input: str | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `tunelab ARGS` as a real subprocess (python -m tunelab), capturing text output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "tunelab", *map(str, args)], cwd=cwd, input=input,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def write_config(path: Path, **values) -> Path:
+    """A config file with these top-level settings."""
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()), encoding="utf-8")
+    return path
+
+
+def edit_config(path: Path, **values) -> None:
+    """Change top-level settings of a copied config the way a user would: rewrite their lines."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for key, value in values.items():
+        hits = [i for i, line in enumerate(lines) if line.startswith(f"{key} = ")]
+        assert len(hits) == 1, f"{key} appears {len(hits)} times in {path}"
+        lines[hits[0]] = f"{key} = {value!r}"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
