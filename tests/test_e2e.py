@@ -28,7 +28,9 @@ def test_tutorial_story(variant, arch, tiny_models, data_dir, tmp_path):
     losses = [json.loads(line)["loss"] for line in scalars]
     assert losses[-1] < 0.2 * losses[0], losses
     log_text = next(work.glob("*/*.log")).read_text(encoding="utf-8")
-    assert "eval step 0 |" in log_text and "eval step 120 |" in log_text
+    final_step = json.loads(scalars[-1])["step"]
+    assert "eval step 0 |" in log_text and f"eval step {final_step} |" in log_text
+    assert f"你是谁 -> {ANSWER}" in log_text  # the final evaluation answer, written to the log
 
     cp = run_cli("convert", "pth_to_hf", cfg, last, tmp_path / "hf", cwd=tmp_path)
     assert cp.returncode == 0, cp.stderr[-3000:]
@@ -49,8 +51,17 @@ def test_tutorial_story(variant, arch, tiny_models, data_dir, tmp_path):
                  input="你是谁\nEXIT\n")
     assert cp.returncode == 0, cp.stderr[-3000:]
     assert cp.stdout.splitlines()[0] == ANSWER
-    if variant == "demo":  # base + --adapter as in the tutorial, and 4-bit loading of the merged model
+    if variant == "demo":  # base + --adapter as in the tutorial, multi-turn RESET, 8-bit loading
         cp = run_cli("chat", tiny_models[arch], "--adapter", tmp_path / "hf", "--prompt-template",
                      "internlm_chat", "--temperature", "0", "--max-new-tokens", "80", input="请介绍一下你自己\n")
+        assert cp.returncode == 0, cp.stderr[-3000:]
+        assert cp.stdout.splitlines()[0] == ANSWER
+        cp = run_cli("chat", model_dir, "--temperature", "0", "--max-new-tokens", "80", "--bits", "8",
+                     "--no-streamer", input="你是谁\nRESET\n你是哪位\n")
+        assert cp.returncode == 0, cp.stderr[-3000:]
+        assert cp.stdout.splitlines() == [ANSWER, "(history cleared)", ANSWER]
+    if variant == "demo_qlora":  # the tutorial's `chat ./merged --bits 4`
+        cp = run_cli("chat", model_dir, "--temperature", "0", "--max-new-tokens", "80", "--bits", "4",
+                     input="你是谁\n")
         assert cp.returncode == 0, cp.stderr[-3000:]
         assert cp.stdout.splitlines()[0] == ANSWER

@@ -32,10 +32,19 @@ log = logging.getLogger("tunelab")
 
 
 @dataclass
+class TrainResult:
+    work_dir: Path
+    model: object      # the trained model (PEFT-wrapped for LoRA/QLoRA)
+    tokenizer: object
+    steps: int
+
+
+@dataclass
 class RunDirs:
     root: Path      # work_dirs/<name>
     stamp: Path     # work_dirs/<name>/<timestamp>
     scalars: Path   # .../vis_data/scalars.json
+    log_handler: logging.Handler
 
 
 def prepare_work_dir(cfg: Config, name: str, work_dir: str | None) -> RunDirs:
@@ -50,7 +59,7 @@ def prepare_work_dir(cfg: Config, name: str, work_dir: str | None) -> RunDirs:
     handler = logging.FileHandler(stamp / f"{stamp_name}.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
     log.addHandler(handler)
-    return RunDirs(root, stamp, stamp / "vis_data" / "scalars.json")
+    return RunDirs(root, stamp, stamp / "vis_data" / "scalars.json", handler)
 
 
 def seed_everything(seed: int) -> None:
@@ -122,8 +131,8 @@ def evaluate(model, tokenizer, fmt: PromptFormat, cfg: Config, step: int, dirs: 
     return answers
 
 
-def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None = None) -> Path:
-    """Run a whole training job; returns the work dir."""
+def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None = None) -> TrainResult:
+    """Run a whole training job."""
     if seed is not None:
         cfg.seed = seed
     seed_everything(cfg.seed)
@@ -138,8 +147,20 @@ def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None 
     fmt = PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM)
 
     dirs = prepare_work_dir(cfg, name, work_dir)
+    try:
+        return _run(cfg, name, dirs, model_path, tokenizer, sequences, stats, fmt)
+    finally:
+        log.removeHandler(dirs.log_handler)
+        dirs.log_handler.close()
+
+
+def _run(cfg: Config, name: str, dirs: RunDirs, model_path: str, tokenizer, sequences: list[Sequence], stats,
+         fmt: PromptFormat) -> TrainResult:
     log.info("config %s | model %s | algorithm %s", name, model_path, cfg.algorithm)
     log.info(stats.summary())
+    if stats.skipped > stats.records // 10:
+        log.warning("warning: %d of %d samples were dropped (no answer within max_length=%d or a bad record); "
+                    "raise max_length if that is not intended", stats.skipped, stats.records, cfg.max_length)
 
     device = default_device()
     dtype = resolve_dtype(cfg.torch_dtype, device)
@@ -187,12 +208,14 @@ def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None 
             _save(model, optimizer, scheduler, cfg, dirs, f"epoch_{epoch}.pth", step, epoch)
         if step >= total_steps:
             break
+    if cfg.save_steps and step % cfg.save_steps:  # the final weights are always in a checkpoint
+        _save(model, optimizer, scheduler, cfg, dirs, f"iter_{step}.pth", step, epoch)
     evaluate(model, tokenizer, fmt, cfg, step, dirs)
     from tunelab.convert import export_trained
 
     export_trained(model, tokenizer, cfg, dirs.root / "hf")
     log.info("done: %d steps in %.1fs; adapter/model in %s", step, time.time() - started, dirs.root / "hf")
-    return dirs.root
+    return TrainResult(dirs.root, model, tokenizer, step)
 
 
 def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg: Config, tokenizer,
