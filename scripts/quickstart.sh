@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/tunelab train demo
-printf 'who are you\n你是谁\n' | .venv/bin/tunelab chat work_dirs/demo/hf --temperature 0
+printf 'who are you\nRESET\n你是谁\n' | .venv/bin/tunelab chat work_dirs/demo/hf --temperature 0

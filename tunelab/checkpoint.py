@@ -72,6 +72,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def make_temp_dir(target: Path) -> Path:
+    """A hidden temp folder beside `target`, with normal (umask) permissions rather than mkdtemp's 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 @contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder that becomes `target` only if the block finishes: no half-written outputs."""
@@ -79,7 +88,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UserError(f"{target}: the output folder exists and is not empty; choose another or delete it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = make_temp_dir(target)
     try:
         yield tmp
         if target.exists():

@@ -7,15 +7,14 @@ byte-level BPE tokenizer (any text, Chinese included, round-trips), saved in Hug
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from tunelab.checkpoint import atomic_dir
 from tunelab.data.loading import BUILTIN_DATA
 
-VERSION = 1
+VERSION = 2  # bump whenever the build changes, so stale cached models are not reused
 # arch -> (transformers config class name, extra config, family chat template)
 ARCHS = {
     "llama": ("LlamaConfig", {}, "llama2_chat"),
@@ -102,14 +101,7 @@ def build_tiny_model(target: Path | str, arch: str = "llama", hidden_size: int =
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.1, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
