@@ -67,6 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--trust-remote-code", action="store_true")
 
+    p = verbs.add_parser("check-custom-dataset", help="validate every record of a config's data and report")
+    p.add_argument("config")
+    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    p = verbs.add_parser("log-dataset", help="show the first sample as the model sees it, trained parts marked")
+    p.add_argument("config")
+    p.add_argument("--show", choices=["text", "masked_text", "input_ids", "labels", "all"], default="all")
+    p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+
+    data = verbs.add_parser("data", help="dataset preparation: xlsx2jsonl, split").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    p = data.add_parser("xlsx2jsonl", help="spreadsheet (.xlsx or .csv) rows -> conversation JSON Lines")
+    p.add_argument("file")
+    p.add_argument("--sheet", help="sheet name (default: the first sheet)")
+    p.add_argument("--input-col", required=True, help="question column: a letter (A) or a header name")
+    p.add_argument("--output-col", required=True, help="answer column: a letter (D) or a header name")
+    p.add_argument("--system", default="", help="system text put in every record")
+    p.add_argument("-o", "--output", required=True, help="the .jsonl file to write")
+    p = data.add_parser("split", help="split records into DIR/train.jsonl and DIR/test.jsonl")
+    p.add_argument("file")
+    p.add_argument("--ratio", type=float, default=0.7, help="fraction that goes to train.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="output folder")
+
     p = verbs.add_parser("chat", help="chat with a model (merged, base + --adapter, or an adapter folder)")
     p.add_argument("model")
     p.add_argument("--adapter")
@@ -156,8 +179,38 @@ def cmd_chat(args) -> int:
     return chat(opts)
 
 
+def cmd_check_dataset(args) -> int:
+    from tunelab.config.loader import load_config
+    from tunelab.data.inspect import check_dataset
+
+    cfg, _ = load_config(args.config, args.cfg_options)
+    print(check_dataset(cfg))
+    return EXIT_OK
+
+
+def cmd_log_dataset(args) -> int:
+    from tunelab.config.loader import load_config
+    from tunelab.data.inspect import show_first_sample
+
+    cfg, _ = load_config(args.config, args.cfg_options)
+    print(show_first_sample(cfg, args.show))
+    return EXIT_OK
+
+
+def cmd_data(args) -> int:
+    from tunelab.data import prepare
+
+    if args.action == "xlsx2jsonl":
+        print(prepare.xlsx_to_jsonl(args.file, args.output, input_col=args.input_col, output_col=args.output_col,
+                                    sheet=args.sheet, system=args.system))
+    else:
+        print(prepare.split_file(args.file, args.output, ratio=args.ratio, seed=args.seed))
+    return EXIT_OK
+
+
 COMMANDS = {"list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "train": cmd_train, "convert": cmd_convert,
-            "chat": cmd_chat}
+            "chat": cmd_chat, "check-custom-dataset": cmd_check_dataset, "log-dataset": cmd_log_dataset,
+            "data": cmd_data}
 
 
 def _setup_logging() -> None:
@@ -191,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
-        if args.verb in ("train", "convert", "chat"):
+        if args.verb in ("train", "convert", "chat", "check-custom-dataset", "log-dataset"):
             _quiet_libraries()
         return COMMANDS[args.verb](args)
     except UserError as exc:

@@ -61,6 +61,9 @@ class Config:
     skip_bad_records: bool = setting(
         False, "Skip (and count) malformed records instead of stopping at the first.", group="data")
     shuffle: bool = setting(True, "Shuffle samples each epoch (seeded).", group="data")
+    data_placeholders: dict = setting(
+        {}, "Values for {{KEY}} placeholders in the data, e.g. {'NAME': 'Tuney', 'AUTHOR': 'Ada'} fills "
+        "self-cognition records such as '我是{{NAME}}，由{{AUTHOR}}训练的'.", group="data")
 
     # --- optimisation ----------------------------------------------------------------------
     batch_size: int = setting(1, "Sequences per device per micro-batch.", group="train", min=1)
@@ -131,6 +134,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is list:
         return isinstance(value, (list, tuple))
+    if hint is dict:
+        return isinstance(value, dict)
     return isinstance(value, hint)
 
 
@@ -141,7 +146,7 @@ def _type_name(hint: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
     return {str: "a string", int: "an integer", float: "a number", bool: "True or False",
-            list: "a list"}.get(hint, getattr(hint, "__name__", str(hint)))
+            list: "a list", dict: "a dict"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def check_value(key: str, value: Any, where: str) -> Any:
