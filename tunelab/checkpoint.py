@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from tunelab.errors import UserError
+from tunelab.faults import CrashingFile, fault
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -26,12 +27,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_writes = 0
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via `write(file)` to a temp file beside `path`, fsync, then rename over it."""
+    global _writes
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".pth":
+                _writes += 1
+                if fault("crash_in_checkpoint_write") == _writes:
+                    f = CrashingFile(f, after=4096)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -70,6 +79,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "meta" not in state or "model" not in state:
         raise UserError(f"{path}: not a tunelab checkpoint (no 'meta'/'model' entries)")
     return state
+
+
+def find_resume_checkpoint(work_dir: Path, explicit: str | None, log) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its contents: an explicit path, else the one last_checkpoint names,
+    else the newest loadable *.pth (a torn or truncated newest file is skipped with a warning)."""
+    if explicit:
+        return Path(explicit), load_checkpoint(explicit)
+    candidates: list[Path] = []
+    pointer = work_dir / "last_checkpoint"
+    if pointer.is_file():
+        candidates.append(Path(pointer.read_text().strip()))
+    candidates += [p for p in reversed(list_checkpoints(work_dir)) if p not in candidates]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except UserError as exc:
+            log.warning("warning: skipping unusable checkpoint: %s", exc)
+    return None
+
+
+def remove_stale_temp_files(work_dir: Path) -> None:
+    """Temp files left by a write that was interrupted (never a complete checkpoint)."""
+    for tmp in work_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def make_temp_dir(target: Path) -> Path:

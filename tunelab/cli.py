@@ -9,7 +9,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from tunelab.errors import UserError
+from tunelab.errors import TrainingInterrupted, TrainingStopped, UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a config file (.py) or a built-in name (tunelab list-cfg)")
     p.add_argument("--work-dir", help="output folder (default work_dirs/<config name>)")
     p.add_argument("--seed", type=int, help="random seed (overrides the config)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="PTH",
+                   help="continue from the newest checkpoint in the work dir, or from PTH")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
 
     conv = verbs.add_parser("convert", help="pth_to_hf, merge, split").add_subparsers(
@@ -144,7 +146,7 @@ def cmd_train(args) -> int:
     from tunelab.train import train
 
     cfg, name = load_config(args.config, args.cfg_options)
-    train(cfg, name, work_dir=args.work_dir, seed=args.seed)
+    train(cfg, name, work_dir=args.work_dir, seed=args.seed, resume=args.resume)
     return EXIT_OK
 
 
@@ -250,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"tunelab: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingInterrupted as exc:  # a checkpoint was saved; say where, no traceback
+        print(f"tunelab: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingStopped as exc:
+        print(f"tunelab: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("tunelab: interrupted", file=sys.stderr)
         return 130

@@ -69,10 +69,10 @@ def _write_full(folder: Path, weights: dict[str, torch.Tensor], base: str, fp32:
 
 def export_trained(model, tokenizer, cfg: Config, target: Path) -> None:
     """Write the model being trained to `target` in HF/PEFT format (end of `tunelab train`)."""
-    from tunelab.train import _peft_config, trainable_state
+    from tunelab.train import peft_config_dict, trainable_state
 
     base = resolve_model_path(cfg.pretrained_model_name_or_path)
-    _export(trainable_state(model, cfg.algorithm), _peft_config(model), cfg, base, target, tokenizer,
+    _export(trainable_state(model, cfg.algorithm), peft_config_dict(model), cfg, base, target, tokenizer,
             fp32=False, max_shard_size="2GB", overwrite=True)
 
 

@@ -1,15 +1,20 @@
 """`tunelab train`: the training loop, top to bottom.
 
 config -> tokenizer -> data (fail fast, before the model loads) -> model (+LoRA / 4-bit) -> AdamW with
-warmup + cosine -> steps of `accumulative_counts` micro-batches, the loss averaged over every target token
-of the step -> checkpoints, logs, evaluation answers -> the adapter (or model) in Hugging Face format.
+warmup + cosine -> optimizer steps of `accumulative_counts` micro-batches, the loss averaged over every
+target token of the step -> checkpoints, logs, evaluation -> the adapter (or model) in Hugging Face format.
+
+A run can be left alone: it resumes exactly (weights, optimizer, scheduler, data position, RNG), saves a
+checkpoint on Ctrl-C/SIGTERM, skips non-finite steps and stops after `max_bad_steps` of them in a row.
 """
 from __future__ import annotations
 
-import json
+import copy
+import hashlib
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +22,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tunelab.checkpoint import save_checkpoint
+from tunelab.checkpoint import find_resume_checkpoint, remove_stale_temp_files, save_checkpoint
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
 from tunelab.data.dataset import Sequence, attention_bias, build_sequences, collate
 from tunelab.data.encode import IGNORE, PromptFormat
 from tunelab.data.formats import Turn
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TrainingInterrupted, TrainingStopped, UserError
+from tunelab.faults import fault, kill_now
 from tunelab.model.generate import Sampling, generate
 from tunelab.model.load import (add_lora, default_device, load_model, load_tokenizer, resolve_dtype,
                                 resolve_model_path)
+from tunelab.monitor import RunMonitor
 
 log = logging.getLogger("tunelab")
 
@@ -37,29 +44,6 @@ class TrainResult:
     model: object      # the trained model (PEFT-wrapped for LoRA/QLoRA)
     tokenizer: object
     steps: int
-
-
-@dataclass
-class RunDirs:
-    root: Path      # work_dirs/<name>
-    stamp: Path     # work_dirs/<name>/<timestamp>
-    scalars: Path   # .../vis_data/scalars.json
-    log_handler: logging.Handler
-
-
-def prepare_work_dir(cfg: Config, name: str, work_dir: str | None) -> RunDirs:
-    """The SPEC section 6 layout, a file log, and copies of the resolved config."""
-    root = Path(work_dir) if work_dir else Path("work_dirs") / name
-    stamp_name = time.strftime("%Y%m%d_%H%M%S")
-    stamp = root / stamp_name
-    (stamp / "vis_data").mkdir(parents=True, exist_ok=True)
-    config_text = render_config(to_dict(cfg), name)
-    (root / f"{name}.py").write_text(config_text, encoding="utf-8")
-    (stamp / "vis_data" / "config.py").write_text(config_text, encoding="utf-8")
-    handler = logging.FileHandler(stamp / f"{stamp_name}.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
-    log.addHandler(handler)
-    return RunDirs(root, stamp, stamp / "vis_data" / "scalars.json", handler)
 
 
 def seed_everything(seed: int) -> None:
@@ -115,8 +99,41 @@ def trainable_state(model, algorithm: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def evaluate(model, tokenizer, fmt: PromptFormat, cfg: Config, step: int, dirs: RunDirs) -> list[dict]:
-    """Answer cfg.evaluation_inputs greedily; log them and append them to eval_answers.jsonl."""
+def load_trainable_state(model, algorithm: str, state: dict[str, torch.Tensor]) -> None:
+    if algorithm == "full":
+        model.load_state_dict(state)
+        return
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"the checkpoint's adapter does not fit this model (e.g. {unexpected[0]}); resume with "
+                        f"the config it was trained with")
+
+
+def peft_config_dict(model) -> dict | None:
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return None
+    d = config.to_dict()
+    if isinstance(d.get("target_modules"), (set, list)):
+        d["target_modules"] = sorted(d["target_modules"])
+    return d
+
+
+def data_fingerprint(sequences: list[Sequence]) -> str:
+    """Identifies the tokenised data, so a resume notices when the data changed underneath it."""
+    h = hashlib.sha256()
+    for s in sequences:
+        h.update(len(s).to_bytes(4, "little"))
+        h.update(bytes(str(s.input_ids[:16]), "ascii"))
+    return h.hexdigest()[:16]
+
+
+def evaluate(model, tokenizer, fmt: PromptFormat, cfg: Config, step: int, monitor: RunMonitor,
+             val: list[Sequence], dtype) -> None:
+    """Answer cfg.evaluation_inputs greedily (to the log and eval_answers.jsonl); measure the validation loss."""
     answers = []
     for question in cfg.evaluation_inputs:
         ids, _ = fmt.encode([Turn(question, "")], open_last=True)
@@ -125,14 +142,44 @@ def evaluate(model, tokenizer, fmt: PromptFormat, cfg: Config, step: int, dirs: 
         log.info("eval step %d | %s -> %s", step, question, answer)
         answers.append({"step": step, "input": question, "output": answer})
     if answers:
-        with open(dirs.stamp / "eval_answers.jsonl", "a", encoding="utf-8") as f:
-            for a in answers:
-                f.write(json.dumps(a, ensure_ascii=False) + "\n")
-    return answers
+        monitor.eval_answers(answers)
+    if val:
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(val), cfg.batch_size):
+                losses = token_losses(model, collate(val[i:i + cfg.batch_size], tokenizer.pad_token_id), dtype)
+                total += losses.sum().item()
+                count += sum(s.n_targets for s in val[i:i + cfg.batch_size])
+        model.train(was_training)
+        monitor.scalars({"step": step, "val_loss": total / max(count, 1)})
 
 
-def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None = None) -> TrainResult:
-    """Run a whole training job."""
+def validation_sequences(cfg: Config, tokenizer, sequences: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+    """(training, validation) sequences: evaluation_data_path, or a seeded validation_split of the data."""
+    if cfg.evaluation_data_path:
+        held_out = copy.copy(cfg)
+        held_out.data_path = cfg.evaluation_data_path
+        val, stats = build_sequences(held_out, tokenizer)
+        log.info("validation %s", stats.summary())
+        return sequences, val
+    if cfg.validation_split:
+        order = list(range(len(sequences)))
+        random.Random(cfg.seed + 1).shuffle(order)
+        n_val = max(1, round(len(sequences) * cfg.validation_split))
+        if n_val >= len(sequences):
+            raise ConfigError(f"'validation_split' {cfg.validation_split} leaves no training data "
+                              f"({len(sequences)} sequences); lower it")
+        val_ids = set(order[:n_val])
+        return ([s for i, s in enumerate(sequences) if i not in val_ids],
+                [s for i, s in enumerate(sequences) if i in val_ids])
+    return sequences, []
+
+
+def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None = None,
+          resume: str | None = None) -> TrainResult:
+    """Run a whole training job. resume: 'auto' (newest checkpoint), a .pth path, or None."""
     if seed is not None:
         cfg.seed = seed
     seed_everything(cfg.seed)
@@ -141,124 +188,212 @@ def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None 
     model_path = resolve_model_path(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     sequences, stats = build_sequences(cfg, tokenizer)
+    sequences, val = validation_sequences(cfg, tokenizer, sequences)
     if cfg.batch_size > len(sequences):
         raise ConfigError(f"'batch_size' {cfg.batch_size} is larger than the dataset ({len(sequences)} "
                           f"sequences after packing); lower batch_size")
     fmt = PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM)
+    root = Path(work_dir) if work_dir else Path("work_dirs") / name
+    resume = resume or ("auto" if cfg.auto_resume else None)
+    checkpoint = None
+    if resume:
+        found = find_resume_checkpoint(root, None if resume == "auto" else resume, log)
+        if found is None and not cfg.auto_resume:
+            raise UserError(f"--resume: no checkpoint in {root} to resume from; train without --resume first")
+        checkpoint = found
 
-    dirs = prepare_work_dir(cfg, name, work_dir)
+    micro_per_epoch = math.ceil(len(sequences) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulative_counts)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(root)
+    monitor = RunMonitor(root, total_steps, cfg.log_interval, render_config(to_dict(cfg), name), name)
     try:
-        return _run(cfg, name, dirs, model_path, tokenizer, sequences, stats, fmt)
+        return _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, monitor, checkpoint,
+                    steps_per_epoch, total_steps)
     finally:
-        log.removeHandler(dirs.log_handler)
-        dirs.log_handler.close()
+        monitor.close()
 
 
-def _run(cfg: Config, name: str, dirs: RunDirs, model_path: str, tokenizer, sequences: list[Sequence], stats,
-         fmt: PromptFormat) -> TrainResult:
+def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, monitor: RunMonitor, checkpoint,
+         steps_per_epoch: int, total_steps: int) -> TrainResult:
     log.info("config %s | model %s | algorithm %s", name, model_path, cfg.algorithm)
     log.info(stats.summary())
     if stats.skipped > stats.records // 10:
         log.warning("warning: %d of %d samples were dropped (no answer within max_length=%d or a bad record); "
                     "raise max_length if that is not intended", stats.skipped, stats.records, cfg.max_length)
-
     device = default_device()
     dtype = resolve_dtype(cfg.torch_dtype, device)
     model = build_model(cfg, model_path, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %d of %d", sum(p.numel() for p in params),
              sum(p.numel() for p in model.parameters()))
-
-    micro_per_epoch = math.ceil(len(sequences) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulative_counts)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
-    epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup_ratio))
+    fingerprint = data_fingerprint(sequences)
     log.info("%d sequences, %d steps per epoch, %d steps in all", len(sequences), steps_per_epoch, total_steps)
 
-    model.train()
-    evaluate(model, tokenizer, fmt, cfg, 0, dirs)
-    step, started = 0, time.time()
-    for epoch in range(1, epochs + 1):
-        order = list(range(len(sequences)))
-        if cfg.shuffle:
-            random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        micro = [[sequences[i] for i in order[j:j + cfg.batch_size]] for j in range(0, len(order), cfg.batch_size)]
-        for first in range(0, len(micro), cfg.accumulative_counts):
-            window = micro[first:first + cfg.accumulative_counts]
-            loss, tokens, t0 = _optimizer_step(model, window, optimizer, params, cfg, tokenizer, dtype)
-            scheduler.step()
-            step += 1
-            if step % cfg.log_interval == 0 or step == total_steps or step == 1:
-                record = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens / max(time.time() - t0, 1e-9), "memory_gb": _memory_gb(),
-                          "time": round(time.time() - started, 3)}
-                with open(dirs.scalars, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                log.info("epoch %d step %d/%d | loss %.4f | lr %.3g | %.0f tok/s", epoch, step, total_steps,
-                         loss, record["lr"], record["tokens_per_s"])
-            if cfg.evaluation_inputs and step % cfg.evaluation_freq == 0 and step < total_steps:
-                evaluate(model, tokenizer, fmt, cfg, step, dirs)
-            if cfg.save_steps and step % cfg.save_steps == 0:
-                _save(model, optimizer, scheduler, cfg, dirs, f"iter_{step}.pth", step, epoch)
+    step = 0
+    if checkpoint is not None:
+        path, state = checkpoint
+        step = _restore(state, model, optimizer, scheduler, cfg, fingerprint)
+        log.info("resumed from %s at step %d", path, step)
+    monitor.set_position(step)
+
+    def save(filename: str, epoch: int) -> Path:
+        state = {
+            "meta": {"step": step, "epoch": epoch, "algorithm": cfg.algorithm, "data": fingerprint,
+                     "tunelab_format": 1},
+            "config": to_dict(cfg), "model": trainable_state(model, cfg.algorithm),
+            "peft_config": peft_config_dict(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        path = save_checkpoint(root, filename, state, cfg.save_total_limit)
+        log.info("saved checkpoint %s", path)
+        monitor.plot()
+        return path
+
+    stop_signal: list[int] = []
+    handlers = _catch_signals(stop_signal)
+    try:
+        model.train()
+        if step == 0:
+            evaluate(model, tokenizer, fmt, cfg, 0, monitor, val, dtype)
+        bad_in_a_row, started = 0, time.time()
+        first_epoch = step // steps_per_epoch + 1
+        for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch) + 1):
+            windows = _epoch_windows(sequences, cfg, epoch)
+            for index, window in enumerate(windows):
+                if (epoch - 1) * steps_per_epoch + index < step:
+                    continue  # done before the resume
+                loss, tokens, seconds = _optimizer_step(model, window, optimizer, params, cfg, tokenizer,
+                                                        dtype, step + 1)
+                scheduler.step()
+                step += 1
+                if loss is None:
+                    bad_in_a_row += 1
+                    log.warning("warning: step %d skipped: non-finite loss or gradient (%d in a row)", step,
+                                bad_in_a_row)
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        pointer = root / "last_checkpoint"
+                        last = pointer.read_text().strip() if pointer.exists() else "none"
+                        raise TrainingStopped(
+                            f"training stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite "
+                            f"loss or gradient; last good checkpoint: {last}; lower lr or check the data")
+                else:
+                    bad_in_a_row = 0
+                    monitor.step({"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                                  "tokens_per_s": tokens / max(seconds, 1e-9), "memory_gb": _memory_gb(),
+                                  "time": round(time.time() - started, 3)})
+                if fault("kill_after_step") == step:
+                    kill_now()
+                if stop_signal:
+                    path = save(f"iter_{step}.pth", epoch)
+                    signame = "SIGINT" if stop_signal[0] == signal.SIGINT else "SIGTERM"
+                    raise TrainingInterrupted(f"{signame} at step {step}: checkpoint saved to {path}; continue "
+                                              f"with `tunelab train ... --resume`", 128 + stop_signal[0])
+                if step < total_steps and step % cfg.evaluation_freq == 0:
+                    evaluate(model, tokenizer, fmt, cfg, step, monitor, val, dtype)
+                if cfg.save_steps and step % cfg.save_steps == 0 and not bad_in_a_row:
+                    save(f"iter_{step}.pth", epoch)
+                if step >= total_steps:
+                    break
+            if not cfg.save_steps and (step == epoch * steps_per_epoch or step >= total_steps):
+                save(f"epoch_{epoch}.pth", epoch)
             if step >= total_steps:
                 break
-        if not cfg.save_steps:
-            _save(model, optimizer, scheduler, cfg, dirs, f"epoch_{epoch}.pth", step, epoch)
-        if step >= total_steps:
-            break
-    if cfg.save_steps and step % cfg.save_steps:  # the final weights are always in a checkpoint
-        _save(model, optimizer, scheduler, cfg, dirs, f"iter_{step}.pth", step, epoch)
-    evaluate(model, tokenizer, fmt, cfg, step, dirs)
+        if cfg.save_steps and step % cfg.save_steps:  # the final weights are always in a checkpoint
+            save(f"iter_{step}.pth", epoch)
+        evaluate(model, tokenizer, fmt, cfg, step, monitor, val, dtype)
+    finally:
+        _restore_signals(handlers)
     from tunelab.convert import export_trained
 
-    export_trained(model, tokenizer, cfg, dirs.root / "hf")
-    log.info("done: %d steps in %.1fs; adapter/model in %s", step, time.time() - started, dirs.root / "hf")
-    return TrainResult(dirs.root, model, tokenizer, step)
+    export_trained(model, tokenizer, cfg, root / "hf")
+    monitor.plot()
+    log.info("done: %d steps; adapter/model in %s", step, root / "hf")
+    return TrainResult(root, model, tokenizer, step)
 
 
-def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg: Config, tokenizer,
-                    dtype) -> tuple[float, int, float]:
-    """One optimizer step over a window of micro-batches; the loss is the mean over all its target tokens."""
+def _epoch_windows(sequences: list[Sequence], cfg: Config, epoch: int) -> list[list[list[Sequence]]]:
+    """The epoch's optimizer steps, each a list of micro-batches. The order depends only on (seed, epoch),
+    so a resumed run sees exactly the batches the uninterrupted run would have."""
+    order = list(range(len(sequences)))
+    if cfg.shuffle:
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+    micro = [[sequences[i] for i in order[j:j + cfg.batch_size]] for j in range(0, len(order), cfg.batch_size)]
+    return [micro[i:i + cfg.accumulative_counts] for i in range(0, len(micro), cfg.accumulative_counts)]
+
+
+def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg: Config, tokenizer, dtype,
+                    step: int) -> tuple[float | None, int, float]:
+    """One optimizer step; the loss is the mean over all target tokens of the window. Returns loss None
+    (and leaves the weights untouched) when the loss or the gradient is not finite."""
     t0 = time.time()
     n_targets = sum(s.n_targets for batch in window for s in batch)
     n_tokens = sum(len(s) for batch in window for s in batch)
+    poison = fault("nan_loss_from_step")
     total = 0.0
     for batch in window:
         losses = token_losses(model, collate(batch, tokenizer.pad_token_id), dtype)
         loss = losses.sum() / n_targets
+        if poison is not None and step >= poison:
+            loss = loss * float("inf")
+        if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            return None, n_tokens, time.time() - t0
         loss.backward()
         total += loss.item()
-    if cfg.max_norm:
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float("inf"))
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None, n_tokens, time.time() - t0
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, n_tokens, t0
+    return total, n_tokens, time.time() - t0
+
+
+def _restore(state: dict, model, optimizer, scheduler, cfg: Config, fingerprint: str) -> int:
+    meta = state["meta"]
+    if meta["algorithm"] != cfg.algorithm:
+        raise UserError(f"the checkpoint is from a '{meta['algorithm']}' run but the config says algorithm = "
+                        f"'{cfg.algorithm}'; resume with the config it was trained with")
+    if meta.get("data") != fingerprint:
+        log.warning("warning: the data differ from the checkpoint's; the resumed run will not match the "
+                    "original exactly")
+    load_trainable_state(model, cfg.algorithm, state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(meta["step"])
+
+
+def _catch_signals(stop: list[int]):
+    """On SIGINT/SIGTERM, finish the current step, save, and stop (a second signal stops at once)."""
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        log.warning("%s received: saving a checkpoint after this step (again to abort)",
+                    signal.Signals(signum).name)
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return previous
+
+
+def _restore_signals(previous) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _memory_gb() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-
-
-def _save(model, optimizer, scheduler, cfg: Config, dirs: RunDirs, filename: str, step: int, epoch: int) -> None:
-    state = {
-        "meta": {"step": step, "epoch": epoch, "algorithm": cfg.algorithm, "tunelab_format": 1},
-        "config": to_dict(cfg),
-        "model": trainable_state(model, cfg.algorithm),
-        "peft_config": _peft_config(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    }
-    path = save_checkpoint(dirs.root, filename, state, cfg.save_total_limit)
-    log.info("saved checkpoint %s", path)
-
-
-def _peft_config(model) -> dict | None:
-    config = getattr(model, "peft_config", {}).get("default")
-    if config is None:
-        return None
-    d = config.to_dict()
-    d["target_modules"] = sorted(d["target_modules"]) if isinstance(d.get("target_modules"), (set, list)) else d.get("target_modules")
-    return d

@@ -95,6 +95,12 @@ class Config:
     evaluation_inputs: list = setting(
         [], "Prompts answered before training, every evaluation_freq steps and at the end (to the log).",
         group="eval")
+    evaluation_data_path: Union[str, list] = setting(
+        "", "Held-out data (same forms as data_path) whose loss is measured at each evaluation; '' for none.",
+        group="eval")
+    validation_split: float = setting(
+        0.0, "Fraction of the training sequences held out for the validation loss when evaluation_data_path "
+        "is empty (0: none).", group="eval", min=0)
     evaluation_freq: int = setting(500, "Optimizer steps between evaluations.", group="eval", min=1)
     evaluation_max_new_tokens: int = setting(64, "Tokens generated per evaluation answer.",
                                              group="eval", min=1)
@@ -103,6 +109,12 @@ class Config:
     save_total_limit: int = setting(-1, "Keep only the newest K checkpoints (-1: keep all).",
                                     group="save", min=-1)
     log_interval: int = setting(10, "Optimizer steps between log lines.", group="save", min=1)
+    auto_resume: bool = setting(
+        False, "Continue from the newest checkpoint in the work dir when there is one (like --resume).",
+        group="save")
+    max_bad_steps: int = setting(
+        5, "Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is "
+        "skipped).", group="save", min=1)
 
     @property
     def data_paths(self) -> list[str]:
@@ -179,6 +191,17 @@ def build_config(values: dict[str, Any], where: str) -> Config:
         raise ConfigError(f"{where}: 'betas' must be two numbers in [0, 1), got {cfg.betas!r}")
     if cfg.warmup_ratio >= 1:
         raise ConfigError(f"{where}: 'warmup_ratio' must be < 1, got {cfg.warmup_ratio!r}")
+    for key in ("data_path", "evaluation_data_path", "evaluation_inputs", "lora_target_modules"):
+        value = getattr(cfg, key)
+        if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: '{key}' must hold non-empty strings only, got {value!r}")
+    if cfg.validation_split >= 1:
+        raise ConfigError(f"{where}: 'validation_split' must be < 1, got {cfg.validation_split!r}")
+    # copy-cfg writes every key, so only a non-default evaluation_freq counts as "set"
+    if cfg.evaluation_freq != FIELDS["evaluation_freq"].default and not (cfg.evaluation_inputs or cfg.evaluation_data_path
+                                            or cfg.validation_split):
+        raise ConfigError(f"{where}: 'evaluation_freq' is set but there is nothing to evaluate; add "
+                          f"evaluation_inputs, evaluation_data_path or validation_split (or drop evaluation_freq)")
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"{where}: 'lora_dropout' must be < 1, got {cfg.lora_dropout!r}")
     return cfg
