@@ -124,3 +124,49 @@ def test_chat_missing_adapter(tiny_llama, tmp_path):
 def test_bad_shard_size(tiny_llama, tmp_path):
     line = _one_error_line(run_cli("convert", "split", tiny_llama, tmp_path / "o", "--max-shard-size", "big"))
     assert "--max-shard-size 'big'" in line
+
+
+# Issue 4, acceptance 6: config mistakes, each one line and exit 2, found before any model is loaded.
+BAD_CONFIGS = [
+    ("lr", "1e-4", "'lr' must be a number"),
+    ("lr", -1e-4, "'lr' must be > 0"),
+    ("max_length", 0, "'max_length' must be >= 1"),
+    ("lora_r", 0, "'lora_r' must be >= 1"),
+    ("lora_alpha", 0, "'lora_alpha' must be > 0"),
+    ("lora_dropout", 1.5, "'lora_dropout' must be < 1"),
+    ("optim_type", "SGDW", "'optim_type' must be one of 'AdamW'"),
+    ("algorithm", "qlora2", "'algorithm' must be one of 'full', 'lora', 'qlora'"),
+    ("max_epochs", 0, "'max_epochs' must be >= 1"),
+    ("accumulative_counts", 0, "'accumulative_counts' must be >= 1"),
+    ("batch_size", 2.5, "'batch_size' must be an integer"),
+    ("warmup_ratio", 1.5, "'warmup_ratio' must be < 1"),
+    ("betas", [0.9], "'betas' must be two numbers"),
+    ("evaluation_freq", 10, "'evaluation_freq' is set but there is nothing to evaluate"),
+    ("evaluation_inputs", "who are you", "'evaluation_inputs' must be a list"),
+    ("evaluation_inputs", ["ok", 3], "'evaluation_inputs' must hold non-empty strings"),
+    ("data_path", [], "'data_path' is an empty list"),
+    ("torch_dtype", "float8", "'torch_dtype' must be one of"),
+    ("save_total_limit", -2, "'save_total_limit' must be >= -1"),
+    ("pack_to_max_length", "yes", "'pack_to_max_length' must be True or False"),
+    ("validation_split", 1.0, "'validation_split' must be < 1"),
+    ("dataset_format", "csvv", "unknown format 'csvv'"),
+    ("batch_size", 50, "'batch_size' 50 is larger than the dataset"),
+]
+
+
+@pytest.mark.parametrize("key,value,expect", BAD_CONFIGS, ids=[f"{k}={v!r}" for k, v, _ in BAD_CONFIGS])
+def test_bad_config_values(good, tmp_path, monkeypatch, capsys, key, value, expect):
+    import tunelab.model.load
+    from tunelab.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config error was reported")
+
+    monkeypatch.setattr(tunelab.model.load, "load_model", no_model)
+    monkeypatch.setattr("tunelab.train.load_model", no_model)
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.py", **dict(good, **{key: value}))
+    assert main(["train", str(cfg)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("tunelab: error: ") and expect in err[0], err
+    assert not (tmp_path / "work_dirs").exists()

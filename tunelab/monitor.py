@@ -31,6 +31,8 @@ class RunMonitor:
         self.file_handler = logging.FileHandler(self.dir / f"{self.dir.name}.log", encoding="utf-8")
         self.file_handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
         log.addHandler(self.file_handler)
+        if not log.isEnabledFor(logging.INFO):  # called as a library: the run's log file still gets INFO
+            log.setLevel(logging.INFO)
         self.tensorboard = _tensorboard_writer(self.dir / "tensorboard")
         self.bar = _progress_bar(total_steps) if sys.stderr.isatty() else None
         self.started = time.time()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tunelab.checkpoint import find_resume_checkpoint, remove_stale_temp_files, save_checkpoint
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
-from tunelab.data.dataset import Sequence, attention_bias, build_sequences, collate
+from tunelab.data.dataset import Sequence, attention_bias, build_sequences, collate, pack
 from tunelab.data.encode import IGNORE, PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.errors import ConfigError, TrainingInterrupted, TrainingStopped, UserError
@@ -156,25 +156,35 @@ def evaluate(model, tokenizer, fmt: PromptFormat, cfg: Config, step: int, monito
         monitor.scalars({"step": step, "val_loss": total / max(count, 1)})
 
 
-def validation_sequences(cfg: Config, tokenizer, sequences: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
-    """(training, validation) sequences: evaluation_data_path, or a seeded validation_split of the data."""
-    if cfg.evaluation_data_path:
-        held_out = copy.copy(cfg)
-        held_out.data_path = cfg.evaluation_data_path
-        val, stats = build_sequences(held_out, tokenizer)
-        log.info("validation %s", stats.summary())
-        return sequences, val
-    if cfg.validation_split:
-        order = list(range(len(sequences)))
-        random.Random(cfg.seed + 1).shuffle(order)
-        n_val = max(1, round(len(sequences) * cfg.validation_split))
-        if n_val >= len(sequences):
-            raise ConfigError(f"'validation_split' {cfg.validation_split} leaves no training data "
-                              f"({len(sequences)} sequences); lower it")
-        val_ids = set(order[:n_val])
-        return ([s for i, s in enumerate(sequences) if i not in val_ids],
-                [s for i, s in enumerate(sequences) if i in val_ids])
-    return sequences, []
+def load_training_data(cfg: Config, tokenizer) -> tuple[list[Sequence], list[Sequence], object]:
+    """(training sequences, validation sequences, data stats). Validation data come from
+    evaluation_data_path, or from a seeded validation_split of the samples (held out before packing)."""
+    if not cfg.validation_split or cfg.evaluation_data_path:
+        sequences, stats = build_sequences(cfg, tokenizer)
+        val: list[Sequence] = []
+        if cfg.evaluation_data_path:
+            held_out = copy.copy(cfg)
+            held_out.data_path = cfg.evaluation_data_path
+            val, val_stats = build_sequences(held_out, tokenizer)
+            log.info("validation %s", val_stats.summary())
+        return sequences, val, stats
+    unpacked = copy.copy(cfg)
+    unpacked.pack_to_max_length = False
+    samples, stats = build_sequences(unpacked, tokenizer)
+    order = list(range(len(samples)))
+    random.Random(cfg.seed + 1).shuffle(order)
+    n_val = max(1, round(len(samples) * cfg.validation_split))
+    if n_val >= len(samples):
+        raise ConfigError(f"'validation_split' {cfg.validation_split} leaves no training data "
+                          f"({len(samples)} samples); lower it")
+    held = set(order[:n_val])
+    val = [s for i, s in enumerate(samples) if i in held]
+    sequences = [s for i, s in enumerate(samples) if i not in held]
+    if cfg.pack_to_max_length:
+        random.Random(cfg.seed).shuffle(sequences)
+        sequences = pack(sequences, cfg.max_length)
+    stats.sequences = len(sequences)
+    return sequences, val, stats
 
 
 def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None = None,
@@ -187,8 +197,7 @@ def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None 
     # Data first: bad data must fail in seconds, not after a 7B model has loaded.
     model_path = resolve_model_path(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    sequences, stats = build_sequences(cfg, tokenizer)
-    sequences, val = validation_sequences(cfg, tokenizer, sequences)
+    sequences, val, stats = load_training_data(cfg, tokenizer)
     if cfg.batch_size > len(sequences):
         raise ConfigError(f"'batch_size' {cfg.batch_size} is larger than the dataset ({len(sequences)} "
                           f"sequences after packing); lower batch_size")
