@@ -34,15 +34,27 @@ class RunMonitor:
         if not log.isEnabledFor(logging.INFO):  # called as a library: the run's log file still gets INFO
             log.setLevel(logging.INFO)
         self.tensorboard = _tensorboard_writer(self.dir / "tensorboard")
-        self.bar = _progress_bar(total_steps) if sys.stderr.isatty() else None
+        self.bar = None
+        self._swapped: list[tuple[logging.Handler, logging.Handler]] = []
         self.started = time.time()
 
     def set_position(self, step: int) -> None:
-        """Resumed runs start their bar (and ETA) at the checkpoint's step."""
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.refresh()
+        """Training starts (at a checkpoint's step when resumed): on a terminal, show the progress bar."""
         self._first_step = step
+        self.started = time.time()
+        if sys.stderr.isatty():
+            self.bar = _progress_bar(self.total_steps, step)
+            self._route_console_through_bar()
+
+    def _route_console_through_bar(self) -> None:
+        """Log lines printed on the terminal go above the bar instead of breaking it."""
+        for handler in list(log.handlers):
+            if type(handler) is logging.StreamHandler:
+                replacement = _BarHandler()
+                replacement.setFormatter(handler.formatter)
+                log.removeHandler(handler)
+                log.addHandler(replacement)
+                self._swapped.append((handler, replacement))
 
     def step(self, record: dict[str, Any]) -> None:
         """One optimizer step's figures: to the bar every step, to logs every log_interval steps."""
@@ -125,6 +137,9 @@ class RunMonitor:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        for original, replacement in self._swapped:
+            log.removeHandler(replacement)
+            log.addHandler(original)
         if self.tensorboard is not None:
             self.tensorboard.close()
         log.removeHandler(self.file_handler)
@@ -140,7 +155,14 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int, start: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+class _BarHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
