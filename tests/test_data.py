@@ -35,7 +35,8 @@ def tokenizer(tiny_llama):
 ])
 def test_real_files_load_with_detected_format(data_dir, rel, fmt, count):
     stats = DataStats()
-    dialogues = load_dialogues(_cfg(str(data_dir / rel)), stats)
+    # the ms-swift file's {{NAME}}/{{AUTHOR}} must be filled (an unfilled placeholder is an error)
+    dialogues = load_dialogues(_cfg(str(data_dir / rel), data_placeholders={"NAME": "N", "AUTHOR": "A"}), stats)
     assert stats.formats == {str(data_dir / rel): fmt}
     assert stats.records == count and len(dialogues) == count - stats.skipped
     assert all(any(t.output for t in turns) for _, turns in dialogues)

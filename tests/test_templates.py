@@ -22,9 +22,9 @@ SYSTEM = 'Be brief. {not a field} "quoted" \\ {{ x }} {% raw %}'
 TURNS = [('What is 2+2? {input} {round}', 'It is 4. }} %}'), ("And 'twice' that?\nThanks", 'Eight.')]
 
 
-def reference(t: Template, turns, system: str | None = None) -> str:
+def reference(t: Template, turns, system: str | None = None, bos: str = BOS, eos: str = EOS) -> str:
     """The documented rule; a turn whose output is None ends the text at its prompt."""
-    text = BOS if t.bos else ''
+    text = bos if t.bos else ''
     system = system or t.default_system
     if t.system and system:
         text += t.system.format(system=system)
@@ -34,7 +34,7 @@ def reference(t: Template, turns, system: str | None = None) -> str:
         text += t.instruction.format(input=inp, round=i + 1)
         if out is None:
             break
-        text += out + (t.suffix or EOS)
+        text += out + (t.suffix or eos)
     return text
 
 
@@ -47,12 +47,12 @@ def messages(turns, system: str | None = None) -> list[dict]:
     return msgs
 
 
-def render_hf(t: Template, msgs, add_generation_prompt: bool = False) -> str:
+def render_hf(t: Template, msgs, add_generation_prompt: bool = False, bos: str = BOS, eos: str = EOS) -> str:
     """As tokenizer.apply_chat_template(tokenize=False) renders it."""
     from transformers.utils.chat_template_utils import render_jinja_template
     rendered, _ = render_jinja_template(conversations=[msgs], chat_template=template_to_jinja(t),
                                        add_generation_prompt=add_generation_prompt,
-                                       bos_token=BOS, eos_token=EOS)
+                                       bos_token=bos, eos_token=eos)
     return rendered[0]
 
 
@@ -176,7 +176,172 @@ def test_jinja_rejects_misplaced_system_message():
         render_hf(TEMPLATES['qwen_chat'], msgs)
 
 
-# -- published formats (spot checks) --------------------------------------------------------------
+# -- published formats: every template, two turns with a system prompt ----------------------------
+#
+# Each string below is the model's published chat format (its tokenizer_config chat_template or its own
+# repo code) for [system 'You are brief.', user 'Hi', assistant 'Hello', user 'Bye', assistant 'Goodbye'],
+# written with the model's real bos/eos tokens, under the module's conventions: an answer's leading space
+# (after '[/INST]', 'ASSISTANT:', 'Assistant:', '<|MOSS|>:') belongs to the answer, the text ends at the
+# last end-of-turn marker (no trailing newline), and a model with no system slot keeps the system text where
+# tunelab documents it (the template's notes). Where the published format cannot be expressed by the
+# template scheme, the string is tunelab's rendering and KNOWN_DEVIATIONS below holds the published one.
+
+SYS = 'You are brief.'
+TWO_TURNS = [('Hi', 'Hello'), ('Bye', 'Goodbye')]
+DS_BOS, DS_EOS = '<｜begin▁of▁sentence｜>', '<｜end▁of▁sentence｜>'
+
+# name -> (bos token, eos token, the rendering)
+WITH_SYSTEM: dict[str, tuple[str, str, str]] = {
+    'default': ('<s>', '</s>',
+                '<s><|System|>:You are brief.\n<|User|>:Hi\n<|Bot|>:Hello</s>\n<|User|>:Bye\n<|Bot|>:Goodbye</s>'),
+    'zephyr': ('<s>', '</s>',
+               '<s><|system|>\nYou are brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n'
+               '<|user|>\nBye</s>\n<|assistant|>\nGoodbye</s>'),
+    'internlm_chat': ('<s>', '</s>',
+                      '<s><|System|>:You are brief.\n<|User|>:Hi<eoh>\n<|Bot|>:Hello<eoa>\n'
+                      '<|User|>:Bye<eoh>\n<|Bot|>:Goodbye<eoa>'),
+    'internlm2_chat': ('<s>', '</s>',
+                       '<s><|im_start|>system\nYou are brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+                       '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
+                       '<|im_start|>assistant\nGoodbye<|im_end|>'),
+    'moss_sft': ('', '<eom>',
+                 'You are brief.\n<|Human|>: Hi<eoh>\n<|MOSS|>:Hello<eom>\n<|Human|>: Bye<eoh>\n<|MOSS|>:Goodbye<eom>'),
+    # published: <<SYS>> inside the first [INST] (KNOWN_DEVIATIONS)
+    'llama2_chat': ('<s>', '</s>',
+                    '<s><<SYS>>\nYou are brief.\n<</SYS>>\n\n[INST] Hi [/INST]Hello</s><s>[INST] Bye [/INST]Goodbye</s>'),
+    'code_llama_chat': ('<s>', '</s>',
+                        '<s><<SYS>>\nYou are brief.\n<</SYS>>\n\n[INST] Hi [/INST]Hello</s><s>[INST] Bye [/INST]'
+                        'Goodbye</s>'),
+    # ChatGLM2 has no system slot (the text is a preamble); published: [gMASK]sop prefix (KNOWN_DEVIATIONS)
+    'chatglm2': ('', '</s>',
+                 'You are brief.\n\n[Round 1]\n\n问：Hi\n\n答：Hello</s>\n\n[Round 2]\n\n问：Bye\n\n答：Goodbye</s>'),
+    'chatglm3': ('', '</s>',
+                 '<|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello</s><|user|>\nBye<|assistant|>\nGoodbye</s>'),
+    'glm4_chat': ('', '<|endoftext|>',
+                  '<|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello<|endoftext|><|user|>\nBye<|assistant|>\n'
+                  'Goodbye<|endoftext|>'),
+    'qwen_chat': ('', '<|endoftext|>',
+                  '<|im_start|>system\nYou are brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+                  '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
+                  '<|im_start|>assistant\nGoodbye<|im_end|>'),
+    'chatml': ('', '<|endoftext|>',
+               '<|im_start|>system\nYou are brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+               '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
+               '<|im_start|>assistant\nGoodbye<|im_end|>'),
+    'yi_chat': ('', '<|endoftext|>',
+                '<|im_start|>system\nYou are brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+                '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
+                '<|im_start|>assistant\nGoodbye<|im_end|>'),
+    # Baichuan-13B-Chat has no system slot (preamble); Baichuan2-Chat writes the system text first, as is
+    'baichuan_chat': ('', '</s>',
+                      'You are brief.<reserved_102>Hi<reserved_103>Hello</s><reserved_102>Bye<reserved_103>Goodbye</s>'),
+    'baichuan2_chat': ('', '</s>',
+                       'You are brief.<reserved_106>Hi<reserved_107>Hello</s><reserved_106>Bye<reserved_107>Goodbye</s>'),
+    'vicuna': ('<s>', '</s>', '<s>You are brief. USER: Hi ASSISTANT:Hello</s>USER: Bye ASSISTANT:Goodbye</s>'),
+    'wizardlm': ('<s>', '</s>', '<s>You are brief. USER: Hi ASSISTANT:Hello</s>USER: Bye ASSISTANT:Goodbye</s>'),
+    'llama3_chat': ('<|begin_of_text|>', '<|eot_id|>',
+                    '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are brief.<|eot_id|>'
+                    '<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>'
+                    '<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>'
+                    '<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>'
+                    '<|start_header_id|>assistant<|end_header_id|>\n\nGoodbye<|eot_id|>'),
+    # the v0.1/v0.2 templates have no system slot (preamble); the newer one nests it (KNOWN_DEVIATIONS)
+    'mistral': ('<s>', '</s>', '<s>You are brief.\n\n[INST] Hi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>'),
+    'mixtral': ('<s>', '</s>', '<s>You are brief.\n\n[INST] Hi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>'),
+    # Gemma has no system role; the system turn is XTuner's extension
+    'gemma': ('<bos>', '<eos>',
+              '<bos><start_of_turn>system\nYou are brief.<end_of_turn>\n<start_of_turn>user\nHi<end_of_turn>\n'
+              '<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n'
+              '<start_of_turn>model\nGoodbye<end_of_turn>'),
+    'phi3_chat': ('<s>', '<|endoftext|>',
+                  '<s><|system|>\nYou are brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n'
+                  '<|user|>\nBye<|end|>\n<|assistant|>\nGoodbye<|end|>'),
+    'deepseek': (DS_BOS, DS_EOS,
+                 f'{DS_BOS}You are brief.\n\nUser: Hi\n\nAssistant:Hello{DS_EOS}User: Bye\n\nAssistant:Goodbye{DS_EOS}'),
+    'deepseek_v2': (DS_BOS, DS_EOS,
+                    f'{DS_BOS}You are brief.\n\nUser: Hi\n\nAssistant:Hello{DS_EOS}User: Bye\n\nAssistant:Goodbye{DS_EOS}'),
+    # a given system text is written as is, with no newline (only the built-in default ends in one)
+    'deepseek_coder': (DS_BOS, '<|EOT|>',
+                       f'{DS_BOS}You are brief.### Instruction:\nHi\n### Response:\nHello\n<|EOT|>\n'
+                       '### Instruction:\nBye\n### Response:\nGoodbye\n<|EOT|>'),
+    'cohere': ('<BOS_TOKEN>', '<|END_OF_TURN_TOKEN|>',
+               '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are brief.<|END_OF_TURN_TOKEN|>'
+               '<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|>'
+               '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello<|END_OF_TURN_TOKEN|>'
+               '<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|>'
+               '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Goodbye<|END_OF_TURN_TOKEN|>'),
+    'minicpm': ('<s>', '</s>', '<s>You are brief.<用户>Hi<AI>Hello</s><用户>Bye<AI>Goodbye</s>'),
+}
+
+# name -> (system or None, published rendering, why tunelab differs). These formats need more than the
+# Template scheme has (text inside the first instruction, a fixed dialogue prefix, no eos between turns).
+# Each is an expected failure that turns into a real failure once tunelab renders the published string,
+# so the entry gets removed then.
+_LLAMA2_PUBLISHED = '<s>[INST] <<SYS>>\nYou are brief.\n<</SYS>>\n\nHi [/INST]Hello</s><s>[INST] Bye [/INST]Goodbye</s>'
+KNOWN_DEVIATIONS: dict[str, tuple[str | None, str, str]] = {
+    'llama2_chat': (SYS, _LLAMA2_PUBLISHED, 'Meta puts the <<SYS>> block inside the first [INST]'),
+    'code_llama_chat': (SYS, _LLAMA2_PUBLISHED, 'CodeLlama puts the <<SYS>> block inside the first [INST]'),
+    'mistral': (SYS, '<s>[INST] You are brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>',
+                "Mistral's current template puts the system text inside the first [INST]"),
+    'chatglm2': (None, '[gMASK]sop[Round 1]\n\n问：Hi\n\n答：Hello\n\n[Round 2]\n\n问：Bye\n\n答：Goodbye</s>',
+                 'ChatGLM2 starts with the [gMASK]sop prefix and writes no eos after history answers'),
+    'chatglm3': (SYS, '[gMASK]sop<|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello<|user|>\nBye'
+                      '<|assistant|>\nGoodbye</s>',
+                 'ChatGLM3 starts with the [gMASK]sop prefix and writes no eos between turns'),
+    'glm4_chat': (SYS, '[gMASK]<sop><|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello<|user|>\nBye'
+                       '<|assistant|>\nGoodbye<|endoftext|>',
+                  'GLM-4 starts with the [gMASK]<sop> prefix and writes no eos between turns'),
+}
+
+
+@pytest.fixture(scope='module')
+def tiny_tokenizer():
+    from tunelab.model.tiny import build_tokenizer
+    return build_tokenizer()
+
+
+def test_every_template_has_a_published_expectation():
+    assert sorted(WITH_SYSTEM) == sorted(TEMPLATES)
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_two_turns_with_system_match_published_format(name, tiny_tokenizer):
+    from tunelab.data.encode import PromptFormat
+    from tunelab.data.formats import Turn
+
+    t = TEMPLATES[name]
+    bos, eos, expected = WITH_SYSTEM[name]
+    # the documented rule and the exported Hugging Face chat_template
+    assert reference(t, TWO_TURNS, SYS, bos, eos) == expected
+    assert render_hf(t, messages(TWO_TURNS, SYS), bos=bos, eos=eos) == expected
+    # the encoder (what training sees), with the tiny tokenizer's <s> and </s> in place of the model's
+    tiny = ('<s>' + expected[len(bos):]) if t.bos else expected
+    if not t.suffix:
+        tiny = tiny.replace(eos, '</s>')
+    encoder = PromptFormat(tiny_tokenizer, name, system=SYS)
+    assert encoder.render([Turn(i, o) for i, o in TWO_TURNS]) == tiny
+
+
+@pytest.mark.parametrize('name', sorted(KNOWN_DEVIATIONS))
+def test_known_deviation_from_published_format(name):
+    system, published, why = KNOWN_DEVIATIONS[name]
+    bos, eos, _ = WITH_SYSTEM[name]
+    rendered = reference(TEMPLATES[name], TWO_TURNS, system, bos, eos)
+    if rendered == published:
+        pytest.fail(f'{name} now renders its published format; drop it from KNOWN_DEVIATIONS')
+    pytest.xfail(why)
+
+
+def test_deepseek_coder_default_system_is_published_text():
+    t = TEMPLATES['deepseek_coder']
+    assert reference(t, [('Hi', None)], bos=DS_BOS) == (
+        f'{DS_BOS}You are an AI programming assistant, utilizing the Deepseek Coder model, developed by Deepseek '
+        'Company, and you only answer questions related to computer science. For politically sensitive questions, '
+        'security and privacy issues, and other non-computer science questions, you will refuse to answer\n'
+        '### Instruction:\nHi\n### Response:\n')
+
+
+# -- published formats, no system, generation prompt (spot checks) ---------------------------------
 
 PUBLISHED = {
     'qwen_chat': ('<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
@@ -193,13 +358,18 @@ PUBLISHED = {
     'phi3_chat': '<s><|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n',
     'zephyr': '<s><|user|>\nHi</s>\n<|assistant|>\nHello</s>\n<|user|>\nBye</s>\n<|assistant|>\n',
     'deepseek': '<s>User: Hi\n\nAssistant:Hello</s>User: Bye\n\nAssistant:',
-    'vicuna': f'<s>{TEMPLATES["vicuna"].default_system} USER: Hi ASSISTANT:Hello</s>USER: Bye ASSISTANT:',
+    'vicuna': ("<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+               "helpful, detailed, and polite answers to the user's questions. USER: Hi ASSISTANT:Hello</s>"
+               "USER: Bye ASSISTANT:"),
     'cohere': ('<s><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>'
                '<|CHATBOT_TOKEN|>Hello<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Bye'
                '<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>'),
     'internlm_chat': '<s><|User|>:Hi<eoh>\n<|Bot|>:Hello<eoa>\n<|User|>:Bye<eoh>\n<|Bot|>:',
-    'deepseek_coder': (f'<s>{TEMPLATES["deepseek_coder"].default_system}\n### Instruction:\nHi\n### Response:\n'
-                       'Hello\n<|EOT|>\n### Instruction:\nBye\n### Response:\n'),
+    'deepseek_coder': ('<s>You are an AI programming assistant, utilizing the Deepseek Coder model, developed by '
+                       'Deepseek Company, and you only answer questions related to computer science. For politically '
+                       'sensitive questions, security and privacy issues, and other non-computer science questions, '
+                       'you will refuse to answer\n### Instruction:\nHi\n### Response:\nHello\n<|EOT|>\n'
+                       '### Instruction:\nBye\n### Response:\n'),
     'baichuan2_chat': '<reserved_106>Hi<reserved_107>Hello</s><reserved_106>Bye<reserved_107>',
 }
 
@@ -210,3 +380,93 @@ def test_published_format(name):
     turns = [('Hi', 'Hello'), ('Bye', None)]
     assert reference(t, turns) == PUBLISHED[name]
     assert render_hf(t, messages(turns), add_generation_prompt=True) == PUBLISHED[name]
+
+
+# -- 'auto': the tokenizer's own chat_template --------------------------------------------------------
+
+# ChatML with a default system message when the conversation has none (written for these tests)
+CHATML_WITH_DEFAULT = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a test bot.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+# puts the number of messages first, so a longer conversation changes the text of the earlier turns
+COUNTING = (
+    "{{- 'messages: ' ~ (messages | length) ~ '\\n' -}}"
+    "{%- for message in messages -%}{{- message['role'] + ': ' + message['content'] + '\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'assistant: ' -}}{%- endif -%}")
+
+
+def _auto(tokenizer, template: str, system: str = ''):
+    import copy
+
+    from tunelab.data.encode import PromptFormat
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    return tok, PromptFormat(tok, 'auto', system=system)
+
+
+def _trained_text(tok, ids, labels) -> str:
+    return tok.decode([i for i, label in zip(ids, labels) if label != -100])
+
+
+def test_auto_masks_prompts_and_uses_template_default_system(tiny_tokenizer):
+    from tunelab.data.formats import Turn
+
+    tok, fmt = _auto(tiny_tokenizer, CHATML_WITH_DEFAULT)
+    ids, labels = fmt.encode([Turn('Hi', 'Hello'), Turn('Bye', 'Goodbye')])
+    assert len(ids) == len(labels)
+    assert tok.decode(ids) == (
+        '<|im_start|>system\nYou are a test bot.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+        '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
+        '<|im_start|>assistant\nGoodbye<|im_end|>\n')
+    assert _trained_text(tok, ids, labels) == 'Hello<|im_end|>\nGoodbye<|im_end|>\n'
+    assert all(label in (-100, i) for i, label in zip(ids, labels))
+    first = next(k for k, label in enumerate(labels) if label != -100)
+    assert tok.decode(ids[:first]) == (
+        '<|im_start|>system\nYou are a test bot.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+        '<|im_start|>assistant\n')
+    # the end-of-turn marker the chat loop stops at comes from the template too
+    assert fmt.stop_words[0] == '<|im_end|>'
+
+
+def test_auto_with_system_and_open_last_turn(tiny_tokenizer):
+    from tunelab.data.formats import Turn
+
+    tok, fmt = _auto(tiny_tokenizer, CHATML_WITH_DEFAULT, system='Be terse.')
+    turns = [Turn('Hi', 'Hello'), Turn('Bye', 'Goodbye')]
+    ids, labels = fmt.encode(turns)
+    assert tok.decode(ids) == (
+        '<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+        '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
+        '<|im_start|>assistant\nGoodbye<|im_end|>\n')
+    assert _trained_text(tok, ids, labels) == 'Hello<|im_end|>\nGoodbye<|im_end|>\n'
+    # the prompt a model continues at chat time ends with the generation prompt
+    ids, labels = fmt.encode(turns, open_last=True)
+    assert tok.decode(ids) == (
+        '<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+        '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n')
+    assert _trained_text(tok, ids, labels) == 'Hello<|im_end|>\n'
+
+
+def test_auto_rejects_template_that_does_not_render_incrementally(tiny_tokenizer):
+    from tunelab.data.formats import Turn
+    from tunelab.errors import DataError
+
+    _, fmt = _auto(tiny_tokenizer, COUNTING)
+    with pytest.raises(DataError, match='incrementally'):
+        fmt.encode([Turn('Hi', 'Hello'), Turn('Bye', 'Goodbye')])
+
+
+def test_auto_needs_a_chat_template(tiny_tokenizer):
+    from tunelab.data.encode import PromptFormat
+    from tunelab.errors import DataError
+
+    assert not tiny_tokenizer.chat_template
+    with pytest.raises(DataError, match='no chat_template'):
+        PromptFormat(tiny_tokenizer, 'auto')

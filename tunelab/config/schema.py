@@ -48,7 +48,7 @@ class Config:
         group="data")
     dataset_format: str = setting(
         "auto", "Record format: auto (detected per file), conversation, alpaca, openai, sharegpt, "
-        "guanaco, query_response.", group="data")
+        "guanaco, query_response, msagent, oasst, text.", group="data")
     prompt_template: str = setting(
         "default", "Chat template the samples are rendered with (tunelab chat uses the same); "
         "'auto' uses the tokenizer's own chat_template.", group="data")

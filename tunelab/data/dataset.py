@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -15,8 +16,9 @@ import torch
 
 from tunelab.config.schema import Config
 from tunelab.data.encode import IGNORE, PromptFormat
-from tunelab.data.formats import BadRecord, Turn, detect_format, to_turns
-from tunelab.data.loading import read_records, resolve_data_files
+from tunelab.data.formats import (PREPARE, BadRecord, Filtered, Turn, check_one_format, detect_format, looks_like,
+                                  to_turns)
+from tunelab.data.loading import Record, read_records, resolve_data_files
 from tunelab.errors import DataError
 
 log = logging.getLogger("tunelab")
@@ -39,6 +41,16 @@ class Sequence:
 
 
 @dataclass
+class FileStats:
+    """What one data file gave: its format and what became of its records."""
+    format: str
+    records: int = 0
+    usable: int = 0
+    skipped: int = 0   # bad records passed over because skip_bad_records is on
+    filtered: int = 0  # records the data marks as not for training (e.g. deleted OASST prompts)
+
+
+@dataclass
 class DataStats:
     records: int = 0
     samples: int = 0
@@ -46,6 +58,9 @@ class DataStats:
     skipped: int = 0
     sequences: int = 0
     formats: dict[str, str] = field(default_factory=dict)
+    filtered: int = 0
+    files: dict[str, FileStats] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # 'where: why' of skipped/filtered records, in order
 
     def summary(self) -> str:
         fmts = ", ".join(f"{src} [{fmt}]" for src, fmt in self.formats.items())
@@ -54,28 +69,92 @@ class DataStats:
 
 
 def load_dialogues(cfg: Config, stats: DataStats) -> list[tuple[str, list[Turn]]]:
-    """(where, turns) for every usable record of every file in cfg.data_path."""
+    """(where, turns) for every usable record of every file in cfg.data_path, file by file in order.
+
+    Each file holds one format: cfg.dataset_format, or the one its first record is in (with
+    skip_bad_records, its first recognisable record), and then a record of another format is an error.
+    {{KEY}} placeholders are filled from cfg.data_placeholders. A file with no usable record is an error.
+    """
     dialogues = []
     for data_path in cfg.data_paths:
         for file in resolve_data_files(data_path):
-            records = read_records(file)
-            if not records:
-                raise DataError(f"{file}: holds no records")
-            fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(records[0].value, records[0].where)
-            stats.formats[file] = fmt
-            for rec in records:
-                stats.records += 1
-                try:
-                    turns = to_turns(rec.value, fmt)
-                    if not any(t.output.strip() for t in turns):
-                        raise BadRecord("no trainable output (every output is empty)")
-                except BadRecord as exc:
-                    if cfg.skip_bad_records:
-                        stats.skipped += 1
-                        continue
-                    raise DataError(f"{rec.where}: {exc}; fix the record or set skip_bad_records = True") from None
-                dialogues.append((rec.where, turns))
+            dialogues += _load_file(cfg, file, stats)
     return dialogues
+
+
+def _file_format(cfg: Config, records: list[Record]) -> str:
+    if cfg.dataset_format != "auto":
+        return cfg.dataset_format  # the user said so: no detection, no mixed-format check
+    first = records[0]
+    if cfg.skip_bad_records:  # an unrecognisable first record is just one more bad record
+        first = next((r for r in records if looks_like(r.value)), first)
+    fmt = detect_format(first.value, first.where)
+    check_one_format(records, fmt)
+    return fmt
+
+
+def _load_file(cfg: Config, file: str, stats: DataStats) -> list[tuple[str, list[Turn]]]:
+    records = read_records(file)
+    if not records:
+        raise DataError(f"{file}: holds no records; add records or remove the file from data_path")
+    fmt = _file_format(cfg, records)
+    if fmt in PREPARE:
+        records = PREPARE[fmt](records)
+    stats.formats[file] = fmt
+    fstats = stats.files[file] = FileStats(fmt)
+    out, first_problem = [], len(stats.problems)
+    for rec in records:
+        stats.records += 1
+        fstats.records += 1
+        try:
+            turns = to_turns(rec.value, fmt)
+            if not any(t.output.strip() for t in turns):
+                raise BadRecord("no trainable output (every output is empty)")
+        except Filtered as exc:
+            stats.filtered += 1
+            fstats.filtered += 1
+            stats.problems.append(f"{rec.where}: {exc}")
+            continue
+        except BadRecord as exc:
+            if not cfg.skip_bad_records:
+                raise DataError(f"{rec.where}: {exc}; fix the record or set skip_bad_records = True") from None
+            stats.skipped += 1
+            fstats.skipped += 1
+            stats.problems.append(f"{rec.where}: {exc}")
+            continue
+        fill_placeholders(turns, cfg.data_placeholders, rec.where)
+        out.append((rec.where, turns))
+    if not out:
+        raise DataError(f"{file}: no usable records ({fstats.skipped} bad and skipped, {fstats.filtered} filtered "
+                        f"out; first: {stats.problems[first_problem]}); fix the records or remove the file "
+                        f"from data_path")
+    fstats.usable = len(out)
+    return out
+
+
+_PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
+
+
+def fill_placeholders(turns: list[Turn], values: dict, where: str) -> None:
+    """Replace {{KEY}} in every input, output and system text from `values` (config data_placeholders).
+
+    Any key given is filled. An unfilled {{KEY}} in capitals (ms-swift's convention, e.g. {{NAME}}) is a
+    DataError, even with skip_bad_records (the config, not the record, needs fixing); other unfilled
+    {{...}} text is left alone, since code in the data (Vue, Handlebars) uses the same braces."""
+    def sub(match: re.Match) -> str:
+        key = match.group(1)
+        if key in values:
+            return str(values[key])
+        if key.isupper():
+            raise DataError(f"{where}: placeholder {{{{{key}}}}} has no value; set data_placeholders = "
+                            f"{{'{key}': ...}} in the config")
+        return match.group(0)
+
+    for turn in turns:
+        for attr in ("system", "input", "output"):
+            text = getattr(turn, attr)
+            if "{{" in text:
+                setattr(turn, attr, _PLACEHOLDER.sub(sub, text))
 
 
 def encode_sample(fmt: PromptFormat, turns: list[Turn], max_length: int) -> tuple[Sequence, bool]:

@@ -1,13 +1,17 @@
 """Dataset formats: detect which one a file holds and turn each record into dialogue turns.
 
 Every format becomes the conversation form `[Turn(system, input, output), ...]`; only outputs are trained.
+A file holds one format (detected from its first record unless `dataset_format` names it). The formats and
+their exact conversions are documented on each converter; msagent and oasst are the non-obvious ones.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tunelab.data.loading import Record
 from tunelab.errors import DataError
 
 
@@ -21,6 +25,11 @@ class Turn:
 
 class BadRecord(ValueError):
     """A record that does not fit its format; the message says what is missing."""
+
+
+class Filtered(Exception):
+    """A well-formed record that the data itself marks as not for training (a deleted or failed-review OASST
+    prompt, a prompt nobody answered): counted and reported, never an error."""
 
 
 def _text(record: dict, key: str, required: bool = True) -> str:
@@ -124,32 +133,292 @@ def _query_response(record: dict) -> list[Turn]:
     return turns
 
 
+
+def _plain_text(record: dict) -> list[Turn]:
+    """`{"text": ...}` without guanaco markers: continued pre-training, the whole text is the (trained) output."""
+    return [Turn("", _text(record, "text"))]
+
+
+# --- MSAgent-Bench (ReAct) ---------------------------------------------------------------------------
+_CALL_OR_RESULT = re.compile(r"<\|startofthink\|>(.*?)<\|endofthink\|>|<\|startofexec\|>(.*?)<\|endofexec\|>", re.S)
+_FENCE = re.compile(r"^\s*```[A-Za-z]*:?\s*(.*?)\s*```\s*$", re.S)
+_REACT_CALL = re.compile(r"^Action:[^\n]*\n\s*Action Input:", re.M)
+_REACT_WORD = re.compile(r"^(?:Thought|Action|Action Input|Observation|Final Answer):", re.M)
+_OBSERVATION = re.compile(r"^Observation:.*?(?=^(?:Thought|Action|Final Answer):|\Z)", re.S | re.M)
+
+
+def _is_msagent(r: Any) -> bool:
+    """ShareGPT-like, but an assistant message holds MSAgent markers or a ReAct `Action:`/`Action Input:` call."""
+    said = [m.get("value") for m in (r.get("conversations") if isinstance(r, dict) else None) or []
+            if isinstance(m, dict) and m.get("from") == "assistant"]
+    return any(isinstance(v, str) and ("<|startofthink|>" in v or "<|startofexec|>" in v or _REACT_CALL.search(v))
+               for v in said)
+
+
+def _unfence(text: str) -> str:
+    match = _FENCE.match(text)
+    return (match.group(1) if match else text).strip()
+
+
+def _tool_call(block: str) -> str:
+    try:
+        call = json.loads(_unfence(block))
+    except json.JSONDecodeError as exc:
+        raise BadRecord(f"the tool call in <|startofthink|> is not valid JSON ({exc.msg})") from None
+    if not isinstance(call, dict) or not isinstance(call.get("api_name"), str):
+        raise BadRecord("the tool call in <|startofthink|> has no string 'api_name'")
+    # the 'url' of MSAgent-Bench calls is the tool's deployment address, not something the model should learn
+    return f"Action: {call['api_name']}\nAction Input: {json.dumps(call.get('parameters', {}), ensure_ascii=False)}"
+
+
+def _marker_steps(value: str) -> list[tuple[bool, str]]:
+    """MSAgent-Bench markers -> ordered (is_tool_result, text) steps in the ReAct protocol."""
+    steps, out, loose, pos = [], [], "", 0
+    for m in _CALL_OR_RESULT.finditer(value):
+        loose += value[pos:m.start()]
+        pos = m.end()
+        if m.group(1) is not None:  # a call: the text before it is the thought behind it
+            if loose.strip():
+                out.append(f"Thought: {loose.strip()}")
+            out.append(_tool_call(m.group(1)))
+        else:  # a result ends the trained output; it becomes the (masked) input of the next turn
+            if loose.strip():  # text between a call and its result (none in the real data): kept as is
+                out.append(loose.strip())
+            if not out:
+                raise BadRecord("a tool result (<|startofexec|>) has no tool call before it")
+            steps += [(False, "\n".join(out)), (True, f"Response: {_unfence(m.group(2))}")]
+            out = []
+        loose = ""
+    loose += value[pos:]
+    if "<|startofthink|>" in loose or "<|startofexec|>" in loose:
+        raise BadRecord("an unclosed <|startofthink|> or <|startofexec|> block")
+    if loose.strip():
+        out.append(f"Final Answer: {loose.strip()}")
+    if out:
+        steps.append((False, "\n".join(out)))
+    return steps
+
+
+def _react_steps(value: str) -> list[tuple[bool, str]]:
+    """Text already in ReAct form: kept verbatim, only cut at each `Observation:` (the tool result)."""
+    steps, pos = [], 0
+    for m in _OBSERVATION.finditer(value):
+        before = value[pos:m.start()].strip()
+        if not before:
+            raise BadRecord("an 'Observation:' has no 'Action:' before it")
+        steps += [(False, before), (True, m.group(0).strip())]
+        pos = m.end()
+    if value[pos:].strip():
+        steps.append((False, value[pos:].strip()))
+    return steps
+
+
+def _msagent(record: dict) -> list[Turn]:
+    """MSAgent-Bench `conversations` (from system/user/assistant) -> ReAct turns; tool results are never trained.
+
+    An assistant message with `<|startofthink|>`/`<|startofexec|>` markers becomes, in order:
+
+        Thought: <text before a call>            (only when that text is not blank)
+        Action: <api_name>
+        Action Input: <parameters as compact JSON, ensure_ascii=False; the call's 'url' is dropped>
+        -- end of the trained output; next turn's input (masked): --
+        Response: <the result, its ```JSON fence removed>
+        -- next trained output: --
+        Thought: ... / Action: ... (another call) or Final Answer: <the text after the last result>
+
+    Lines are joined with "\\n"; no Thought is invented where the data has none. Each tool round-trip splits
+    into Turn(user text or previous Response, Thought/Action) + Turn("Response: ...", what follows), so the
+    tool result sits in `input`. A message without markers or ReAct words is a direct reply:
+    "Final Answer: <text>". A message already written in ReAct text (ms-swift's ms_agent form: Action /
+    Action Input / Observation / Thought / Final Answer, its own system prompt naming `Observation`) is kept
+    word for word and only cut at each `Observation: ...` block, which goes to the next turn's input. A tool
+    result that ends a message (no text after it) is put before the next user text in that turn's input.
+    """
+    messages = record["conversations"]
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("'conversations' must be a non-empty list of {from, value} messages")
+    turns: list[Turn] = []
+    system, pending = str(record.get("system") or ""), []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
+            raise BadRecord(f"conversations[{i}] must be an object with a string 'value'")
+        role, text = msg.get("from"), msg["value"]
+        if role == "system":
+            system = text
+        elif role in ("user", "human"):
+            pending.append(text)
+        elif role in ("assistant", "gpt"):
+            if "<|startofthink|>" in text or "<|startofexec|>" in text:
+                steps = _marker_steps(text)
+            elif _REACT_WORD.search(text):
+                steps = _react_steps(text)
+            else:
+                steps = [(False, f"Final Answer: {text.strip()}")] if text.strip() else [(False, "")]
+            for is_result, step in steps:
+                if is_result:
+                    pending.append(step)
+                else:
+                    turns.append(Turn("\n".join(pending), step))
+                    pending = []
+        else:
+            raise BadRecord(f"conversations[{i}]: unknown from '{role}' (expected system, user, assistant)")
+    if turns:
+        turns[0].system = system
+    return turns
+
+
+# --- OpenAssistant export (message trees or message lists) --------------------------------------------
+_OASST_ROLES = ("prompter", "assistant")
+
+
+def _is_oasst_tree(r: Any) -> bool:
+    return isinstance(r, dict) and isinstance(r.get("prompt"), dict) and ("message_tree_id" in r or "replies" in r["prompt"])
+
+
+def _is_oasst_message(r: Any) -> bool:
+    return isinstance(r, dict) and "message_id" in r and r.get("role") in _OASST_ROLES and "text" in r
+
+
+@dataclass
+class _Orphan:
+    """Stands in for an OASST message whose parent is not in the file."""
+    parent_id: str
+
+
+def _usable(m: Any) -> bool:
+    # OA's own exports mark removed messages deleted=true and rejected ones review_result=false
+    return isinstance(m, dict) and not m.get("deleted") and m.get("review_result") is not False
+
+
+def _best_reply(node: dict) -> dict | None:
+    """The reply with the best rank (0 best, no rank last); ties go to the first; None when there is none."""
+    replies = [r for r in node.get("replies") or []
+               if _usable(r) and r.get("role") in _OASST_ROLES and r.get("role") != node.get("role")]
+    return min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0), default=None)  # min keeps the first
+
+
+def _oasst(record: Any) -> list[Turn]:
+    """One OASST tree -> ONE conversation along the best replies.
+
+    From the root prompt, repeatedly take the best usable reply (lowest `rank`, rank 0 best; a reply without
+    rank ranks last; ties: the first in file order; deleted or review_result=false replies are ignored) until
+    a message has none; then pair prompter/assistant texts, verbatim, into turns (a final unanswered prompt
+    is dropped). No system text. Filtered (counted, not an error): a tree whose tree_state is set and not
+    'ready_for_export' (as OA's own training does), a deleted or failed-review root, a prompt with no
+    usable answer. The record is a tree line (`prompt` = root with nested `replies`), a root message with
+    nested `replies`, or a tree that `group_oasst_messages` built from a message list.
+    """
+    if isinstance(record, _Orphan):
+        raise BadRecord(f"its parent message {record.parent_id} is not in the file, so it belongs to no tree")
+    if _is_oasst_tree(record) and record.get("tree_state", "ready_for_export") != "ready_for_export":
+        raise Filtered(f"tree_state is '{record['tree_state']}', not 'ready_for_export'")
+    root = record["prompt"] if _is_oasst_tree(record) else record
+    if not _usable(root):
+        raise Filtered("the prompt is deleted or failed review")
+    if root.get("role") != "prompter":
+        raise BadRecord(f"the tree starts with a '{root.get('role')}' message, not a prompter one")
+    chain, node = [root], root
+    while (node := _best_reply(node)) is not None:
+        chain.append(node)
+    turns = [Turn(_text(p, "text"), _text(a, "text")) for p, a in zip(chain[::2], chain[1::2])]
+    if not turns:
+        raise Filtered("the prompt has no usable assistant reply")
+    return turns
+
+
+def group_oasst_messages(records: list[Record]) -> list[Record]:
+    """A message-list file (one message per line, linked by parent_id; a line may also nest its `replies`)
+    -> one record per tree: `{"message_tree_id", "prompt": root with all replies nested}` at the root's line,
+    in file order. Other messages are folded into their tree and are not records of their own; a message
+    whose parent is missing becomes a bad record at its line. Tree lines pass through unchanged."""
+    nodes: dict[Any, dict] = {}
+    home: dict[Any, Record] = {}  # message_id -> the record (line) it was read from
+
+    def register(msg: dict, rec: Record) -> None:
+        mid = msg.get("message_id")
+        if mid is None or mid in nodes:
+            return
+        nodes[mid], home[mid] = {**msg, "replies": []}, rec
+        for child in msg.get("replies") or []:
+            if isinstance(child, dict):
+                register({"parent_id": mid, **child}, rec)
+
+    for rec in records:
+        if _is_oasst_message(rec.value):
+            register(rec.value, rec)
+    for node in nodes.values():  # link children in file order
+        if node.get("parent_id") in nodes:
+            nodes[node["parent_id"]]["replies"].append(node)
+    out = []
+    for rec in records:
+        if not _is_oasst_message(rec.value):
+            out.append(rec)
+            continue
+        mid = rec.value["message_id"]
+        node = nodes.get(mid)
+        if node is None or home[mid] is not rec:  # a repeated message line
+            continue
+        parent = node.get("parent_id")
+        if parent is None:
+            out.append(Record({"message_tree_id": node.get("message_tree_id", mid), "prompt": node}, rec.source, rec.line))
+        elif parent not in nodes:
+            out.append(Record(_Orphan(str(parent)), rec.source, rec.line))
+    return out
+
+
+# --- registry -------------------------------------------------------------------------------------------
+def _is_guanaco(r: Any) -> bool:
+    return isinstance(r, dict) and isinstance(r.get("text"), str) and bool(_GUANACO.search(r["text"]))
+
+
 # name -> (is this record of the format?, converter). Order matters: the first match wins.
 FORMATS: dict[str, tuple[Callable[[Any], bool], Callable[[Any], list[Turn]]]] = {
     "conversation": (lambda r: isinstance(r, dict) and "conversation" in r, _conversation),
     "openai": (lambda r: (isinstance(r, dict) and "messages" in r)
                or (isinstance(r, list) and bool(r) and isinstance(r[0], dict) and "role" in r[0]), _openai),
+    "msagent": (_is_msagent, _msagent),  # before sharegpt: both use `conversations`
     "sharegpt": (lambda r: isinstance(r, dict) and "conversations" in r, _sharegpt),
     "alpaca": (lambda r: isinstance(r, dict) and "instruction" in r and "output" in r, _alpaca),
     "query_response": (lambda r: isinstance(r, dict) and "query" in r and "response" in r, _query_response),
-    "guanaco": (lambda r: isinstance(r, dict) and isinstance(r.get("text"), str) and bool(_GUANACO.search(r["text"])),
-                _guanaco),
+    "oasst": (lambda r: _is_oasst_tree(r) or _is_oasst_message(r), _oasst),  # before text: messages have 'text'
+    "guanaco": (_is_guanaco, _guanaco),
+    "text": (lambda r: isinstance(r, dict) and isinstance(r.get("text"), str) and not _is_guanaco(r), _plain_text),
 }
+# A record that looks like the second format still belongs in a file of the first: a msagent reply without
+# tool calls reads as sharegpt; a guanaco record missing its markers is a bad guanaco record, not plain text.
+COMPATIBLE = {"msagent": ("sharegpt",), "guanaco": ("text",)}
+# Formats whose records are only meaningful together: applied to a file's records before converting.
+PREPARE: dict[str, Callable[[list[Record]], list[Record]]] = {"oasst": group_oasst_messages}
+
+
+def looks_like(value: Any) -> str | None:
+    """The first format whose detector accepts the record, or None."""
+    return next((name for name, (matches, _) in FORMATS.items() if matches(value)), None)
 
 
 def detect_format(value: Any, where: str) -> str:
     """The name of the format a record is in; DataError naming the record when none fits."""
-    for name, (matches, _) in FORMATS.items():
-        if matches(value):
-            return name
-    keys = ", ".join(sorted(value)) if isinstance(value, dict) else type(value).__name__
+    name = looks_like(value)
+    if name is not None:
+        return name
+    keys = ", ".join(sorted(map(str, value))) if isinstance(value, dict) else type(value).__name__
     raise DataError(f"{where}: unrecognised record format (keys: {keys}); expected one of "
                     f"{', '.join(FORMATS)} (SPEC section 4), or set dataset_format")
 
 
+def check_one_format(records: list[Record], fmt: str) -> None:
+    """DataError at the first record that clearly belongs to another format than the file's."""
+    for rec in records:
+        other = looks_like(rec.value)
+        if other is not None and other != fmt and other not in COMPATIBLE.get(fmt, ()):
+            raise DataError(f"{rec.where}: this record looks like {other} but the file's first record is {fmt}; "
+                            f"split the file or set dataset_format")
+
+
 def to_turns(value: Any, fmt: str) -> list[Turn]:
-    """Convert one record of a known format; raises BadRecord with the reason."""
+    """Convert one record of a known format; raises BadRecord with the reason (or Filtered)."""
     try:
         return FORMATS[fmt][1](value)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise BadRecord(f"does not fit the {fmt} format ({type(exc).__name__}: {exc})") from None
+

@@ -59,7 +59,8 @@ _VICUNA_SYS = ("A chat between a curious user and an artificial intelligence ass
 _DEEPSEEK_CODER_SYS = (
     'You are an AI programming assistant, utilizing the Deepseek Coder model, developed by Deepseek '
     'Company, and you only answer questions related to computer science. For politically sensitive '
-    'questions, security and privacy issues, and other non-computer science questions, you will refuse to answer')
+    'questions, security and privacy issues, and other non-computer science questions, you will refuse to '
+    'answer\n')  # the published default ends in a newline; a system text the user gives is written as is
 
 _add(Template(
     'default', system='<|System|>:{system}\n', instruction='<|User|>:{input}\n<|Bot|>:',
@@ -147,9 +148,10 @@ deepseek = _add(Template(
     notes="deepseek-llm/deepseek-moe/DeepSeek-V2 chat: 'User: u\\n\\nAssistant: a<eos>' after the bos token"))
 _alias('deepseek_v2', deepseek, 'DeepSeek-V2(-Lite)-Chat chat_template: same as deepseek')
 _add(Template(
-    'deepseek_coder', system='{system}\n', instruction='### Instruction:\n{input}\n### Response:\n',
+    'deepseek_coder', system='{system}', instruction='### Instruction:\n{input}\n### Response:\n',
     suffix='\n<|EOT|>', separator='\n', stop_words=('<|EOT|>',), default_system=_DEEPSEEK_CODER_SYS,
-    notes='deepseek-coder-*-instruct chat_template: ### Instruction/### Response, answers end "\\n<|EOT|>"'))
+    notes=('deepseek-coder-*-instruct chat_template: system text (the default ends in "\\n", a given one is '
+           'written as is), ### Instruction/### Response, answers end "\\n<|EOT|>"')))
 _add(Template(
     'cohere', system='<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{system}<|END_OF_TURN_TOKEN|>',
     instruction=('<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{input}<|END_OF_TURN_TOKEN|>'
