@@ -1,4 +1,5 @@
-"""`tunelab chat`: multi-turn chat with a base model + adapter, a merged model, or an adapter folder alone.
+"""`tunelab chat`: multi-turn chat with a base model + adapter, a merged model, or an adapter folder alone;
+optionally with MOSS-style plugins (--with-plugins) or as a ReAct agent (--lagent).
 
 The prompt template defaults to the one the adapter/model was trained with (tunelab.json beside it), and
 prompts are encoded by the same code as training data, so chat sees exactly what training taught."""
@@ -7,13 +8,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from tunelab.data.encode import PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.errors import UserError
-from tunelab.model.generate import Sampling, generate
+from tunelab.model.generate import Sampling, generate, generate_until
 from tunelab.model.load import (load_model, load_tokenizer, read_metadata, resolve_dtype, resolve_model_path)
 
 
@@ -23,19 +25,65 @@ class ChatOptions:
     adapter: str | None = None
     prompt_template: str | None = None
     system: str | None = None
+    system_template: str | None = None
     bits: int | None = None
     torch_dtype: str = "auto"
     stop_words: list[str] = field(default_factory=list)
+    command_stop_word: str | None = None   # plugins: where the model's commands end (default <eoc>)
+    answer_stop_word: str | None = None    # an extra end-of-answer word (the template's are always used)
     sampling: Sampling = field(default_factory=Sampling)
     streamer: bool = True
     seed: int = 0
     trust_remote_code: bool = False
+    bot_name: str = "BOT"
+    plugins: list[str] = field(default_factory=list)  # --with-plugins
+    lagent: bool = False
+    offload_folder: str | None = None
 
 
 def _adapter_base(adapter: Path) -> str:
     import json
 
     return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def _mode_system(opts: ChatOptions) -> str:
+    """The system text of the chosen mode, used when neither the user nor the training run gives one."""
+    if opts.lagent:
+        from tunelab.agent import agent_system_prompt
+
+        return agent_system_prompt(opts.plugins or _all_tools())
+    if opts.plugins:
+        from tunelab.tools.plugins import plugin_system_prompt
+
+        return plugin_system_prompt(opts.plugins, opts.bot_name)
+    return ""
+
+
+def _all_tools() -> list[str]:
+    from tunelab.tools import TOOLS
+
+    return list(TOOLS)
+
+
+def choose_system(opts: ChatOptions, meta: dict) -> str:
+    """--system, else --system-template, else the training run's SYSTEM, else the mode's own prompt."""
+    if opts.system is not None and opts.system_template:
+        raise UserError("give --system or --system-template, not both")
+    if opts.system is not None:
+        text = opts.system
+    elif opts.system_template:
+        from tunelab.data.system_templates import get_system_template
+        from tunelab.tools.plugins import plugin_system_prompt
+
+        try:
+            text = (plugin_system_prompt(opts.plugins) if opts.system_template == "moss_sft"
+                    else get_system_template(opts.system_template))
+        except ValueError as exc:
+            raise UserError(f"--system-template: {exc}") from None
+    else:
+        text = meta.get("SYSTEM") or _mode_system(opts)
+    return text.replace("{bot_name}", opts.bot_name)
 
 
 def load_chat_model(opts: ChatOptions):
@@ -50,15 +98,24 @@ def load_chat_model(opts: ChatOptions):
     meta = {**read_metadata(model_path), **(read_metadata(adapter) if adapter else {})}
     tok_dir = adapter if adapter and (adapter / "tokenizer_config.json").is_file() else Path(model_path)
     tokenizer = load_tokenizer(str(tok_dir), opts.trust_remote_code)
-    template = opts.prompt_template or meta.get("prompt_template") or (
+    trained = meta.get("prompt_template")
+    if opts.prompt_template and trained and opts.prompt_template != trained:
+        print(f"warning: --prompt-template {opts.prompt_template} differs from '{trained}', the template this "
+              f"model was trained with; answers may not stop or may be off (leave the flag out to use "
+              f"'{trained}')", file=sys.stderr)
+    template = opts.prompt_template or trained or (
         "auto" if getattr(tokenizer, "chat_template", None) else "default")
-    system = opts.system if opts.system is not None else meta.get("SYSTEM", "")
+    system = choose_system(opts, meta)
     try:
         fmt = PromptFormat(tokenizer, template, system)
     except ValueError as exc:
         raise UserError(f"--prompt-template: {exc}") from None
     dtype = resolve_dtype(opts.torch_dtype)
-    model = load_model(model_path, dtype=dtype, bits=opts.bits, trust_remote_code=opts.trust_remote_code)
+    extra = {}
+    if opts.offload_folder:  # weights that do not fit on the device go there (only with a device map)
+        Path(opts.offload_folder).mkdir(parents=True, exist_ok=True)
+        extra["offload_folder"] = opts.offload_folder
+    model = load_model(model_path, dtype=dtype, bits=opts.bits, trust_remote_code=opts.trust_remote_code, **extra)
     if adapter is not None:
         from peft import PeftModel
 
@@ -67,17 +124,83 @@ def load_chat_model(opts: ChatOptions):
     return model, tokenizer, fmt
 
 
+def _plain_reply(model, tokenizer, fmt, opts, stop_words, show) -> Callable[[str, list[Turn]], list[Turn]]:
+    def reply(text: str, history: list[Turn]) -> list[Turn]:
+        turns = history + [Turn(text, "")]
+        ids, _ = fmt.encode(turns, open_last=True)
+        answer = generate(model, tokenizer, ids, stop_words, opts.sampling, show if opts.streamer else None)
+        if not opts.streamer:
+            show(answer)
+        show("\n")
+        return turns[:-1] + [Turn(text, answer)]
+    return reply
+
+
+def _plugin_reply(model, tokenizer, fmt, opts, stop_words, show) -> Callable[[str, list[Turn]], list[Turn]]:
+    """Generate to the command stop word, run the commands, append their results, generate the answer."""
+    from tunelab.tools.plugins import COMMAND_STOP, find_commands, results_block
+
+    command_stop = opts.command_stop_word or COMMAND_STOP
+    first_stops = [command_stop] + [w for w in stop_words if w != command_stop]
+    answer_stops = [w for w in stop_words if w != command_stop]
+    stream = show if opts.streamer else None
+
+    def reply(text: str, history: list[Turn]) -> list[Turn]:
+        turns = history + [Turn(text, "")]
+        ids, _ = fmt.encode(turns, open_last=True)
+        said, hit = generate_until(model, tokenizer, ids, first_stops, opts.sampling, stream)
+        if not opts.streamer:
+            show(said)
+        commands = find_commands(said) if hit == command_stop else []
+        if commands:
+            extension = command_stop + results_block(commands, opts.plugins)
+            show(extension)
+            prefix = said + extension
+            more_ids = tokenizer.encode(prefix, add_special_tokens=False)
+            answer = generate(model, tokenizer, ids + more_ids, answer_stops, opts.sampling, stream)
+            if not opts.streamer:
+                show(answer)
+            said = prefix + answer
+        show("\n")
+        return turns[:-1] + [Turn(text, said)]
+    return reply
+
+
 def chat(opts: ChatOptions, stdin=None, stdout=None) -> int:
     """Read a message per line; RESET clears the history, EXIT (or end of input) quits."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if opts.plugins:
+        from tunelab.tools import check_tool_names
+
+        try:
+            opts.plugins = check_tool_names(opts.plugins)
+        except ValueError as exc:
+            raise UserError(f"--with-plugins: {exc}") from None
     model, tokenizer, fmt = load_chat_model(opts)
-    stop_words = fmt.stop_words + [w for w in opts.stop_words if w]
+    stop_words = list(dict.fromkeys(fmt.stop_words + [w for w in opts.stop_words + [opts.answer_stop_word] if w]))
     interactive = stdin.isatty()
+
+    def show(piece: str) -> None:
+        stdout.write(piece)
+        stdout.flush()
+
+    if opts.lagent:
+        from tunelab.agent import ReActAgent, run_agent_turn
+
+        agent = ReActAgent(model, tokenizer, fmt, opts.plugins or _all_tools(), opts.sampling, stop_words,
+                           show=show, stream=opts.streamer)
+
+        def reply(text: str, history: list[Turn]) -> list[Turn]:
+            return run_agent_turn(agent, text, history, opts.seed)[1]
+    elif opts.plugins:
+        reply = _seeded(_plugin_reply(model, tokenizer, fmt, opts, stop_words, show), opts.seed)
+    else:
+        reply = _seeded(_plain_reply(model, tokenizer, fmt, opts, stop_words, show), opts.seed)
+
     history: list[Turn] = []
     while True:
         if interactive:
-            stdout.write("\n>>> ")
-            stdout.flush()
+            show("\n>>> ")
         line = stdin.readline()
         if not line:
             break
@@ -86,23 +209,19 @@ def chat(opts: ChatOptions, stdin=None, stdout=None) -> int:
             break
         if text.strip() == "RESET":
             history = []
-            stdout.write("(history cleared)\n")
-            stdout.flush()
+            show("(history cleared)\n")
             continue
         if not text.strip():
             continue
-        torch.manual_seed(opts.seed)
-        turns = history + [Turn(text, "")]
-        ids, _ = fmt.encode(turns, open_last=True)
-
-        def show(piece: str) -> None:
-            stdout.write(piece)
-            stdout.flush()
-
-        answer = generate(model, tokenizer, ids, stop_words, opts.sampling, show if opts.streamer else None)
-        if not opts.streamer:
-            stdout.write(answer)
-        stdout.write("\n")
-        stdout.flush()
-        history = turns[:-1] + [Turn(text, answer)]
+        if interactive:
+            show(f"{opts.bot_name}: ")
+        history = reply(text, history)
     return 0
+
+
+def _seeded(reply, seed: int):
+    """Each message starts from the same sampling seed, so a conversation replays identically."""
+    def seeded(text: str, history: list[Turn]) -> list[Turn]:
+        torch.manual_seed(seed)
+        return reply(text, history)
+    return seeded

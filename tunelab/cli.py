@@ -96,12 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--adapter")
     p.add_argument("--prompt-template", help="default: the template the model was trained with")
-    p.add_argument("--system", help="system text")
-    p.add_argument("--bits", type=int, choices=[4, 8])
+    p.add_argument("--system", help="system text (default: the one the model was trained with)")
+    p.add_argument("--system-template", metavar="NAME",
+                   help="a named system text: a built-in dataset's (alpaca, code_alpaca, medical, ...), "
+                        "moss_sft (plugin instruction) or lagent (agent prompt)")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="load the model in 4-bit NF4 or 8-bit")
     p.add_argument("--torch-dtype", choices=["fp16", "bf16", "fp32", "auto"], default="auto")
-    p.add_argument("--stop-words", nargs="+", default=[])
-    p.add_argument("--command-stop-word", help="older spelling: an extra stop word")
-    p.add_argument("--answer-stop-word", help="older spelling: an extra stop word")
+    p.add_argument("--bot-name", default="BOT", help="the assistant's name ({bot_name} in system texts)")
+    p.add_argument("--with-plugins", nargs="+", metavar="PLUGIN", default=[],
+                   help="tools the model may call: calculate solve search (MOSS-style commands, or the "
+                        "tools of --lagent); search needs SERPER_API_KEY")
+    p.add_argument("--lagent", action="store_true",
+                   help="ReAct agent mode (Thought/Action/Action Input/Response/Final Answer) with the tools "
+                        "of --with-plugins (default: all)")
+    p.add_argument("--stop-words", nargs="+", default=[], help="extra words at which an answer ends")
+    p.add_argument("--command-stop-word", help="plugins: the word that ends the model's commands (<eoc>)")
+    p.add_argument("--answer-stop-word", help="older spelling: an extra word at which an answer ends")
+    p.add_argument("--offload-folder", help="folder for weights that do not fit in memory")
     p.add_argument("--no-streamer", action="store_true", help="print each answer whole")
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
@@ -171,11 +182,16 @@ def cmd_chat(args) -> int:
     from tunelab.chat import ChatOptions, chat
     from tunelab.model.generate import Sampling
 
-    stops = list(args.stop_words) + [w for w in (args.command_stop_word, args.answer_stop_word) if w]
+    # without plugins the command stop word is just another stop word (XTuner's old flags)
+    plugin_mode = bool(args.with_plugins) and not args.lagent
+    stops = list(args.stop_words) + ([args.command_stop_word] if args.command_stop_word and not plugin_mode else [])
     opts = ChatOptions(
         model=args.model, adapter=args.adapter, prompt_template=args.prompt_template, system=args.system,
-        bits=args.bits, torch_dtype=args.torch_dtype, stop_words=stops, streamer=not args.no_streamer,
-        seed=args.seed, trust_remote_code=args.trust_remote_code,
+        system_template=args.system_template, bits=args.bits, torch_dtype=args.torch_dtype, stop_words=stops,
+        command_stop_word=args.command_stop_word, answer_stop_word=args.answer_stop_word,
+        streamer=not args.no_streamer, seed=args.seed, trust_remote_code=args.trust_remote_code,
+        bot_name=args.bot_name, plugins=list(args.with_plugins), lagent=args.lagent,
+        offload_folder=args.offload_folder,
         sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty))
     return chat(opts)

@@ -20,8 +20,17 @@ class Sampling:
 
 def cut_at_stop(text: str, stop_words: list[str]) -> tuple[str, bool]:
     """Text before the first stop word, and whether one was found."""
-    cut = min((i for i in (text.find(w) for w in stop_words) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+    text, word = split_at_stop(text, stop_words)
+    return text, word is not None
+
+
+def split_at_stop(text: str, stop_words: list[str]) -> tuple[str, str | None]:
+    """Text before the first stop word, and that stop word (None when there is none)."""
+    hits = [(i, w) for w in stop_words if w and (i := text.find(w)) >= 0]
+    if not hits:
+        return text, None
+    cut, word = min(hits, key=lambda h: (h[0], -len(h[1])))
+    return text[:cut], word
 
 
 def _held_back(text: str, stop_words: list[str]) -> int:
@@ -72,11 +81,17 @@ class _StopAndStream:
         return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, input_ids: list[int], stop_words: list[str], sampling: Sampling,
              on_text: Callable[[str], None] | None = None) -> str:
     """The answer to a prompt (token ids), cut before the first stop word. on_text receives it piece by
     piece as it is generated."""
+    return generate_until(model, tokenizer, input_ids, stop_words, sampling, on_text)[0]
+
+
+@torch.no_grad()
+def generate_until(model, tokenizer, input_ids: list[int], stop_words: list[str], sampling: Sampling,
+                   on_text: Callable[[str], None] | None = None) -> tuple[str, str | None]:
+    """Like `generate`, and also which stop word ended the text (None: eos or max_new_tokens)."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -96,4 +111,4 @@ def generate(model, tokenizer, input_ids: list[int], stop_words: list[str], samp
                        stopping_criteria=StoppingCriteriaList([watcher]), use_cache=True, **options)
     finally:
         model.train(was_training)
-    return cut_at_stop(watcher.text(), stop_words)[0]
+    return split_at_stop(watcher.text(), stop_words)
