@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", metavar="PTH",
                    help="continue from the newest checkpoint in the work dir, or from PTH")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--deepspeed", metavar="NAME_OR_JSON",
+                   help="train with DeepSpeed: deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, "
+                        "deepspeed_zero3, deepspeed_zero3_offload, or a DeepSpeed JSON file (pip install "
+                        "'tunelab[deepspeed]'). Several GPUs/machines: set NPROC_PER_NODE (and NNODES, "
+                        "NODE_RANK, ADDR, PORT); tunelab starts torchrun itself")
 
     conv = verbs.add_parser("convert", help="pth_to_hf, merge, split").add_subparsers(
         dest="action", metavar="ACTION", required=True)
@@ -142,11 +147,20 @@ def cmd_copy_cfg(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from tunelab import distributed
     from tunelab.config.loader import load_config
     from tunelab.train import train
 
-    cfg, name = load_config(args.config, args.cfg_options)
-    train(cfg, name, work_dir=args.work_dir, seed=args.seed, resume=args.resume)
+    cfg, name = load_config(args.config, args.cfg_options)  # bad input fails here, once, before any launch
+    deepspeed = None
+    if args.deepspeed:
+        from tunelab import deepspeed_config
+
+        deepspeed = deepspeed_config.load(args.deepspeed)
+        deepspeed_config.require_deepspeed()
+    if distributed.launch_requested():  # NPROC_PER_NODE > 1 or NNODES > 1: run under torchrun
+        return distributed.launch(args.argv)
+    train(cfg, name, work_dir=args.work_dir, seed=args.seed, resume=args.resume, deepspeed=deepspeed)
     return EXIT_OK
 
 
@@ -243,20 +257,31 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tunelab.distributed import record_exit
+
+    code = _main(argv)
+    record_exit(code)  # a torchrun worker tells the launching `tunelab train` how it ended
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    from tunelab.distributed import error_line  # only rank 0 of several prints the final error line
+
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     try:
         if args.verb in ("train", "convert", "chat", "check-custom-dataset", "log-dataset"):
             _quiet_libraries()
         return COMMANDS[args.verb](args)
     except UserError as exc:
-        print(f"tunelab: error: {exc}", file=sys.stderr)
+        error_line(f"tunelab: error: {exc}")
         return EXIT_BAD_INPUT
     except TrainingInterrupted as exc:  # a checkpoint was saved; say where, no traceback
-        print(f"tunelab: {exc}", file=sys.stderr)
+        error_line(f"tunelab: {exc}")
         return exc.exit_code
     except TrainingStopped as exc:
-        print(f"tunelab: error: {exc}", file=sys.stderr)
+        error_line(f"tunelab: error: {exc}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("tunelab: interrupted", file=sys.stderr)

@@ -67,12 +67,14 @@ def _write_full(folder: Path, weights: dict[str, torch.Tensor], base: str, fp32:
     model.save_pretrained(folder, max_shard_size=max_shard_size)
 
 
-def export_trained(model, tokenizer, cfg: Config, target: Path) -> None:
-    """Write the model being trained to `target` in HF/PEFT format (end of `tunelab train`)."""
+def export_trained(model, tokenizer, cfg: Config, target: Path, weights: dict | None = None) -> None:
+    """Write the model being trained to `target` in HF/PEFT format (end of `tunelab train`); `weights`: its
+    trainable state when an engine had to gather it (FSDP2, DeepSpeed ZeRO-3)."""
     from tunelab.train import peft_config_dict, trainable_state
 
     base = resolve_model_path(cfg.pretrained_model_name_or_path)
-    _export(trainable_state(model, cfg.algorithm), peft_config_dict(model), cfg, base, target, tokenizer,
+    weights = weights if weights is not None else trainable_state(model, cfg.algorithm)
+    _export(weights, peft_config_dict(model), cfg, base, target, tokenizer,
             fp32=False, max_shard_size="2GB", overwrite=True)
 
 
