@@ -105,6 +105,8 @@ class Engine:
         return trainable_state(model, algorithm), optimizer.state_dict() if optimizer is not None else None
 
     def load_optimizer(self, model, optimizer, optimizer_state) -> None:
+        if _keyed_by_name(optimizer_state):  # saved by an FSDP2 run
+            optimizer_state = _by_index(model, optimizer_state)
         optimizer.load_state_dict(optimizer_state)
 
     def optimizer_step(self, window, optimizer, params, cfg, tokenizer, dtype, step: int,
@@ -174,6 +176,28 @@ class DDPEngine(Engine):
         return nullcontext() if last else self.model.no_sync()
 
 
+def _keyed_by_name(optimizer_state: dict) -> bool:
+    """FSDP2's full optimizer state names parameters; torch's own numbers them."""
+    return any(isinstance(p, str) for g in optimizer_state["param_groups"] for p in g["params"])
+
+
+def _trainable_names(model) -> list[str]:
+    """Parameter names in the order the optimizer was given them (train.py: the trainable ones, in order)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _by_name(model, state: dict) -> dict:
+    names = _trainable_names(model)
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+
+
+def _by_index(model, state: dict) -> dict:
+    index = {n: i for i, n in enumerate(_trainable_names(model))}
+    return {"state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]}
+
+
 def _block_classes(model) -> set[str]:
     """Names of the model's transformer-block classes (Hugging Face lists them in _no_split_modules)."""
     names: set[str] = set()
@@ -224,11 +248,8 @@ class FSDPEngine(Engine):
     def load_optimizer(self, model, optimizer, optimizer_state):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        keys = list((optimizer_state or {}).get("state", {}))
-        if keys and isinstance(keys[0], int):  # torch's own layout (a DDP or one-process run), not FSDP's
-            log.warning("warning: the checkpoint's optimizer state is not from an FSDP2 run; AdamW restarts "
-                        "from zero (weights, schedule and data position are restored)")
-            return
+        if not _keyed_by_name(optimizer_state):  # saved by a DDP or one-process run
+            optimizer_state = _by_name(model, optimizer_state)
         set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state,
                                  options=StateDictOptions(full_state_dict=True))
 
