@@ -121,10 +121,6 @@ def test_equivalent_configs_take_the_same_sequences_per_step(tiny_llama):
     assert len(ranks) == 6 and [len(s) for s in ranks] == [4, 4, 4, 4, 4, 3]
     assert ranks == steps(2, 2, 1) == steps(1, 4, 1)
     assert ranks == steps(1, 1, 4)  # 4 ranks without accumulation too
-    # each rank's share of a global micro-batch: rank r takes [r*B, (r+1)*B)
-    first = _epoch_windows(sequences, Config(pretrained_model_name_or_path="x", data_path="y", batch_size=1,
-                                             accumulative_counts=2), 1, 2)[0][0]
-    assert len(first) == 2
 
 
 def test_killed_two_process_run_resumes_with_two_or_one(two_process_run, cfg_file, tmp_path):
@@ -275,3 +271,34 @@ def test_cache_key_follows_data_and_encoding(tiny_llama, data_dir, tmp_path):
         assert cache_key(other, str(tiny_llama)) != key, change
     data.write_text(data.read_text(encoding="utf-8").replace("Give", "Offer", 1), encoding="utf-8")
     assert cache_key(cfg, str(tiny_llama)) != key  # the data's bytes
+
+
+def test_pth_to_hf_reads_a_distributed_checkpoint_folder(tiny_llama, data_dir, tmp_path):
+    """A PyTorch Distributed Checkpoint folder (FSDP's sharded format) of a LoRA model converts to the same
+    adapter PEFT itself would save."""
+    import torch.distributed.checkpoint as dcp
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+    from tunelab.model.load import add_lora, load_model
+
+    cfg_path = write_config(tmp_path / "lora.py", pretrained_model_name_or_path=str(tiny_llama), algorithm="lora",
+                            data_path=str(data_dir / "alpaca" / "alpaca_data_first102.json"), lora_r=4,
+                            lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
+    cfg = Config(pretrained_model_name_or_path=str(tiny_llama), data_path="x", algorithm="lora", lora_r=4,
+                 lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
+    model = add_lora(load_model(str(tiny_llama), dtype=torch.float32, device="cpu"), cfg, quantized=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # non-zero, so that a wrong mapping shows
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "iter_5.pth"))
+    cp = run_cli("convert", "pth_to_hf", cfg_path, tmp_path / "iter_5.pth", tmp_path / "adapter")
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(model)
+    assert saved.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(saved[key], expected[key])
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == 4

@@ -91,9 +91,12 @@ def _export(weights, peft_config, cfg: Config, base: str, target: Path, tokenize
 
 
 def pth_to_hf(cfg: Config, pth: str, save_dir: str, fp32: bool = False, max_shard_size: str = "2GB") -> None:
-    """A training checkpoint to a PEFT adapter folder (LoRA/QLoRA) or a full HF model (full tuning)."""
+    """A training checkpoint to a PEFT adapter folder (LoRA/QLoRA) or a full HF model (full tuning). `pth` is
+    a tunelab .pth (from any number of processes or engine) or an engine's folder (DeepSpeed ZeRO, DCP)."""
+    from tunelab.engine_checkpoint import is_engine_folder, load_engine_folder
+
     max_shard_size = check_shard_size(max_shard_size)
-    state = load_checkpoint(pth)
+    state = load_engine_folder(pth, cfg) if is_engine_folder(pth) else load_checkpoint(pth)
     algorithm = state["meta"]["algorithm"]
     if algorithm != cfg.algorithm:
         raise UserError(f"{pth}: the checkpoint is from a '{algorithm}' run but the config says algorithm = "

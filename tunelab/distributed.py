@@ -87,7 +87,7 @@ def launch(argv: list[str]) -> int:
 
     torchrun runs in its own session so that Ctrl-C reaches the ranks once, as the SIGTERM torchrun forwards
     (each rank then finishes its step and saves a checkpoint). Its own report of a failed child (a traceback
-    of ChildFailedError) is dropped from stderr: the rank's own one-line error is what the user needs."""
+    of ChildFailedError or SignalException) is dropped from stderr: the rank's own one-line error is what the user needs."""
     cmd = torchrun_command(argv)
     exit_dir = Path(tempfile.mkdtemp(prefix="tunelab_exit_"))
     env = dict(os.environ, **{EXIT_DIR_VAR: str(exit_dir), RUN_ID_VAR: uuid.uuid4().hex})
@@ -108,7 +108,9 @@ def launch(argv: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     try:
-        return _exit_code(rc, exit_dir)
+        code = _exit_code(rc, exit_dir)
+        # Ctrl-C reached the ranks as torchrun's SIGTERM; answer like a one-process run would
+        return 128 + signal.SIGINT if interrupted and interrupted[0] == signal.SIGINT and code == 143 else code
     finally:
         for f in exit_dir.iterdir():
             f.unlink()
@@ -128,8 +130,8 @@ def _relay_stderr(stream) -> None:
         if held or line.startswith("Traceback (most recent call last):"):
             held.append(line)
             if line[:1] not in (" ", "\t") and not line.startswith("Traceback"):
-                if "ChildFailedError" in line:
-                    dropping = True  # torchrun's failure report; everything after it is torchrun's too
+                if "ChildFailedError" in line or "SignalException" in line:
+                    dropping = True  # torchrun's own report; everything after it is torchrun's too
                 else:
                     sys.stderr.write("".join(held))
                 held = []
