@@ -87,7 +87,8 @@ def launch(argv: list[str]) -> int:
 
     torchrun runs in its own session so that Ctrl-C reaches the ranks once, as the SIGTERM torchrun forwards
     (each rank then finishes its step and saves a checkpoint). Its own report of a failed child (a traceback
-    of ChildFailedError or SignalException) is dropped from stderr: the rank's own one-line error is what the user needs."""
+    of ChildFailedError or SignalException) is dropped from stderr: the rank's own one-line error is what the
+    user needs."""
     cmd = torchrun_command(argv)
     exit_dir = Path(tempfile.mkdtemp(prefix="tunelab_exit_"))
     env = dict(os.environ, **{EXIT_DIR_VAR: str(exit_dir), RUN_ID_VAR: uuid.uuid4().hex})

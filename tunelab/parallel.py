@@ -243,7 +243,7 @@ class FSDPEngine(Engine):
             from peft import get_peft_model_state_dict
 
             full = get_peft_model_state_dict(model, state_dict=full)
-        return {k: v.clone() for k, v in full.items()}, optim
+        return full, optim  # already fresh CPU copies
 
     def load_optimizer(self, model, optimizer, optimizer_state):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

@@ -355,7 +355,8 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
     return TrainResult(root, model, tokenizer, step)
 
 
-def _epoch_windows(sequences: list[Sequence], cfg: Config, epoch: int, world: int = 1) -> list[list[list[Sequence]]]:
+def _epoch_windows(sequences: list[Sequence], cfg: Config, epoch: int,
+                   world: int = 1) -> list[list[list[Sequence]]]:
     """The epoch's optimizer steps, each a list of micro-batches. The order depends only on (seed, epoch),
     so a resumed run sees exactly the batches the uninterrupted run would have. With `world` processes a
     micro-batch holds batch_size x world sequences, of which each rank trains on its own batch_size."""
