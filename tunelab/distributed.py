@@ -94,7 +94,8 @@ def launch(argv: list[str]) -> int:
     env = dict(os.environ, **{EXIT_DIR_VAR: str(exit_dir), RUN_ID_VAR: uuid.uuid4().hex})
     nproc = _env_int("NPROC_PER_NODE", 1, 1)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace", bufsize=1, start_new_session=True)
     interrupted: list[int] = []
 
     def forward(signum, frame):
