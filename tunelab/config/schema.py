@@ -86,6 +86,12 @@ class Config:
                                   group="train", min=0)
     gradient_checkpointing: bool = setting(True, "Recompute activations in backward to save memory.",
                                            group="train")
+    fast_path: Literal["auto", "on", "off"] = setting(
+        "auto", "Fused training forward (compiled layers, padding-free packed attention, chunked loss) over "
+        "the same weights: auto = LoRA/QLoRA on a GPU for Llama-family models; off = plain transformers.",
+        group="train")
+    fast_compile: bool = setting(True, "torch.compile the fast path's layers (GPU only; compiles once, "
+                                 "in the first steps).", group="train")
     seed: int = setting(0, "Random seed (data order, LoRA init, dropout).", group="train", min=0)
 
     # --- LoRA ------------------------------------------------------------------------------
