@@ -102,7 +102,7 @@ def _hf_step(model, optimizer, params, ids, attention_mask=None, labels=None):
     return out.loss.item()
 
 
-def _tunelab_setup(path: str, qlora: bool, tokens: int):
+def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int):
     import torch
 
     from tunelab.config.loader import load_config
@@ -111,7 +111,8 @@ def _tunelab_setup(path: str, qlora: bool, tokens: int):
 
     values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora", lora_r=64,
                   lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, max_length=max(tokens, 2048),
-                  batch_size=1, accumulative_counts=1, max_norm=1.0, gradient_checkpointing=True)
+                  batch_size=1, accumulative_counts=1, max_norm=1.0, gradient_checkpointing=True,
+                  checkpoint_layers=checkpoint_layers)
     cfg = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])[0]
     model = build_model(cfg, path, "cuda", torch.bfloat16).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -125,6 +126,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     from tunelab.data.dataset import Sequence, pack
 
     torch.manual_seed(0)
+    side, _, ckpt = side.partition("@")  # tunelab@N: recompute only the first N layers
     qlora = side.endswith("qlora")
     g = torch.Generator().manual_seed(0)
     batches_of_ids = [torch.randint(3, SHAPE["vocab_size"], (1, tokens), generator=g) for _ in range(warmup + steps)] \
@@ -132,7 +134,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     t_load = time.time()
     if side.startswith("tunelab"):
         from tunelab.train import _optimizer_step
-        cfg, model, params, optimizer, tokenizer = _tunelab_setup(path, qlora, tokens or 8192)
+        cfg, model, params, optimizer, tokenizer = _tunelab_setup(path, qlora, tokens or 8192, int(ckpt or -1))
 
         def seq(ids):
             ids = ids.tolist()
@@ -191,7 +193,14 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             counted += real[i]
     torch.cuda.synchronize()
     elapsed = time.time() - t0
-    return dict(side=side, tokens=tokens, tok_s=counted / elapsed, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    if os.environ.get("BENCH_PROFILE") and os.environ.get("OUT"):  # one more step, kernel by kernel
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(n_steps - 1)
+            torch.cuda.synchronize()
+        Path(os.environ["OUT"], f"profile_{side}{ckpt}.txt").write_text(
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
+    return dict(side=side + (f"@{ckpt}" if ckpt else ""), tokens=tokens, tok_s=counted / elapsed, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 steps=n_steps - warm, load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1])
 
 
@@ -206,6 +215,7 @@ def main() -> None:
     ap.add_argument("--side")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--cases", default="lora2k,qlora2k")
+    ap.add_argument("--variants", default="", help="extra tunelab sides per case, e.g. lora2k=tunelab@0")
     ap.add_argument("--model-dir", default=os.environ.get("BENCH_MODEL_DIR", "/tmp/llama2_7b_random"))
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
@@ -223,7 +233,8 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         sides, tokens = CASES[case]
-        for side in sides:
+        extra = [v.split("=", 1)[1] for v in args.variants.split(",") if v.startswith(case + "=")]
+        for side in sides + extra:
             cmd = [sys.executable, __file__, "--side", side, "--tokens", str(tokens), "--model-dir", str(path),
                    "--warmup", str(args.warmup), "--steps", str(args.steps)]
             t = time.time()

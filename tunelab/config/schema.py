@@ -90,6 +90,10 @@ class Config:
         "auto", "Fused training forward (compiled layers, padding-free packed attention, chunked loss) over "
         "the same weights: auto = LoRA/QLoRA on a GPU for Llama-family models; off = plain transformers.",
         group="train")
+    checkpoint_layers: int = setting(
+        -1, "With gradient_checkpointing on the fast path: recompute only the first N layers in backward "
+        "(-1: all). Fewer is faster and uses more memory: each layer not recomputed keeps its activations.",
+        group="train", min=-1)
     fast_compile: bool = setting(True, "torch.compile the fast path's layers (GPU only; compiles once, "
                                  "in the first steps).", group="train")
     seed: int = setting(0, "Random seed (data order, LoRA init, dropout).", group="train", min=0)

@@ -26,10 +26,11 @@ def attach(model, cfg, device: str):
     if reason is not None:
         log.info("fast path off: %s", reason)
         return None
-    fast = FastDecoder(model, compile=device.startswith("cuda") and cfg.fast_compile,
-                       checkpointing=cfg.gradient_checkpointing)
-    log.info("fast path on (compiled: %s, checkpointing: %s)", device.startswith("cuda") and cfg.fast_compile,
-             cfg.gradient_checkpointing)
+    compiled = device.startswith("cuda") and cfg.fast_compile
+    fast = FastDecoder(model, compile=compiled, checkpointing=cfg.gradient_checkpointing,
+                       checkpoint_layers=cfg.checkpoint_layers)
+    log.info("fast path on (compiled: %s, layers recomputed in backward: %d of %d)", compiled,
+             len(fast.checkpointed), len(fast.layers))
     return fast
 
 

@@ -2,14 +2,15 @@
 very parameters of the (PEFT-wrapped) Hugging Face model, so optimizer, checkpoints and export are unchanged.
 
 What it does differently from the plain path, and why:
-* each decoder layer runs as two compiled regions around the attention call (RMSNorm, the projections with
-  their LoRA branches, RoPE, SwiGLU and the residual adds fused by torch.compile into few kernels), with the
-  same weights passed in as arguments so all layers share one compiled graph;
+* the frozen GEMMs run as they are; everything between them (RMSNorm, the LoRA branches, RoPE, SwiGLU, the
+  residual adds) runs in compiled regions that torch.compile fuses into few kernels; weights are passed in as
+  arguments, so all layers share one compiled graph per region;
 * packed samples use variable-length flash attention instead of a (tokens x tokens) mask;
-* 4-bit (NF4) weights are dequantised inside the layer, which is recomputed in the backward pass, so at most
-  one layer's bf16 weights exist at a time;
+* 4-bit (NF4) weights are dequantised right before their GEMM and again in backward, never kept, so at most
+  one projection's bf16 weight exists at a time, with or without recomputation;
 * the LM head and the loss run chunked (tunelab.fast.loss), never holding the full fp32 logits;
-* activation checkpointing is per layer (non-reentrant); only each layer's input is kept.
+* activation checkpointing is per layer and partial (checkpoint_layers): layers that fit in memory keep
+  their activations and skip the second forward.
 """
 from __future__ import annotations
 
@@ -130,43 +131,71 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _lora_linear(x, w, bias, a, b, scale, dropout, training):
-    y = F.linear(x, w, bias)
-    if a is not None:
-        xa = F.dropout(x, dropout, training) if dropout else x
-        y = y + F.linear(F.linear(xa, a.to(x.dtype)), b.to(x.dtype)) * scale
-    return y
+class _FrozenLinear4bit(torch.autograd.Function):
+    """x @ W.T for a frozen NF4 weight that is dequantised again in backward instead of being kept: the
+    bf16 copy of a layer's weights lives only while its GEMMs run."""
+
+    @staticmethod
+    def forward(ctx, x, proj: "Proj"):
+        ctx.proj = proj
+        return F.linear(x, proj.weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.proj.weight(grad.dtype), None
 
 
-def _attn_in(x, cos, sin, ln1, eps, wq, bq, aq, bq_, sq, wk, bk, ak, bk_, sk, wv, bv, av, bv_, sv,
-             heads: int, kv_heads: int, dropout: float, training: bool):
-    """RMSNorm, q/k/v projections (with LoRA) and RoPE: (batch, seq, heads, dim) tensors."""
-    b, n, _ = x.shape
-    h = _rms_norm(x, ln1, eps)
-    q = _lora_linear(h, wq, bq, aq, bq_, sq, dropout, training).view(b, n, heads, -1)
-    k = _lora_linear(h, wk, bk, ak, bk_, sk, dropout, training).view(b, n, kv_heads, -1)
-    v = _lora_linear(h, wv, bv, av, bv_, sv, dropout, training).view(b, n, kv_heads, -1)
+def _base(x, p: Proj):
+    """The frozen projection (no LoRA); nothing beyond the weight itself is kept for backward."""
+    if getattr(p.base.weight, "quant_state", None) is not None:
+        y = _FrozenLinear4bit.apply(x, p)
+        return y if p.bias is None else y + p.bias.to(y.dtype)
+    return F.linear(x, p.weight(x.dtype), None if p.bias is None else p.bias.to(x.dtype))
+
+
+def _lora(x, a, b, scale, dropout: float, training: bool):
+    if a is None:
+        return 0
+    xa = F.dropout(x, dropout, training) if dropout else x
+    return F.linear(F.linear(xa, a.to(x.dtype)), b.to(x.dtype)) * scale
+
+
+# The compiled regions: everything between the frozen GEMMs (which run as they are, or dequantise NF4).
+def _norm(x, w, eps):
+    return _rms_norm(x, w, eps)
+
+
+def _qkv_rope(h, yq, yk, yv, cos, sin, aq, bq, sq, ak, bk, sk, av, bv, sv, heads: int, kv_heads: int,
+              dropout: float, training: bool):
+    """LoRA branches of q/k/v added to the frozen outputs, then RoPE: (batch, seq, heads, dim)."""
+    b, n, _ = h.shape
+    q = (yq + _lora(h, aq, bq, sq, dropout, training)).view(b, n, heads, -1)
+    k = (yk + _lora(h, ak, bk, sk, dropout, training)).view(b, n, kv_heads, -1)
+    v = (yv + _lora(h, av, bv, sv, dropout, training)).view(b, n, kv_heads, -1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    return q, k, v
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
 
-def _attn_out_mlp(x, a, wo, bo, ao, bo_, so, ln2, eps, wg, bg, ag, bg_, sg, wu, bu, au, bu_, su,
-                  wd, bd, ad, bd_, sd, dropout: float, training: bool):
-    """o projection + residual, RMSNorm, SwiGLU MLP (with LoRA) + residual."""
-    b, n = x.shape[:2]
-    x = x + _lora_linear(a.reshape(b, n, -1), wo, bo, ao, bo_, so, dropout, training)
-    h = _rms_norm(x, ln2, eps)
-    g = _lora_linear(h, wg, bg, ag, bg_, sg, dropout, training)
-    u = _lora_linear(h, wu, bu, au, bu_, su, dropout, training)
-    return x + _lora_linear(F.silu(g) * u, wd, bd, ad, bd_, sd, dropout, training)
+def _attn_residual_norm(x, a, yo, ao, bo, so, ln2, eps, dropout: float, training: bool):
+    """o projection's LoRA + residual, then the second RMSNorm."""
+    x = x + yo + _lora(a, ao, bo, so, dropout, training)
+    return x, _rms_norm(x, ln2, eps)
+
+
+def _swiglu(h, yg, yu, ag, bg, sg, au, bu, su, dropout: float, training: bool):
+    g = yg + _lora(h, ag, bg, sg, dropout, training)
+    u = yu + _lora(h, au, bu, su, dropout, training)
+    return F.silu(g) * u
+
+
+def _mlp_residual(x, m, yd, ad, bd, sd, dropout: float, training: bool):
+    return x + yd + _lora(m, ad, bd, sd, dropout, training)
 
 
 class FastDecoder:
     """Per-token losses for a batch, computed the fast way over `model`'s own parameters."""
 
-    def __init__(self, model, compile: bool = False, checkpointing: bool = True):
+    def __init__(self, model, compile: bool = False, checkpointing: bool = True, checkpoint_layers: int = -1):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"fast path unsupported: {reason}")
@@ -187,25 +216,31 @@ class FastDecoder:
                                      _proj(sa.q_proj), _proj(sa.k_proj), _proj(sa.v_proj), _proj(sa.o_proj),
                                      _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj)))
         self.dropout = max(p.dropout for L in self.layers for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down))
-        self.checkpointing = checkpointing
-        self.attn_in: Callable = _attn_in
-        self.attn_out_mlp: Callable = _attn_out_mlp
-        if compile:
-            self.attn_in = torch.compile(_attn_in, dynamic=False)
-            self.attn_out_mlp = torch.compile(_attn_out_mlp, dynamic=False)
+        # layers recomputed in backward: all (-1) or the first N; the rest keep their activations, which is
+        # faster (no second forward) where memory allows
+        n = len(self.layers)
+        self.checkpointed = set(range(n if checkpoint_layers < 0 else min(n, checkpoint_layers))) \
+            if checkpointing else set()
+        wrap = (lambda f: torch.compile(f, dynamic=False)) if compile else (lambda f: f)
+        self.norm: Callable = wrap(_norm)
+        self.qkv_rope: Callable = wrap(_qkv_rope)
+        self.attn_residual_norm: Callable = wrap(_attn_residual_norm)
+        self.swiglu: Callable = wrap(_swiglu)
+        self.mlp_residual: Callable = wrap(_mlp_residual)
 
     def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
-        dt = x.dtype
-        tr = self.model.training
+        tr, drop = self.model.training, self.dropout
 
-        def args(p: Proj):
-            return (p.weight(dt), p.bias, p.lora_a, p.lora_b, p.scale)
+        def lora(p: Proj):
+            return (p.lora_a, p.lora_b, p.scale)
 
-        q, k, v = self.attn_in(x, cos, sin, L.ln1, L.eps, *args(L.q), *args(L.k), *args(L.v),
-                               self.heads, self.kv_heads, self.dropout, tr)
-        a = attention(q, k, v, layout, self.scale)
-        return self.attn_out_mlp(x, a, *args(L.o), L.ln2, L.eps, *args(L.gate), *args(L.up), *args(L.down),
-                                 self.dropout, tr)
+        h = self.norm(x, L.ln1, L.eps)
+        q, k, v = self.qkv_rope(h, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin, *lora(L.q),
+                                *lora(L.k), *lora(L.v), self.heads, self.kv_heads, drop, tr)
+        a = attention(q, k, v, layout, self.scale).flatten(2)
+        x, h = self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
+        m = self.swiglu(h, _base(h, L.gate), _base(h, L.up), *lora(L.gate), *lora(L.up), drop, tr)
+        return self.mlp_residual(x, m, _base(m, L.down), *lora(L.down), drop, tr)
 
     def hidden_states(self, input_ids, position_ids, segment_ids, dtype: torch.dtype) -> torch.Tensor:
         """Final-norm hidden states (batch, seq, dim)."""
@@ -216,8 +251,8 @@ class FastDecoder:
         if self.window and int(position_ids.max()) + 1 > self.window:
             raise ValueError("fast path: samples longer than the sliding window")
         layout = packed_layout(segment_ids, use_varlen=x.is_cuda and dtype != torch.float32)
-        for L in self.layers:
-            if self.checkpointing and torch.is_grad_enabled():
+        for i, L in enumerate(self.layers):
+            if i in self.checkpointed and torch.is_grad_enabled():
                 x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False)
             else:
                 x = self._layer(x, cos, sin, L, layout)
