@@ -215,6 +215,7 @@ def main() -> None:
     ap.add_argument("--side")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--cases", default="lora2k,qlora2k")
+    ap.add_argument("--only", default="", help="run only sides starting with this (e.g. tunelab)")
     ap.add_argument("--variants", default="", help="extra tunelab sides per case, e.g. lora2k=tunelab@0")
     ap.add_argument("--model-dir", default=os.environ.get("BENCH_MODEL_DIR", "/tmp/llama2_7b_random"))
     ap.add_argument("--warmup", type=int, default=3)
@@ -234,7 +235,7 @@ def main() -> None:
     for case in args.cases.split(","):
         sides, tokens = CASES[case]
         extra = [v.split("=", 1)[1] for v in args.variants.split(",") if v.startswith(case + "=")]
-        for side in sides + extra:
+        for side in [s for s in sides + extra if s.startswith(args.only)]:
             cmd = [sys.executable, __file__, "--side", side, "--tokens", str(tokens), "--model-dir", str(path),
                    "--warmup", str(args.warmup), "--steps", str(args.steps)]
             t = time.time()
