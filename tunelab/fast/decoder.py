@@ -35,13 +35,21 @@ class Proj:
     scale: float = 1.0
     dropout: float = 0.0
 
+    absmax: torch.Tensor | None = None  # NF4: the fp32 block scales, dequantised once (double quantisation)
+
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.base.weight
-        quant_state = getattr(w, "quant_state", None)
-        if quant_state is not None:  # bitsandbytes Params4bit
+        qs = getattr(w, "quant_state", None)
+        if qs is None:
+            return w if w.dtype == dtype else w.to(dtype)
+        if self.absmax is None:
             import bitsandbytes.functional as bnbf
-            return bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
-        return w if w.dtype == dtype else w.to(dtype)
+            absmax = qs.absmax
+            if qs.nested:  # once, not at every GEMM: the per-call Python of this path dominated the step
+                absmax = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+            self.absmax = absmax
+        return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, self.absmax, qs.blocksize, qs.quant_type,
+                                                              qs.shape, dtype)
 
 
 @dataclass
@@ -165,10 +173,12 @@ def _norm(x, w, eps):
     return _rms_norm(x, w, eps)
 
 
-def _qkv_rope(h, yq, yk, yv, cos, sin, aq, bq, sq, ak, bk, sk, av, bv, sv, heads: int, kv_heads: int,
+def _qkv_rope(x, ln1, eps, yq, yk, yv, cos, sin, aq, bq, sq, ak, bk, sk, av, bv, sv, heads: int, kv_heads: int,
               dropout: float, training: bool):
-    """LoRA branches of q/k/v added to the frozen outputs, then RoPE: (batch, seq, heads, dim)."""
-    b, n, _ = h.shape
+    """LoRA branches of q/k/v added to the frozen outputs, then RoPE: (batch, seq, heads, dim). The norm is
+    recomputed here from x (which backward keeps anyway) so the normed copy need not be kept."""
+    b, n, _ = x.shape
+    h = _rms_norm(x, ln1, eps)
     q = (yq + _lora(h, aq, bq, sq, dropout, training)).view(b, n, heads, -1)
     k = (yk + _lora(h, ak, bk, sk, dropout, training)).view(b, n, kv_heads, -1)
     v = (yv + _lora(h, av, bv, sv, dropout, training)).view(b, n, kv_heads, -1)
@@ -182,14 +192,20 @@ def _attn_residual_norm(x, a, yo, ao, bo, so, ln2, eps, dropout: float, training
     return x, _rms_norm(x, ln2, eps)
 
 
-def _swiglu(h, yg, yu, ag, bg, sg, au, bu, su, dropout: float, training: bool):
-    g = yg + _lora(h, ag, bg, sg, dropout, training)
-    u = yu + _lora(h, au, bu, su, dropout, training)
+def _gate_up(x, ln2, eps, yg, yu, ag, bg, sg, au, bu, su, dropout: float, training: bool):
+    """Gate/up with their LoRA branches (norm recomputed from x, as in _qkv_rope)."""
+    h = _rms_norm(x, ln2, eps)
+    return yg + _lora(h, ag, bg, sg, dropout, training), yu + _lora(h, au, bu, su, dropout, training)
+
+
+def _swiglu(g, u):
     return F.silu(g) * u
 
 
-def _mlp_residual(x, m, yd, ad, bd, sd, dropout: float, training: bool):
-    return x + yd + _lora(m, ad, bd, sd, dropout, training)
+def _mlp_residual(x, g, u, yd, ad, bd, sd, dropout: float, training: bool):
+    """down projection's LoRA + residual; silu(g)*u is recomputed from g and u, kept anyway, so the
+    (tokens x intermediate) product is not kept a second time."""
+    return x + yd + _lora(F.silu(g) * u, ad, bd, sd, dropout, training)
 
 
 class FastDecoder:
@@ -221,10 +237,14 @@ class FastDecoder:
         n = len(self.layers)
         self.checkpointed = set(range(n if checkpoint_layers < 0 else min(n, checkpoint_layers))) \
             if checkpointing else set()
-        wrap = (lambda f: torch.compile(f, dynamic=False)) if compile else (lambda f: f)
+        if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
+            import torch._dynamo
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        wrap = torch.compile if compile else (lambda f: f)
         self.norm: Callable = wrap(_norm)
         self.qkv_rope: Callable = wrap(_qkv_rope)
         self.attn_residual_norm: Callable = wrap(_attn_residual_norm)
+        self.gate_up: Callable = wrap(_gate_up)
         self.swiglu: Callable = wrap(_swiglu)
         self.mlp_residual: Callable = wrap(_mlp_residual)
 
@@ -234,13 +254,16 @@ class FastDecoder:
         def lora(p: Proj):
             return (p.lora_a, p.lora_b, p.scale)
 
+        # the frozen GEMMs' inputs (h, m) are used in forward only (a frozen weight needs no input for its
+        # backward); the compiled regions keep x, g and u and recompute h and m from them
         h = self.norm(x, L.ln1, L.eps)
-        q, k, v = self.qkv_rope(h, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin, *lora(L.q),
-                                *lora(L.k), *lora(L.v), self.heads, self.kv_heads, drop, tr)
+        q, k, v = self.qkv_rope(x, L.ln1, L.eps, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin,
+                                *lora(L.q), *lora(L.k), *lora(L.v), self.heads, self.kv_heads, drop, tr)
         a = attention(q, k, v, layout, self.scale).flatten(2)
         x, h = self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
-        m = self.swiglu(h, _base(h, L.gate), _base(h, L.up), *lora(L.gate), *lora(L.up), drop, tr)
-        return self.mlp_residual(x, m, _base(m, L.down), *lora(L.down), drop, tr)
+        g, u = self.gate_up(x, L.ln2, L.eps, _base(h, L.gate), _base(h, L.up), *lora(L.gate), *lora(L.up),
+                            drop, tr)
+        return self.mlp_residual(x, g, u, _base(self.swiglu(g, u), L.down), *lora(L.down), drop, tr)
 
     def hidden_states(self, input_ids, position_ids, segment_ids, dtype: torch.dtype) -> torch.Tensor:
         """Final-norm hidden states (batch, seq, dim)."""
