@@ -10,7 +10,7 @@ own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one seq
 ids; tokens/s over the timed steps after warm-up (compilation happens in warm-up), peak = the most memory
 allocated by PyTorch during warm-up and timed steps. The tunelab side runs `tunelab.train._optimizer_step`,
 the very step `tunelab train` runs. The packed case draws real sample lengths (bench/sample_lengths.json):
-the HF baseline pads each batch of 8 samples, tunelab packs them; tokens/s counts real tokens only.
+the HF baseline pads each batch of 4 samples, tunelab packs them; tokens/s counts real tokens only.
 """
 from __future__ import annotations
 
@@ -159,8 +159,8 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
         if side == "hf_padded":
             lengths = _lengths()
             work, real = [], []
-            for j in range(0, len(lengths), 8):
-                group = lengths[j:j + 8]
+            for j in range(0, len(lengths), 4):
+                group = lengths[j:j + 4]
                 width = max(group)
                 ids = torch.randint(3, SHAPE["vocab_size"], (len(group), width), generator=g)
                 mask = torch.zeros(len(group), width, dtype=torch.long)
