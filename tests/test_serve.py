@@ -35,7 +35,7 @@ def trained(tmp_path_factory) -> Path:
     """The demo LoRA (tiny Llama, self-cognition data) trained by `tunelab train`, as its hf/ folder."""
     work = tmp_path_factory.mktemp("serve_train")
     cp = run_cli("train", "demo", "--work-dir", work / "work", "--cfg-options", "max_epochs=30", "lr=3e-3",
-                 "evaluation_inputs=[]", "save_steps=1000", cwd=work)
+                 "evaluation_inputs=[]", "evaluation_freq=500", "save_steps=1000", cwd=work)
     assert cp.returncode == 0, cp.stderr[-3000:]
     return work / "work" / "hf"
 
@@ -274,3 +274,10 @@ def test_serve_bad_input_exits_2(trained, tmp_path):
     assert len(cp.stderr.strip().splitlines()) == 1
     cp = run_cli("serve", tmp_path / "missing", "--port", str(free_port()), timeout=120)
     assert cp.returncode == 2 and "missing" in cp.stderr and "Traceback" not in cp.stderr, cp.stderr
+    # without the optional backend: one line saying what to install
+    code = ("import sys; sys.modules['fastapi'] = None; from tunelab.cli import main; "
+            f"sys.exit(main(['serve', {str(trained)!r}]))")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 2 and "pip install 'tunelab[serve]'" in cp.stderr, cp.stderr
+    cp = run_cli("web", "--help")
+    assert cp.returncode == 0 and "--api-key" in cp.stdout and "--max-queue" in cp.stdout

@@ -65,7 +65,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def default_model_name(opts: ChatOptions) -> str:
-    return Path(opts.adapter or opts.model).expanduser().resolve().name or "tunelab"
+    """The folder's name; for a training run's `work_dirs/<config>/hf`, the config's name."""
+    folder = Path(opts.adapter or opts.model).expanduser().resolve()
+    return (folder.parent.name if folder.name == "hf" else folder.name) or "tunelab"
 
 
 def serve(opts: ServeOptions) -> int:
