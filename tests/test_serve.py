@@ -254,6 +254,7 @@ def test_chat_page_in_chromium(server, chat_answers, tmp_path):
             assert page.locator(".msg.assistant .content").nth(1).inner_text().strip()
             shot = tmp_path / "chat_page.png"
             page.screenshot(path=str(shot), full_page=True)
+            stop_button_cancels(page, server)
             page.click("#clear")
             assert page.locator(".msg").count() == 0
         finally:
@@ -263,6 +264,42 @@ def test_chat_page_in_chromium(server, chat_answers, tmp_path):
     artifacts.mkdir(exist_ok=True)
     shutil.copy(shot, artifacts / "chat_page.png")
     assert urls and all(u.startswith(server) for u in urls), urls  # nothing fetched from elsewhere
+
+
+def stop_button_cancels(page, server: str) -> None:
+    """While a long answer occupies the worker, the page's question waits; Stop abandons it, the server
+    drops it, and the page is ready again."""
+    before, release = health(server)["cancelled"], threading.Event()
+
+    def long_answer() -> None:
+        body = ask(EN, max_tokens=2000, ignore_eos=True, stream=True)
+        with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            for _ in resp.iter_lines():
+                if release.is_set():
+                    break
+
+    blocker = threading.Thread(target=long_answer)
+    blocker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not health(server)["busy"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        page.fill("#input", ZH)
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant.streaming")
+        assert page.is_disabled("#send") and page.is_enabled("#stop")
+        page.click("#stop")
+        page.wait_for_selector(".msg.assistant.stopped")
+        assert page.is_enabled("#send") and page.is_disabled("#stop")
+    finally:
+        release.set()
+        blocker.join(60)
+    deadline = time.monotonic() + 20  # both the long answer and the page's question were cancelled
+    while not (health(server)["cancelled"] >= before + 2 and not health(server)["busy"]):
+        assert time.monotonic() < deadline, health(server)
+        time.sleep(0.2)
 
 
 def test_serve_bad_input_exits_2(trained, tmp_path):
