@@ -115,7 +115,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
+
+    for verb, about in (("serve", "OpenAI-compatible HTTP API and a chat page for a model"),
+                        ("web", "like serve, and open the chat page in a browser")):
+        _add_serve_args(verbs.add_parser(verb, help=about))
     return parser
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a merged model, a base model with --adapter, or an adapter folder")
+    p.add_argument("--adapter")
+    p.add_argument("--prompt-template", help="default: the template the model was trained with")
+    p.add_argument("--system", help="default system text (a request's system message replaces it)")
+    p.add_argument("--bits", type=int, choices=[4, 8])
+    p.add_argument("--torch-dtype", choices=["fp16", "bf16", "fp32", "auto"], default="auto")
+    p.add_argument("--stop-words", nargs="+", default=[], help="extra stop words for every request")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $TUNELAB_API_KEY; none = open)")
+    p.add_argument("--model-name", help="the model id clients use (default: the model folder's name)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get HTTP 429")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get HTTP 413")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    p.add_argument("--temperature", type=float, default=0.1, help="when a request gives none; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.75, help="when a request gives none")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--trust-remote-code", action="store_true")
 
 
 def cmd_list_cfg(args) -> int:
@@ -195,6 +223,24 @@ def cmd_chat(args) -> int:
     return chat(opts)
 
 
+def cmd_serve(args) -> int:
+    from tunelab.chat import ChatOptions
+    from tunelab.model.generate import Sampling
+    from tunelab.serve import ServeOptions, serve
+
+    chat = ChatOptions(
+        model=args.model, adapter=args.adapter, prompt_template=args.prompt_template, system=args.system,
+        bits=args.bits, torch_dtype=args.torch_dtype, stop_words=list(args.stop_words), streamer=True,
+        trust_remote_code=args.trust_remote_code,
+        sampling=Sampling(max_new_tokens=min(args.max_new_tokens, args.max_tokens_limit),
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty))
+    return serve(ServeOptions(chat=chat, host=args.host, port=args.port, api_key=args.api_key or None,
+                              model_name=args.model_name, max_queue=args.max_queue,
+                              max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                              open_browser=args.verb == "web"))
+
+
 def cmd_check_dataset(args) -> int:
     from tunelab.config.loader import load_config
     from tunelab.data.inspect import check_dataset
@@ -226,7 +272,7 @@ def cmd_data(args) -> int:
 
 COMMANDS = {"list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "train": cmd_train, "convert": cmd_convert,
             "chat": cmd_chat, "check-custom-dataset": cmd_check_dataset, "log-dataset": cmd_log_dataset,
-            "data": cmd_data}
+            "data": cmd_data, "serve": cmd_serve, "web": cmd_serve}
 
 
 def _setup_logging() -> None:
@@ -271,7 +317,7 @@ def _main(argv: list[str] | None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     try:
-        if args.verb in ("train", "convert", "chat", "check-custom-dataset", "log-dataset"):
+        if args.verb in ("train", "convert", "chat", "check-custom-dataset", "log-dataset", "serve", "web"):
             _quiet_libraries()
         return COMMANDS[args.verb](args)
     except UserError as exc:

@@ -77,7 +77,9 @@ class Engine:
         self.ctx, self.module, self.model, self.cfg, self.work_dir = ctx, model, model, cfg, work_dir
 
     def make_optimizer(self, params, cfg):
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        fused = all(p.is_cuda for p in params) or None  # one kernel for all parameters on a GPU
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                 fused=fused)
 
     def sync(self, last: bool):
         """Context for one micro-batch's backward: reduce gradients only on the window's last one."""

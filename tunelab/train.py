@@ -68,6 +68,9 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
     """Per-token cross entropy (0 where the target is ignored), shape (batch, seq)."""
     device = next(p for p in model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
+    fast = getattr(model, "tunelab_fast", None)
+    if fast is not None and model.training:
+        return fast.token_losses(batch, dtype)
     with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     attention_mask=attention_bias(batch["segment_ids"], dtype), use_cache=False)
@@ -79,15 +82,23 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
 
 def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
     """The model to train: full weights, or a frozen (4-bit for QLoRA) base with LoRA adapters."""
+    from tunelab import fast
+
     bits = 4 if cfg.algorithm == "qlora" else None
     weights_dtype = torch.float32 if cfg.algorithm == "full" or device == "cpu" else dtype
     model = load_model(model_path, dtype=weights_dtype, bits=bits, device=device,
                        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
-    if cfg.gradient_checkpointing:
+    want_fast = fast.use_fast_path(cfg, device)
+    if cfg.gradient_checkpointing and not want_fast:  # the fast path checkpoints its own layers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.algorithm in ("lora", "qlora"):
-        model = add_lora(model, cfg, quantized=bits is not None)
+        # the fast path needs no fp32 copies of norms/embeddings/head (prepare_model_for_kbit_training)
+        model = add_lora(model, cfg, quantized=bits is not None, prepare=not want_fast)
+    if want_fast:
+        model.tunelab_fast = fast.attach(model, cfg, device)
+        if model.tunelab_fast is None and cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
