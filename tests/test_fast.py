@@ -3,7 +3,6 @@ packed, padded batches for every architecture (fp32 on CPU: tight), QLoRA with r
 chunked loss against F.cross_entropy, and (GPU only) the compiled bf16 kernels and varlen attention."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
-
 log = logging.getLogger("tunelab")
 
 
@@ -37,7 +35,3 @@ def attach(model, cfg, device: str):
     log.info("fast path on (compiled: %s, layers recomputed in backward: %d of %d)", compiled,
              len(fast.checkpointed), len(fast.layers))
     return fast
-
-
-def token_losses(fast, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return fast.token_losses(batch, dtype)
