@@ -139,3 +139,69 @@ def test_truncation_is_counted(data_dir, tokenizer):
     seqs, stats = build_sequences(cfg, tokenizer)
     assert stats.truncated > 0 and all(len(s) <= 64 for s in seqs)
     assert stats.samples + stats.skipped == stats.records
+
+
+# -- dataset_columns: the catalogue's hub datasets, in their published column layouts ---------------------
+
+HUB_ROWS = {  # dataset key -> {data_path entry: one record with that dataset's columns}
+    "code_alpaca": {"HuggingFaceH4/CodeAlpaca_20K": {"prompt": "Add two numbers.", "completion": "a + b"}},
+    "sql": {"b-mc2/sql-create-context": {"question": "How many heads?", "context": "CREATE TABLE head (age INTEGER)",
+                                         "answer": "SELECT COUNT(*) FROM head"}},
+    "colorist": {"burkelibbey/colors": {"color": "#87ceeb", "description": "sky blue"}},
+    "arxiv_gentitle": {"./data/arxiv_data.json": {"id": "0704.0001", "authors": "A", "title": "A Title",
+                                                   "abstract": "We study things."}},
+    "openorca": {"Open-Orca/OpenOrca": {"id": "niv.1", "system_prompt": "Be careful.", "question": "2+2?",
+                                        "response": "4"}},
+    "lawyer": {"./data/CrimeKgAssitant清洗后_52k.json": {"input": "盗窃罪怎么判？", "output": "视数额而定。"},
+               "./data/训练数据_带法律依据_92k.json": {"question": "离婚要什么材料？", "answer": "身份证和结婚证。",
+                                                  "reference": ["民法典"]}},
+    "alpaca_zh": {"silk-road/alpaca-data-gpt4-chinese": {
+        "instruction": "Say hi.", "input": "", "output": "Hi.",
+        "instruction_zh": "打个招呼。", "input_zh": "", "output_zh": "你好。"}},
+    "alpaca_enzh": {"tatsu-lab/alpaca": {"instruction": "Say hi.", "input": "", "output": "Hi."},
+                    "silk-road/alpaca-data-gpt4-chinese": {
+                        "instruction": "Say bye.", "input": "", "output": "Bye.",
+                        "instruction_zh": "说再见。", "input_zh": "", "output_zh": "再见。"}},
+}
+EXPECTED_TURNS = {
+    "code_alpaca": [("Add two numbers.", "a + b", "")],
+    "sql": [("CREATE TABLE head (age INTEGER)\nHow many heads?", "SELECT COUNT(*) FROM head", "")],
+    "colorist": [("sky blue", "#87ceeb", "")],
+    "arxiv_gentitle": [("We study things.", "A Title", "")],
+    "openorca": [("2+2?", "4", "Be careful.")],
+    "lawyer": [("盗窃罪怎么判？", "视数额而定。", ""), ("离婚要什么材料？", "身份证和结婚证。", "")],
+    "alpaca_zh": [("打个招呼。", "你好。", "")],
+    "alpaca_enzh": [("Say hi.", "Hi.", ""), ("说再见。", "再见。", "")],
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(HUB_ROWS))
+def test_catalogue_column_mappings(dataset, tmp_path, monkeypatch):
+    """Each built-in dataset's columns (saved locally under the config's own data_path names) map to the
+    turns XTuner's map functions make: the right question, answer and system, the Chinese side of silk-road."""
+    from tunelab.config.catalogue import BUILTIN
+    monkeypatch.chdir(tmp_path)
+    for entry, row in HUB_ROWS[dataset].items():
+        path = tmp_path / entry if entry.endswith(".json") else tmp_path / entry / "train.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    name = next(n for n in BUILTIN if f"_qlora_{dataset}_e" in n)
+    cfg = load_config(name)[0]
+    got = [[(t.input, t.output, t.system) for t in turns] for _, turns in load_dialogues(cfg, DataStats())]
+    assert [turns[0] for turns in got] == EXPECTED_TURNS[dataset]
+
+
+def test_dataset_columns_errors(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    stats = DataStats()
+    assert load_dialogues(_cfg(str(f), dataset_columns={"prompt": "query", "completion": "response"}), stats)
+    assert stats.formats[str(f)] == "query_response"
+    with pytest.raises(DataError, match=r"x.jsonl: line 1: dataset_columns maps 'promt', but the record has no such "
+                                        r"field \(fields: prompt, completion\)"):
+        load_dialogues(_cfg(str(f), dataset_columns={"promt": "query"}), DataStats())
+    from tunelab.errors import ConfigError
+    with pytest.raises(ConfigError, match="'dataset_columns' has an entry for 'y.jsonl', which is not in data_path"):
+        _cfg(str(f), dataset_columns={"y.jsonl": {"a": "b"}})
+    with pytest.raises(ConfigError, match="'dataset_columns' must map column -> field names"):
+        _cfg(str(f), dataset_columns={"a": "b", "c": {"d": "e"}})

@@ -24,17 +24,22 @@ TURNS = [('What is 2+2? {input} {round}', 'It is 4. }} %}'), ("And 'twice' that?
 
 def reference(t: Template, turns, system: str | None = None, bos: str = BOS, eos: str = EOS) -> str:
     """The documented rule; a turn whose output is None ends the text at its prompt."""
-    text = bos if t.bos else ''
+    text = (bos if t.bos else '') + t.prefix
     system = system or t.default_system
-    if t.system and system:
-        text += t.system.format(system=system)
+    block = t.system.format(system=system) if t.system and system else ''
+    if not t.system_in_instruction:
+        text += block
     for i, (inp, out) in enumerate(turns):
         if i:
             text += t.separator
+        if i == 0 and t.system_in_instruction:
+            inp = block + inp
         text += t.instruction.format(input=inp, round=i + 1)
         if out is None:
             break
-        text += out + (t.suffix or eos)
+        text += out
+        if t.end_history_turns or i == len(turns) - 1:
+            text += t.suffix or eos
     return text
 
 
@@ -145,7 +150,7 @@ def test_jinja_matches_format_rule(name, render):
 def test_jinja_round_numbers_and_separator():
     t = TEMPLATES['chatglm2']
     text = render_hf(t, messages([('a', 'b'), ('c', 'd'), ('e', None)]), add_generation_prompt=True)
-    assert text == ('<s>[Round 1]\n\n问：a\n\n答：b</s>\n\n[Round 2]\n\n问：c\n\n答：d</s>'
+    assert text == ('[gMASK]sop[Round 1]\n\n问：a\n\n答：b\n\n[Round 2]\n\n问：c\n\n答：d'
                     '\n\n[Round 3]\n\n问：e\n\n答：')
 
 
@@ -183,8 +188,7 @@ def test_jinja_rejects_misplaced_system_message():
 # written with the model's real bos/eos tokens, under the module's conventions: an answer's leading space
 # (after '[/INST]', 'ASSISTANT:', 'Assistant:', '<|MOSS|>:') belongs to the answer, the text ends at the
 # last end-of-turn marker (no trailing newline), and a model with no system slot keeps the system text where
-# tunelab documents it (the template's notes). Where the published format cannot be expressed by the
-# template scheme, the string is tunelab's rendering and KNOWN_DEVIATIONS below holds the published one.
+# tunelab documents it (the template's notes).
 
 SYS = 'You are brief.'
 TWO_TURNS = [('Hi', 'Hello'), ('Bye', 'Goodbye')]
@@ -206,19 +210,20 @@ WITH_SYSTEM: dict[str, tuple[str, str, str]] = {
                        '<|im_start|>assistant\nGoodbye<|im_end|>'),
     'moss_sft': ('', '<eom>',
                  'You are brief.\n<|Human|>: Hi<eoh>\n<|MOSS|>:Hello<eom>\n<|Human|>: Bye<eoh>\n<|MOSS|>:Goodbye<eom>'),
-    # published: <<SYS>> inside the first [INST] (KNOWN_DEVIATIONS)
+    # Meta puts the <<SYS>> block inside the first [INST]
     'llama2_chat': ('<s>', '</s>',
-                    '<s><<SYS>>\nYou are brief.\n<</SYS>>\n\n[INST] Hi [/INST]Hello</s><s>[INST] Bye [/INST]Goodbye</s>'),
+                    '<s>[INST] <<SYS>>\nYou are brief.\n<</SYS>>\n\nHi [/INST]Hello</s><s>[INST] Bye [/INST]Goodbye</s>'),
     'code_llama_chat': ('<s>', '</s>',
-                        '<s><<SYS>>\nYou are brief.\n<</SYS>>\n\n[INST] Hi [/INST]Hello</s><s>[INST] Bye [/INST]'
+                        '<s>[INST] <<SYS>>\nYou are brief.\n<</SYS>>\n\nHi [/INST]Hello</s><s>[INST] Bye [/INST]'
                         'Goodbye</s>'),
-    # ChatGLM2 has no system slot (the text is a preamble); published: [gMASK]sop prefix (KNOWN_DEVIATIONS)
+    # ChatGLM2 has no system slot (the text is a preamble after the [gMASK]sop prefix); no eos between turns
     'chatglm2': ('', '</s>',
-                 'You are brief.\n\n[Round 1]\n\n问：Hi\n\n答：Hello</s>\n\n[Round 2]\n\n问：Bye\n\n答：Goodbye</s>'),
+                 '[gMASK]sopYou are brief.\n\n[Round 1]\n\n问：Hi\n\n答：Hello\n\n[Round 2]\n\n问：Bye\n\n答：Goodbye</s>'),
     'chatglm3': ('', '</s>',
-                 '<|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello</s><|user|>\nBye<|assistant|>\nGoodbye</s>'),
+                 '[gMASK]sop<|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello<|user|>\nBye<|assistant|>\n'
+                 'Goodbye</s>'),
     'glm4_chat': ('', '<|endoftext|>',
-                  '<|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello<|endoftext|><|user|>\nBye<|assistant|>\n'
+                  '[gMASK]<sop><|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello<|user|>\nBye<|assistant|>\n'
                   'Goodbye<|endoftext|>'),
     'qwen_chat': ('', '<|endoftext|>',
                   '<|im_start|>system\nYou are brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
@@ -245,9 +250,9 @@ WITH_SYSTEM: dict[str, tuple[str, str, str]] = {
                     '<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>'
                     '<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>'
                     '<|start_header_id|>assistant<|end_header_id|>\n\nGoodbye<|eot_id|>'),
-    # the v0.1/v0.2 templates have no system slot (preamble); the newer one nests it (KNOWN_DEVIATIONS)
-    'mistral': ('<s>', '</s>', '<s>You are brief.\n\n[INST] Hi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>'),
-    'mixtral': ('<s>', '</s>', '<s>You are brief.\n\n[INST] Hi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>'),
+    # Mistral's template puts the system text inside the first [INST]
+    'mistral': ('<s>', '</s>', '<s>[INST] You are brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>'),
+    'mixtral': ('<s>', '</s>', '<s>[INST] You are brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>'),
     # Gemma has no system role; the system turn is XTuner's extension
     'gemma': ('<bos>', '<eos>',
               '<bos><start_of_turn>system\nYou are brief.<end_of_turn>\n<start_of_turn>user\nHi<end_of_turn>\n'
@@ -273,25 +278,12 @@ WITH_SYSTEM: dict[str, tuple[str, str, str]] = {
     'minicpm': ('<s>', '</s>', '<s>You are brief.<用户>Hi<AI>Hello</s><用户>Bye<AI>Goodbye</s>'),
 }
 
-# name -> (system or None, published rendering, why tunelab differs). These formats need more than the
-# Template scheme has (text inside the first instruction, a fixed dialogue prefix, no eos between turns).
-# Each is an expected failure that turns into a real failure once tunelab renders the published string,
-# so the entry gets removed then.
-_LLAMA2_PUBLISHED = '<s>[INST] <<SYS>>\nYou are brief.\n<</SYS>>\n\nHi [/INST]Hello</s><s>[INST] Bye [/INST]Goodbye</s>'
-KNOWN_DEVIATIONS: dict[str, tuple[str | None, str, str]] = {
-    'llama2_chat': (SYS, _LLAMA2_PUBLISHED, 'Meta puts the <<SYS>> block inside the first [INST]'),
-    'code_llama_chat': (SYS, _LLAMA2_PUBLISHED, 'CodeLlama puts the <<SYS>> block inside the first [INST]'),
-    'mistral': (SYS, '<s>[INST] You are brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>',
-                "Mistral's current template puts the system text inside the first [INST]"),
-    'chatglm2': (None, '[gMASK]sop[Round 1]\n\n问：Hi\n\n答：Hello\n\n[Round 2]\n\n问：Bye\n\n答：Goodbye</s>',
-                 'ChatGLM2 starts with the [gMASK]sop prefix and writes no eos after history answers'),
-    'chatglm3': (SYS, '[gMASK]sop<|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello<|user|>\nBye'
-                      '<|assistant|>\nGoodbye</s>',
-                 'ChatGLM3 starts with the [gMASK]sop prefix and writes no eos between turns'),
-    'glm4_chat': (SYS, '[gMASK]<sop><|system|>\nYou are brief.<|user|>\nHi<|assistant|>\nHello<|user|>\nBye'
-                       '<|assistant|>\nGoodbye<|endoftext|>',
-                  'GLM-4 starts with the [gMASK]<sop> prefix and writes no eos between turns'),
-}
+# ChatGLM2 without a system text: exactly its build_prompt output after the [gMASK]sop prefix
+CHATGLM2_PUBLISHED = '[gMASK]sop[Round 1]\n\n问：Hi\n\n答：Hello\n\n[Round 2]\n\n问：Bye\n\n答：Goodbye</s>'
+
+
+def test_chatglm2_without_system_is_published_text():
+    assert reference(TEMPLATES['chatglm2'], TWO_TURNS, None, '', '</s>') == CHATGLM2_PUBLISHED
 
 
 @pytest.fixture(scope='module')
@@ -320,16 +312,6 @@ def test_two_turns_with_system_match_published_format(name, tiny_tokenizer):
         tiny = tiny.replace(eos, '</s>')
     encoder = PromptFormat(tiny_tokenizer, name, system=SYS)
     assert encoder.render([Turn(i, o) for i, o in TWO_TURNS]) == tiny
-
-
-@pytest.mark.parametrize('name', sorted(KNOWN_DEVIATIONS))
-def test_known_deviation_from_published_format(name):
-    system, published, why = KNOWN_DEVIATIONS[name]
-    bos, eos, _ = WITH_SYSTEM[name]
-    rendered = reference(TEMPLATES[name], TWO_TURNS, system, bos, eos)
-    if rendered == published:
-        pytest.fail(f'{name} now renders its published format; drop it from KNOWN_DEVIATIONS')
-    pytest.xfail(why)
 
 
 def test_deepseek_coder_default_system_is_published_text():

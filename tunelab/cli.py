@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", metavar="PTH",
                    help="continue from the newest checkpoint in the work dir, or from PTH")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--deepspeed", metavar="NAME_OR_JSON",
+                   help="train with DeepSpeed: deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, "
+                        "deepspeed_zero3, deepspeed_zero3_offload, or a DeepSpeed JSON file (pip install "
+                        "'tunelab[deepspeed]'). Several GPUs/machines: set NPROC_PER_NODE (and NNODES, "
+                        "NODE_RANK, ADDR, PORT); tunelab starts torchrun itself")
 
     conv = verbs.add_parser("convert", help="pth_to_hf, merge, split").add_subparsers(
         dest="action", metavar="ACTION", required=True)
@@ -121,7 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
+
+    for verb, about in (("serve", "OpenAI-compatible HTTP API and a chat page for a model"),
+                        ("web", "like serve, and open the chat page in a browser")):
+        _add_serve_args(verbs.add_parser(verb, help=about))
     return parser
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a merged model, a base model with --adapter, or an adapter folder")
+    p.add_argument("--adapter")
+    p.add_argument("--prompt-template", help="default: the template the model was trained with")
+    p.add_argument("--system", help="default system text (a request's system message replaces it)")
+    p.add_argument("--bits", type=int, choices=[4, 8])
+    p.add_argument("--torch-dtype", choices=["fp16", "bf16", "fp32", "auto"], default="auto")
+    p.add_argument("--stop-words", nargs="+", default=[], help="extra stop words for every request")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $TUNELAB_API_KEY; none = open)")
+    p.add_argument("--model-name", help="the model id clients use (default: the model folder's name)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get HTTP 429")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get HTTP 413")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    p.add_argument("--temperature", type=float, default=0.1, help="when a request gives none; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.75, help="when a request gives none")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--trust-remote-code", action="store_true")
 
 
 def cmd_list_cfg(args) -> int:
@@ -153,11 +186,20 @@ def cmd_copy_cfg(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from tunelab import distributed
     from tunelab.config.loader import load_config
     from tunelab.train import train
 
-    cfg, name = load_config(args.config, args.cfg_options)
-    train(cfg, name, work_dir=args.work_dir, seed=args.seed, resume=args.resume)
+    cfg, name = load_config(args.config, args.cfg_options)  # bad input fails here, once, before any launch
+    deepspeed = None
+    if args.deepspeed:
+        from tunelab import deepspeed_config
+
+        deepspeed = deepspeed_config.load(args.deepspeed)
+        deepspeed_config.require_deepspeed()
+    if distributed.launch_requested():  # NPROC_PER_NODE > 1 or NNODES > 1: run under torchrun
+        return distributed.launch(args.argv)
+    train(cfg, name, work_dir=args.work_dir, seed=args.seed, resume=args.resume, deepspeed=deepspeed)
     return EXIT_OK
 
 
@@ -197,6 +239,24 @@ def cmd_chat(args) -> int:
     return chat(opts)
 
 
+def cmd_serve(args) -> int:
+    from tunelab.chat import ChatOptions
+    from tunelab.model.generate import Sampling
+    from tunelab.serve import ServeOptions, serve
+
+    chat = ChatOptions(
+        model=args.model, adapter=args.adapter, prompt_template=args.prompt_template, system=args.system,
+        bits=args.bits, torch_dtype=args.torch_dtype, stop_words=list(args.stop_words), streamer=True,
+        trust_remote_code=args.trust_remote_code,
+        sampling=Sampling(max_new_tokens=min(args.max_new_tokens, args.max_tokens_limit),
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty))
+    return serve(ServeOptions(chat=chat, host=args.host, port=args.port, api_key=args.api_key or None,
+                              model_name=args.model_name, max_queue=args.max_queue,
+                              max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                              open_browser=args.verb == "web"))
+
+
 def cmd_check_dataset(args) -> int:
     from tunelab.config.loader import load_config
     from tunelab.data.inspect import check_dataset
@@ -228,7 +288,7 @@ def cmd_data(args) -> int:
 
 COMMANDS = {"list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "train": cmd_train, "convert": cmd_convert,
             "chat": cmd_chat, "check-custom-dataset": cmd_check_dataset, "log-dataset": cmd_log_dataset,
-            "data": cmd_data}
+            "data": cmd_data, "serve": cmd_serve, "web": cmd_serve}
 
 
 def _setup_logging() -> None:
@@ -259,20 +319,31 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tunelab.distributed import record_exit
+
+    code = _main(argv)
+    record_exit(code)  # a torchrun worker tells the launching `tunelab train` how it ended
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    from tunelab.distributed import error_line  # only rank 0 of several prints the final error line
+
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     try:
-        if args.verb in ("train", "convert", "chat", "check-custom-dataset", "log-dataset"):
+        if args.verb in ("train", "convert", "chat", "check-custom-dataset", "log-dataset", "serve", "web"):
             _quiet_libraries()
         return COMMANDS[args.verb](args)
     except UserError as exc:
-        print(f"tunelab: error: {exc}", file=sys.stderr)
+        error_line(f"tunelab: error: {exc}")
         return EXIT_BAD_INPUT
     except TrainingInterrupted as exc:  # a checkpoint was saved; say where, no traceback
-        print(f"tunelab: {exc}", file=sys.stderr)
+        error_line(f"tunelab: {exc}")
         return exc.exit_code
     except TrainingStopped as exc:
-        print(f"tunelab: error: {exc}", file=sys.stderr)
+        error_line(f"tunelab: error: {exc}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("tunelab: interrupted", file=sys.stderr)

@@ -67,12 +67,14 @@ def _write_full(folder: Path, weights: dict[str, torch.Tensor], base: str, fp32:
     model.save_pretrained(folder, max_shard_size=max_shard_size)
 
 
-def export_trained(model, tokenizer, cfg: Config, target: Path) -> None:
-    """Write the model being trained to `target` in HF/PEFT format (end of `tunelab train`)."""
+def export_trained(model, tokenizer, cfg: Config, target: Path, weights: dict | None = None) -> None:
+    """Write the model being trained to `target` in HF/PEFT format (end of `tunelab train`); `weights`: its
+    trainable state when an engine had to gather it (FSDP2, DeepSpeed ZeRO-3)."""
     from tunelab.train import peft_config_dict, trainable_state
 
     base = resolve_model_path(cfg.pretrained_model_name_or_path)
-    _export(trainable_state(model, cfg.algorithm), peft_config_dict(model), cfg, base, target, tokenizer,
+    weights = weights if weights is not None else trainable_state(model, cfg.algorithm)
+    _export(weights, peft_config_dict(model), cfg, base, target, tokenizer,
             fp32=False, max_shard_size="2GB", overwrite=True)
 
 
@@ -89,9 +91,12 @@ def _export(weights, peft_config, cfg: Config, base: str, target: Path, tokenize
 
 
 def pth_to_hf(cfg: Config, pth: str, save_dir: str, fp32: bool = False, max_shard_size: str = "2GB") -> None:
-    """A training checkpoint to a PEFT adapter folder (LoRA/QLoRA) or a full HF model (full tuning)."""
+    """A training checkpoint to a PEFT adapter folder (LoRA/QLoRA) or a full HF model (full tuning). `pth` is
+    a tunelab .pth (from any number of processes or engine) or an engine's folder (DeepSpeed ZeRO, DCP)."""
+    from tunelab.engine_checkpoint import is_engine_folder, load_engine_folder
+
     max_shard_size = check_shard_size(max_shard_size)
-    state = load_checkpoint(pth)
+    state = load_engine_folder(pth, cfg) if is_engine_folder(pth) else load_checkpoint(pth)
     algorithm = state["meta"]["algorithm"]
     if algorithm != cfg.algorithm:
         raise UserError(f"{pth}: the checkpoint is from a '{algorithm}' run but the config says algorithm = "

@@ -4,6 +4,7 @@ tested on the real code paths (never set it for real work). Comma-separated `nam
   kill_after_step=N           SIGKILL the process right after optimizer step N
   crash_in_checkpoint_write=N SIGKILL the process halfway through writing the N-th checkpoint of the run
   nan_loss_from_step=N        make every loss from optimizer step N on non-finite
+  slow_tokenize=N             rank 0 sleeps N seconds before tokenising (ranks > 0 must outwait it)
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tunelab import distributed, parallel
 from tunelab.checkpoint import find_resume_checkpoint, remove_stale_temp_files, save_checkpoint
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
@@ -31,7 +32,7 @@ from tunelab.data.formats import Turn
 from tunelab.errors import ConfigError, TrainingInterrupted, TrainingStopped, UserError
 from tunelab.faults import fault, kill_now
 from tunelab.model.generate import Sampling, generate
-from tunelab.model.load import (add_lora, default_device, load_model, load_tokenizer, resolve_dtype,
+from tunelab.model.load import (add_lora, load_model, load_tokenizer, resolve_dtype,
                                 resolve_model_path)
 from tunelab.monitor import RunMonitor
 
@@ -67,6 +68,9 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
     """Per-token cross entropy (0 where the target is ignored), shape (batch, seq)."""
     device = next(p for p in model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
+    fast = getattr(model, "tunelab_fast", None)
+    if fast is not None and model.training:
+        return fast.token_losses(batch, dtype)
     with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     attention_mask=attention_bias(batch["segment_ids"], dtype), use_cache=False)
@@ -78,15 +82,23 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
 
 def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
     """The model to train: full weights, or a frozen (4-bit for QLoRA) base with LoRA adapters."""
+    from tunelab import fast
+
     bits = 4 if cfg.algorithm == "qlora" else None
     weights_dtype = torch.float32 if cfg.algorithm == "full" or device == "cpu" else dtype
     model = load_model(model_path, dtype=weights_dtype, bits=bits, device=device,
                        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
-    if cfg.gradient_checkpointing:
+    want_fast = fast.use_fast_path(cfg, device)
+    if cfg.gradient_checkpointing and not want_fast:  # the fast path checkpoints its own layers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.algorithm in ("lora", "qlora"):
-        model = add_lora(model, cfg, quantized=bits is not None)
+        # the fast path needs no fp32 copies of norms/embeddings/head (prepare_model_for_kbit_training)
+        model = add_lora(model, cfg, quantized=bits is not None, prepare=not want_fast)
+    if want_fast:
+        model.tunelab_fast = fast.attach(model, cfg, device)
+        if model.tunelab_fast is None and cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -188,8 +200,18 @@ def load_training_data(cfg: Config, tokenizer) -> tuple[list[Sequence], list[Seq
 
 
 def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None = None,
-          resume: str | None = None) -> TrainResult:
-    """Run a whole training job. resume: 'auto' (newest checkpoint), a .pth path, or None."""
+          resume: str | None = None, deepspeed: dict | None = None) -> TrainResult:
+    """Run a whole training job. resume: 'auto' (newest checkpoint), a .pth path, or None. Under torchrun
+    this is one rank of a data-parallel job (tunelab/parallel.py); deepspeed: a DeepSpeed config dict."""
+    ctx = distributed.setup(need_group=deepspeed is not None)
+    try:
+        return _train(cfg, name, work_dir, seed, resume, ctx, deepspeed)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resume: str | None,
+           ctx: distributed.Context, deepspeed: dict | None) -> TrainResult:
     if seed is not None:
         cfg.seed = seed
     seed_everything(cfg.seed)
@@ -197,12 +219,14 @@ def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None 
     # Data first: bad data must fail in seconds, not after a 7B model has loaded.
     model_path = resolve_model_path(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    sequences, val, stats = load_training_data(cfg, tokenizer)
-    if cfg.batch_size > len(sequences):
-        raise ConfigError(f"'batch_size' {cfg.batch_size} is larger than the dataset ({len(sequences)} "
+    root = Path(work_dir) if work_dir else Path("work_dirs") / name
+    sequences, val, stats = distributed.tokenise_once(ctx, cfg, model_path, root,
+                                                      lambda: load_training_data(cfg, tokenizer))
+    if cfg.batch_size * ctx.world_size > len(sequences):
+        processes = f" x {ctx.world_size} processes" if ctx.world_size > 1 else ""
+        raise ConfigError(f"'batch_size' {cfg.batch_size}{processes} is larger than the dataset ({len(sequences)} "
                           f"sequences after packing); lower batch_size")
     fmt = PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM)
-    root = Path(work_dir) if work_dir else Path("work_dirs") / name
     resume = resume or ("auto" if cfg.auto_resume else None)
     checkpoint = None
     if resume:
@@ -211,53 +235,63 @@ def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None 
             raise UserError(f"--resume: no checkpoint in {root} to resume from; train without --resume first")
         checkpoint = found
 
-    micro_per_epoch = math.ceil(len(sequences) / cfg.batch_size)
+    micro_per_epoch = math.ceil(len(sequences) / (cfg.batch_size * ctx.world_size))  # global micro-batches
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulative_counts)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(root)
-    monitor = RunMonitor(root, total_steps, cfg.log_interval, render_config(to_dict(cfg), name), name)
+    if ctx.is_main:  # run files and checkpoints come from rank 0 only
+        remove_stale_temp_files(root)
+    monitor_type = RunMonitor if ctx.is_main else distributed.NullMonitor
+    monitor = monitor_type(root, total_steps, cfg.log_interval, render_config(to_dict(cfg), name), name)
     try:
         return _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, monitor, checkpoint,
-                    steps_per_epoch, total_steps)
+                    steps_per_epoch, total_steps, ctx, deepspeed)
     finally:
         monitor.close()
 
 
 def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, monitor: RunMonitor, checkpoint,
-         steps_per_epoch: int, total_steps: int) -> TrainResult:
+         steps_per_epoch: int, total_steps: int, ctx: distributed.Context, deepspeed: dict | None) -> TrainResult:
     log.info("config %s | model %s | algorithm %s", name, model_path, cfg.algorithm)
     log.info(stats.summary())
     if stats.skipped > stats.records // 10:
         log.warning("warning: %d of %d samples were dropped (no answer within max_length=%d or a bad record); "
                     "raise max_length if that is not intended", stats.skipped, stats.records, cfg.max_length)
-    device = default_device()
+    device = ctx.device
     dtype = resolve_dtype(cfg.torch_dtype, device)
-    model = build_model(cfg, model_path, device, dtype)
+    kind = parallel.choose(ctx, cfg, deepspeed)
+    model = build_model(cfg, model_path, parallel.load_device(kind, cfg, device, deepspeed), dtype)
+    fingerprint = data_fingerprint(sequences)
+    if checkpoint is not None:  # the weights go in before an engine wraps, shards or partitions the model
+        _load_weights(checkpoint[1], model, cfg, fingerprint)
+    par = parallel.wrap(ctx, model, cfg, dtype, deepspeed, root)
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %d of %d", sum(p.numel() for p in params),
              sum(p.numel() for p in model.parameters()))
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    optimizer = par.make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup_ratio))
-    fingerprint = data_fingerprint(sequences)
     log.info("%d sequences, %d steps per epoch, %d steps in all", len(sequences), steps_per_epoch, total_steps)
 
     step = 0
     if checkpoint is not None:
         path, state = checkpoint
-        step = _restore(state, model, optimizer, scheduler, cfg, fingerprint)
+        step = _restore(state, par, optimizer, scheduler, ctx)
         log.info("resumed from %s at step %d", path, step)
     monitor.set_position(step)
 
-    def save(filename: str, epoch: int) -> Path:
+    def save(filename: str, epoch: int) -> Path | None:
+        weights, optimizer_state = par.state(model, optimizer, cfg.algorithm, filename)  # on every rank
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        rng_ranks = distributed.all_gather_objects(ctx, rng) if ctx.world_size > 1 else None
+        if not ctx.is_main:
+            return None
         state = {
             "meta": {"step": step, "epoch": epoch, "algorithm": cfg.algorithm, "data": fingerprint,
-                     "tunelab_format": 1},
-            "config": to_dict(cfg), "model": trainable_state(model, cfg.algorithm),
-            "peft_config": peft_config_dict(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                     "tunelab_format": 1, "world_size": ctx.world_size},
+            "config": to_dict(cfg), "model": weights,
+            "peft_config": peft_config_dict(model), "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(), "rng": rng, "rng_ranks": rng_ranks,
         }
         path = save_checkpoint(root, filename, state, cfg.save_total_limit)
         log.info("saved checkpoint %s", path)
@@ -273,12 +307,16 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
         bad_in_a_row, started = 0, time.time()
         first_epoch = step // steps_per_epoch + 1
         for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch) + 1):
-            windows = _epoch_windows(sequences, cfg, epoch)
+            windows = _epoch_windows(sequences, cfg, epoch, ctx.world_size)
             for index, window in enumerate(windows):
                 if (epoch - 1) * steps_per_epoch + index < step:
                     continue  # done before the resume
-                loss, tokens, seconds = _optimizer_step(model, window, optimizer, params, cfg, tokenizer,
-                                                        dtype, step + 1)
+                if par.kind == "single":
+                    loss, tokens, seconds = _optimizer_step(model, window, optimizer, params, cfg, tokenizer,
+                                                            dtype, step + 1)
+                else:  # this rank's share of the window; all ranks agree on loss, skips and signals
+                    loss, tokens, seconds = par.optimizer_step(window, optimizer, params, cfg, tokenizer, dtype,
+                                                               step + 1, stop_signal)
                 scheduler.step()
                 step += 1
                 if loss is None:
@@ -320,19 +358,24 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
         _restore_signals(handlers)
     from tunelab.convert import export_trained
 
-    export_trained(model, tokenizer, cfg, root / "hf")
+    weights, _ = par.state(model, None, cfg.algorithm, None)
+    if ctx.is_main:
+        export_trained(model, tokenizer, cfg, root / "hf", weights)
     monitor.plot()
     log.info("done: %d steps; adapter/model in %s", step, root / "hf")
     return TrainResult(root, model, tokenizer, step)
 
 
-def _epoch_windows(sequences: list[Sequence], cfg: Config, epoch: int) -> list[list[list[Sequence]]]:
+def _epoch_windows(sequences: list[Sequence], cfg: Config, epoch: int,
+                   world: int = 1) -> list[list[list[Sequence]]]:
     """The epoch's optimizer steps, each a list of micro-batches. The order depends only on (seed, epoch),
-    so a resumed run sees exactly the batches the uninterrupted run would have."""
+    so a resumed run sees exactly the batches the uninterrupted run would have. With `world` processes a
+    micro-batch holds batch_size x world sequences, of which each rank trains on its own batch_size."""
     order = list(range(len(sequences)))
     if cfg.shuffle:
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-    micro = [[sequences[i] for i in order[j:j + cfg.batch_size]] for j in range(0, len(order), cfg.batch_size)]
+    size = cfg.batch_size * world
+    micro = [[sequences[i] for i in order[j:j + size]] for j in range(0, len(order), size)]
     return [micro[i:i + cfg.accumulative_counts] for i in range(0, len(micro), cfg.accumulative_counts)]
 
 
@@ -364,7 +407,7 @@ def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg:
     return total, n_tokens, time.time() - t0
 
 
-def _restore(state: dict, model, optimizer, scheduler, cfg: Config, fingerprint: str) -> int:
+def _load_weights(state: dict, model, cfg: Config, fingerprint: str) -> None:
     meta = state["meta"]
     if meta["algorithm"] != cfg.algorithm:
         raise UserError(f"the checkpoint is from a '{meta['algorithm']}' run but the config says algorithm = "
@@ -373,13 +416,20 @@ def _restore(state: dict, model, optimizer, scheduler, cfg: Config, fingerprint:
         log.warning("warning: the data differ from the checkpoint's; the resumed run will not match the "
                     "original exactly")
     load_trainable_state(model, cfg.algorithm, state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def _restore(state: dict, par, optimizer, scheduler, ctx: distributed.Context) -> int:
+    """Optimizer, schedule and random state (the weights are in already); returns the step."""
+    par.load_optimizer(par.module, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(meta["step"])
+    rng = state["rng"]
+    if state.get("rng_ranks") and len(state["rng_ranks"]) == ctx.world_size:
+        rng = state["rng_ranks"][ctx.rank]  # each rank's own dropout stream
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["meta"]["step"])
 
 
 def _catch_signals(stop: list[int]):

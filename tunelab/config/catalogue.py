@@ -113,37 +113,48 @@ _AGENT_SYSTEM = (  # tools and ReAct reply format for the MSAgent-Bench configs 
     "如果你已经知道答案，或者不需要工具，请按以下格式回复：\nThought:给出最终答案的思考过程\n"
     "Final Answer:最终答案\n开始!\n")
 
+# silk-road/alpaca-data-gpt4-chinese holds the English original beside the translation: train on the *_zh side
+_ALPACA_ZH = {"instruction_zh": "instruction", "input_zh": "input", "output_zh": "output"}
+
 # dataset key -> its epochs (in the name) and the config settings it brings. Hub ids are Hugging Face
 # dataset ids; ./ paths are local files the user downloads (as in the tutorial).
 DATASETS: dict[str, dict[str, Any]] = {
     "alpaca": dict(epochs=3, data_path="tatsu-lab/alpaca", SYSTEM=_ALPACA_SYSTEM),
-    "alpaca_zh": dict(epochs=3, data_path="silk-road/alpaca-data-gpt4-chinese", SYSTEM=_ALPACA_SYSTEM),
+    "alpaca_zh": dict(epochs=3, data_path="silk-road/alpaca-data-gpt4-chinese", SYSTEM=_ALPACA_SYSTEM,
+                      dataset_columns=_ALPACA_ZH),
     "alpaca_enzh": dict(epochs=3, data_path=["tatsu-lab/alpaca", "silk-road/alpaca-data-gpt4-chinese"],
-                        SYSTEM=_ALPACA_SYSTEM),
+                        SYSTEM=_ALPACA_SYSTEM, dataset_columns={"silk-road/alpaca-data-gpt4-chinese": _ALPACA_ZH}),
     "oasst1": dict(epochs=3, data_path="timdettmers/openassistant-guanaco", SYSTEM=""),
-    "code_alpaca": dict(epochs=3, data_path="HuggingFaceH4/CodeAlpaca_20K", SYSTEM=_CODER_SYSTEM, evaluation_inputs=[
+    "code_alpaca": dict(epochs=3, data_path="HuggingFaceH4/CodeAlpaca_20K", SYSTEM=_CODER_SYSTEM,
+                        dataset_columns={"prompt": "query", "completion": "response"}, evaluation_inputs=[
         "写一个Python函数，将十六进制颜色代码（如#0066ee）转换为对应的红、绿、蓝（RGB）三个颜色分量值，并以元组的形式返回。",
         "Write a Python function that takes a hexadecimal color code (e.g., #0066ee) as input and converts it "
         "into the corresponding red, green, and blue (RGB) color component values, returned as a tuple."]),
-    "sql": dict(epochs=3, data_path="b-mc2/sql-create-context",
+    "sql": dict(epochs=3, data_path="b-mc2/sql-create-context",  # alpaca layout: "context\nquestion"
+                dataset_columns={"context": "instruction", "question": "input", "answer": "output"},
                 SYSTEM="If you are an expert in SQL, please generate a good SQL Query for Question based on the "
                        "CREATE TABLE statement.\n",
                 evaluation_inputs=["CREATE TABLE station (name VARCHAR, lat VARCHAR, city VARCHAR)\n"
                                    "Find the name, latitude, and city of stations with latitude above 50."]),
     "colorist": dict(epochs=5, data_path="burkelibbey/colors",
+                     dataset_columns={"description": "query", "color": "response"},
                      SYSTEM="You are a professional color designer. Please provide the corresponding colors based "
                             "on the description of Human.\n",
                      evaluation_inputs=["请给我一个像天空一样清澈透明的蓝色。", "Please give me a clear blue like the sky."]),
     "lawyer": dict(epochs=3, data_path=["./data/CrimeKgAssitant清洗后_52k.json", "./data/训练数据_带法律依据_92k.json"],
+                   dataset_columns={"./data/CrimeKgAssitant清洗后_52k.json": {"input": "query", "output": "response"},
+                                    "./data/训练数据_带法律依据_92k.json": {"question": "query", "answer": "response"}},
                    SYSTEM="你现在是一名专业的中国律师，请根据用户的问题给出准确、有理有据的回复。\n",
                    evaluation_inputs=["请问离婚需要准备什么材料？", "销售鳄鱼皮包违法吗？"]),
     "arxiv_gentitle": dict(epochs=3, data_path="./data/arxiv_data.json",
+                           dataset_columns={"abstract": "query", "title": "response"},
                            SYSTEM="If you are an expert in writing papers, please generate a good paper title for "
                                   "this paper based on other authors' descriptions of their abstracts.\n"),
     "medical": dict(epochs=1, data_path="shibing624/medical",
                     SYSTEM="如果你是一名医生，请根据患者的描述回答医学问题。\n",
                     evaluation_inputs=["我有家族遗传性的过敏，请问可以献血吗？", "我爷爷有高血压，请问他可以喝咖啡吗？"]),
-    "openorca": dict(epochs=1, data_path="Open-Orca/OpenOrca", SYSTEM=""),
+    "openorca": dict(epochs=1, data_path="Open-Orca/OpenOrca", SYSTEM="",
+                     dataset_columns={"system_prompt": "system", "question": "query"}),
     "wizardlm": dict(epochs=1, data_path="WizardLM/WizardLM_evol_instruct_V2_196k", SYSTEM=""),
     "msagent_react": dict(epochs=3, data_path="damo/MSAgent-Bench", SYSTEM=_AGENT_SYSTEM, pack_to_max_length=False,
                           evaluation_inputs=["上海明天天气怎么样？"]),

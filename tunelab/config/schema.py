@@ -49,6 +49,11 @@ class Config:
     dataset_format: str = setting(
         "auto", "Record format: auto (detected per file), conversation, alpaca, openai, sharegpt, "
         "guanaco, query_response, msagent, oasst, text.", group="data")
+    dataset_columns: dict = setting(
+        {}, "Rename record fields before the format is detected, file column -> format field, e.g. "
+        "{'prompt': 'query', 'completion': 'response'}; a renamed field replaces one of the same name. "
+        "To map each data_path entry differently, key by the entry: {'a.json': {...}, 'org/ds': {...}}.",
+        group="data")
     prompt_template: str = setting(
         "default", "Chat template the samples are rendered with (tunelab chat uses the same); "
         "'auto' uses the tokenizer's own chat_template.", group="data")
@@ -81,6 +86,16 @@ class Config:
                                   group="train", min=0)
     gradient_checkpointing: bool = setting(True, "Recompute activations in backward to save memory.",
                                            group="train")
+    fast_path: Literal["auto", "on", "off"] = setting(
+        "auto", "Fused training forward (compiled layers, padding-free packed attention, chunked loss) over "
+        "the same weights: auto = LoRA/QLoRA on a GPU for Llama-family models; off = plain transformers.",
+        group="train")
+    checkpoint_layers: int = setting(
+        -1, "With gradient_checkpointing on the fast path: recompute only the first N layers in backward "
+        "(-1: all). Fewer is faster and uses more memory: each layer not recomputed keeps its activations.",
+        group="train", min=-1)
+    fast_compile: bool = setting(True, "torch.compile the fast path's layers (GPU only; compiles once, "
+                                 "in the first steps).", group="train")
     seed: int = setting(0, "Random seed (data order, LoRA init, dropout).", group="train", min=0)
 
     # --- LoRA ------------------------------------------------------------------------------
@@ -195,6 +210,7 @@ def build_config(values: dict[str, Any], where: str) -> Config:
         value = getattr(cfg, key)
         if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: '{key}' must hold non-empty strings only, got {value!r}")
+    _check_columns(cfg, where)
     if cfg.validation_split >= 1:
         raise ConfigError(f"{where}: 'validation_split' must be < 1, got {cfg.validation_split!r}")
     # copy-cfg writes every key, so only a non-default evaluation_freq counts as "set"
@@ -205,6 +221,32 @@ def build_config(values: dict[str, Any], where: str) -> Config:
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"{where}: 'lora_dropout' must be < 1, got {cfg.lora_dropout!r}")
     return cfg
+
+
+def _check_columns(cfg: Config, where: str) -> None:
+    cols = cfg.dataset_columns
+    if not cols:
+        return
+    flat = all(isinstance(v, str) for v in cols.values())
+    if not flat and not all(isinstance(v, dict) for v in cols.values()):
+        raise ConfigError(f"{where}: 'dataset_columns' must map column -> field names, or data_path entry -> "
+                          f"such a mapping, got {cols!r}")
+    for mapping in [cols] if flat else cols.values():
+        if not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in mapping.items()):
+            raise ConfigError(f"{where}: 'dataset_columns' names must be non-empty strings, got {mapping!r}")
+    if not flat:
+        unknown = [k for k in cols if k not in cfg.data_paths]
+        if unknown:
+            raise ConfigError(f"{where}: 'dataset_columns' has an entry for {unknown[0]!r}, which is not in "
+                              f"data_path ({', '.join(cfg.data_paths)})")
+
+
+def columns_for(cfg: Config, data_path: str) -> dict[str, str]:
+    """The column renaming (file column -> format field) that applies to one data_path entry."""
+    cols = cfg.dataset_columns
+    if cols and all(isinstance(v, str) for v in cols.values()):
+        return cols
+    return cols.get(data_path, {})
 
 
 def default_value(key: str) -> Any:

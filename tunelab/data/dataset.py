@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tunelab.config.schema import Config
+from tunelab.config.schema import Config, columns_for
 from tunelab.data.encode import IGNORE, PromptFormat
 from tunelab.data.formats import (PREPARE, BadRecord, Filtered, Turn, check_one_format, detect_format, looks_like,
                                   to_turns)
@@ -77,9 +77,29 @@ def load_dialogues(cfg: Config, stats: DataStats) -> list[tuple[str, list[Turn]]
     """
     dialogues = []
     for data_path in cfg.data_paths:
+        columns = columns_for(cfg, data_path)
         for file in resolve_data_files(data_path):
-            dialogues += _load_file(cfg, file, stats)
+            dialogues += _load_file(cfg, file, stats, columns)
     return dialogues
+
+
+def rename_columns(records: list[Record], columns: dict[str, str]) -> list[Record]:
+    """Records with fields renamed per `columns` (file column -> format field); a DataError when the
+    first record lacks a mapped column, so a wrong mapping is caught before any training."""
+    first = records[0].value
+    if isinstance(first, dict):
+        missing = [c for c in columns if c not in first]
+        if missing:
+            raise DataError(f"{records[0].where}: dataset_columns maps '{missing[0]}', but the record has no such "
+                            f"field (fields: {', '.join(map(str, first))}); fix dataset_columns")
+    out = []
+    for rec in records:
+        if isinstance(rec.value, dict):
+            value = {k: v for k, v in rec.value.items() if k not in columns}
+            value.update({dst: rec.value[src] for src, dst in columns.items() if src in rec.value})
+            rec = Record(value, rec.source, rec.line)
+        out.append(rec)
+    return out
 
 
 def _file_format(cfg: Config, records: list[Record]) -> str:
@@ -93,10 +113,12 @@ def _file_format(cfg: Config, records: list[Record]) -> str:
     return fmt
 
 
-def _load_file(cfg: Config, file: str, stats: DataStats) -> list[tuple[str, list[Turn]]]:
+def _load_file(cfg: Config, file: str, stats: DataStats, columns: dict[str, str]) -> list[tuple[str, list[Turn]]]:
     records = read_records(file)
     if not records:
         raise DataError(f"{file}: holds no records; add records or remove the file from data_path")
+    if columns:
+        records = rename_columns(records, columns)
     fmt = _file_format(cfg, records)
     if fmt in PREPARE:
         records = PREPARE[fmt](records)

@@ -69,17 +69,23 @@ class PromptFormat:
         t = self.template
         segments: list[tuple[str, bool, bool]] = []
         for i, turn in enumerate(turns):
-            prompt = ""
+            prompt = t.prefix if i == 0 else t.separator
+            user_text = turn.input
             if i == 0:
                 system = self._system_for(turns)
                 if system and t.system:
-                    prompt += t.system.replace("{system}", system)
-            else:
-                prompt += t.separator
-            prompt += t.instruction.replace("{input}", turn.input).replace("{round}", str(i + 1))
+                    block = t.system.replace("{system}", system)
+                    if t.system_in_instruction:
+                        user_text = block + user_text
+                    else:
+                        prompt += block
+            # {round} first, so braces inside the user's text are never touched
+            prompt += t.instruction.replace("{round}", str(i + 1)).replace("{input}", user_text)
             segments.append((prompt, False, False))
             has_output = bool(turn.output)
-            segments.append((turn.output + t.suffix, has_output, has_output and not t.suffix))
+            ends = t.end_history_turns or i == len(turns) - 1
+            suffix = t.suffix if ends else ""
+            segments.append((turn.output + suffix, has_output, has_output and ends and not t.suffix))
         return segments
 
     def _segments_auto(self, turns: list[Turn]) -> list[tuple[str, bool, bool]]:

@@ -2,11 +2,13 @@
 
 A dialogue [(system, in1, out1), (in2, out2), ...] renders as
 
-    system.format(system=...) + instruction.format(input=in1, round=1) + out1 + suffix
+    prefix + system.format(system=...) + instruction.format(input=in1, round=1) + out1 + suffix
     + separator + instruction.format(input=in2, round=2) + out2 + suffix + ...
 
 with the tokenizer's bos token in front when `bos` is True and its eos token after each output when
-`suffix` is ''. Each template reproduces its model's published chat format (the HF tokenizer_config
+`suffix` is ''. Two switches cover the formats that do not fit that line: `system_in_instruction` puts
+the system block inside the first instruction, in front of in1 (Llama-2, current Mistral), and
+`end_history_turns=False` ends only the last answer (ChatGLM writes nothing between turns). Each template reproduces its model's published chat format (the HF tokenizer_config
 chat_template or the model's own repo) within what that scheme can express. Conventions:
 
 * The prompt ends where the published generation prompt ends. Where a published template writes a
@@ -37,6 +39,9 @@ class Template:
     stop_words: tuple[str, ...]   # strings at which generation must stop (the end-of-turn markers); may be empty when suffix == '' (eos is the stop then)
     default_system: str = ''      # system text the model was published with, used when neither data nor config gives one ('' = none)
     bos: bool = True     # whether the tokenizer's bos token starts a dialogue (False for formats whose published template puts no bos, e.g. qwen)
+    prefix: str = ''     # literal text that starts every dialogue, after the bos token (ChatGLM's [gMASK]sop)
+    system_in_instruction: bool = False  # the system block goes inside the first instruction, before the input (Llama-2's <<SYS>>)
+    end_history_turns: bool = True       # False: only the dialogue's last answer gets the suffix/eos (ChatGLM writes none between turns)
     notes: str = ''      # one line: which published format this follows
 
 
@@ -84,21 +89,23 @@ _add(Template(
     notes="fnlp/moss-moon-003-sft README: meta instruction, '<|Human|>: ...<eoh>\\n<|MOSS|>: ...<eom>'"))
 llama2_chat = _add(Template(
     'llama2_chat', system='<<SYS>>\n{system}\n<</SYS>>\n\n', instruction='[INST] {input} [/INST]',
-    suffix='', separator='<s>', stop_words=(),
-    notes='Llama-2-chat: <s>[INST] u [/INST] a</s><s>[INST] ...; the <<SYS>> block precedes the first [INST]'))
+    suffix='', separator='<s>', stop_words=(), system_in_instruction=True,
+    notes='Llama-2-chat: <s>[INST] <<SYS>>..<</SYS>> u [/INST] a</s><s>[INST] ...; system inside the first [INST]'))
 _alias('code_llama_chat', llama2_chat,
-       'CodeLlama-Instruct: same layout as Llama-2-chat (bos before every [INST], <<SYS>> block first)')
+       'CodeLlama-Instruct: same layout as Llama-2-chat (bos before every [INST], <<SYS>> in the first)')
 _add(Template(
     'chatglm2', system='{system}\n\n', instruction='[Round {round}]\n\n问：{input}\n\n答：',
-    suffix='', separator='\n\n', stop_words=(),
-    notes='chatglm2-6b build_prompt: [Round n] 问/答 blocks after the [gMASK]sop prefix; no system slot'))
+    suffix='', separator='\n\n', stop_words=(), bos=False, prefix='[gMASK]sop', end_history_turns=False,
+    notes='chatglm2-6b build_prompt: [gMASK]sop, then [Round n] 问/答 blocks; no system slot (preamble)'))
 _add(Template(
     'chatglm3', system='<|system|>\n{system}', instruction='<|user|>\n{input}<|assistant|>\n',
-    suffix='', separator='', stop_words=('<|user|>', '<|observation|>'),
+    suffix='', separator='', stop_words=('<|user|>', '<|observation|>'), bos=False, prefix='[gMASK]sop',
+    end_history_turns=False,
     notes='chatglm3-6b build_chat_input: <|role|>\\n content blocks after [gMASK]sop; a turn ends at <|user|>'))
 _add(Template(
     'glm4_chat', system='<|system|>\n{system}', instruction='<|user|>\n{input}<|assistant|>\n',
-    suffix='', separator='', stop_words=('<|user|>', '<|observation|>', '<|endoftext|>'),
+    suffix='', separator='', stop_words=('<|user|>', '<|observation|>', '<|endoftext|>'), bos=False,
+    prefix='[gMASK]<sop>', end_history_turns=False,
     notes='glm-4-9b-chat: <|role|>\\n content blocks after [gMASK]<sop>; a turn ends at <|user|>'))
 qwen_chat = _add(Template(
     'qwen_chat', system=_CHATML_SYS, instruction=_CHATML_INST,
@@ -130,8 +137,8 @@ _add(Template(
     notes='Meta-Llama-3(-8B)-Instruct chat_template: header blocks closed by <|eot_id|> after <|begin_of_text|>'))
 mistral = _add(Template(
     'mistral', system='{system}\n\n', instruction='[INST] {input} [/INST]',
-    suffix='', separator='', stop_words=(),
-    notes='Mistral-7B-Instruct-v0.1/v0.2 chat_template: <s>[INST] u [/INST]a</s>[INST] ...; system as preamble'))
+    suffix='', separator='', stop_words=(), system_in_instruction=True,
+    notes='Mistral-7B-Instruct chat_template: <s>[INST] system\\n\\nu [/INST]a</s>[INST] ...; system in the first [INST]'))
 _alias('mixtral', mistral, 'Mixtral-8x7B-Instruct-v0.1 chat_template: same as mistral')
 _add(Template(
     'gemma', system='<start_of_turn>system\n{system}<end_of_turn>\n',
@@ -225,22 +232,30 @@ def template_to_jinja(t: Template) -> str:
     ]
     if t.bos:
         lines.append("{{- bos_token -}}")
-    if t.system:
-        lines.append("{%- if system_text -%}{{- " + _jinja_concat(t.system, {'system': 'system_text'}) +
-                     " -}}{%- endif -%}")
+    if t.prefix:
+        lines.append("{{- " + lit(t.prefix) + " -}}")
+    system_block = _jinja_concat(t.system, {'system': 'system_text'}) if t.system else None
+    if system_block and not t.system_in_instruction:
+        lines.append("{%- if system_text -%}{{- " + system_block + " -}}{%- endif -%}")
     lines += [
         "{#- add_generation_prompt needs nothing: a user turn already ends with the assistant header -#}",
         "{%- set ns = namespace(round=0) -%}",
         "{%- for message in loop_messages -%}",
         "{%- if message['role'] == 'user' -%}",
         "{%- set ns.round = ns.round + 1 -%}",
+        "{%- set user_text = message['content'] -%}",
     ]
+    if system_block and t.system_in_instruction:
+        lines.append("{%- if ns.round == 1 and system_text -%}{%- set user_text = " + system_block +
+                     " ~ user_text -%}{%- endif -%}")
     if t.separator:
         lines.append("{%- if ns.round > 1 -%}{{- " + lit(t.separator) + " -}}{%- endif -%}")
+    end_answer = ("{{- " + end + " -}}" if t.end_history_turns
+                  else "{%- if loop.last -%}{{- " + end + " -}}{%- endif -%}")
     lines += [
-        "{{- " + _jinja_concat(t.instruction, {'input': "message['content']", 'round': 'ns.round'}) + " -}}",
+        "{{- " + _jinja_concat(t.instruction, {'input': 'user_text', 'round': 'ns.round'}) + " -}}",
         "{%- elif message['role'] == 'assistant' -%}",
-        "{{- message['content'] ~ " + end + " -}}",
+        "{{- message['content'] -}}" + end_answer,
         "{%- else -%}",
         "{{- raise_exception('Only an optional first system message, then user and assistant "
         "messages, are supported') -}}",

@@ -16,6 +16,17 @@ class Sampling:
     top_k: int = 40
     top_p: float = 0.75
     repetition_penalty: float = 1.0
+    min_new_tokens: int = 0  # end-of-sequence tokens are suppressed until this many were generated
+
+
+@dataclass
+class Generated:
+    """What one generation produced: the answer, how many tokens were generated, and why it ended
+    ('stop': a stop word or end of sequence, 'length': max_new_tokens, 'cancelled': the caller asked)."""
+    text: str
+    tokens: int
+    finish_reason: str
+    stop_word: str | None = None  # the stop word that ended the text, if one did
 
 
 def cut_at_stop(text: str, stop_words: list[str]) -> tuple[str, bool]:
@@ -48,9 +59,10 @@ class _StopAndStream:
     """A transformers streamer + stopping criterion in one: decodes new tokens, emits text as it becomes
     safe to show, and signals a stop once a stop word appears."""
 
-    def __init__(self, tokenizer, stop_words: list[str], on_text: Callable[[str], None] | None):
-        self.tokenizer, self.stop_words, self.on_text = tokenizer, stop_words, on_text
-        self.prompt_seen, self.tokens, self.shown, self.stopped = False, [], 0, False
+    def __init__(self, tokenizer, stop_words: list[str], on_text: Callable[[str], None] | None,
+                 cancel: Callable[[], bool] | None = None):
+        self.tokenizer, self.stop_words, self.on_text, self.cancel = tokenizer, stop_words, on_text, cancel
+        self.prompt_seen, self.tokens, self.shown, self.stopped, self.cancelled = False, [], 0, False, False
 
     def text(self) -> str:
         return self.tokenizer.decode(self.tokens, skip_special_tokens=False)
@@ -78,25 +90,30 @@ class _StopAndStream:
 
     # stopping-criteria protocol
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+        if self.cancel is not None and not self.cancelled and self.cancel():  # checked once per token
+            self.cancelled = True
+        done = self.stopped or self.cancelled
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 def generate(model, tokenizer, input_ids: list[int], stop_words: list[str], sampling: Sampling,
              on_text: Callable[[str], None] | None = None) -> str:
     """The answer to a prompt (token ids), cut before the first stop word. on_text receives it piece by
     piece as it is generated."""
-    return generate_until(model, tokenizer, input_ids, stop_words, sampling, on_text)[0]
+    return generate_full(model, tokenizer, input_ids, stop_words, sampling, on_text).text
 
 
 @torch.no_grad()
-def generate_until(model, tokenizer, input_ids: list[int], stop_words: list[str], sampling: Sampling,
-                   on_text: Callable[[str], None] | None = None) -> tuple[str, str | None]:
-    """Like `generate`, and also which stop word ended the text (None: eos or max_new_tokens)."""
+def generate_full(model, tokenizer, input_ids: list[int], stop_words: list[str], sampling: Sampling,
+                  on_text: Callable[[str], None] | None = None,
+                  cancel: Callable[[], bool] | None = None) -> Generated:
+    """Like `generate`, with the token count and finish reason; `cancel` is polled after every token and
+    ends the generation early when it returns True (a server's client went away)."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
-    watcher = _StopAndStream(tokenizer, stop_words, on_text)
+    watcher = _StopAndStream(tokenizer, stop_words, on_text, cancel)
     eos_ids = [tokenizer.convert_tokens_to_ids(w) for w in stop_words]
     eos_ids = [i for i in eos_ids if isinstance(i, int) and i != tokenizer.unk_token_id]
     greedy = sampling.temperature <= 0
@@ -108,7 +125,22 @@ def generate_until(model, tokenizer, input_ids: list[int], stop_words: list[str]
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
                        repetition_penalty=sampling.repetition_penalty, eos_token_id=eos_ids or None,
                        pad_token_id=tokenizer.pad_token_id, streamer=watcher,
-                       stopping_criteria=StoppingCriteriaList([watcher]), use_cache=True, **options)
+                       stopping_criteria=StoppingCriteriaList([watcher]), use_cache=True,
+                       min_new_tokens=sampling.min_new_tokens or None, **options)
     finally:
         model.train(was_training)
-    return split_at_stop(watcher.text(), stop_words)
+    text, word = split_at_stop(watcher.text(), stop_words)
+    if watcher.cancelled:
+        reason = "cancelled"
+    elif not watcher.stopped and len(watcher.tokens) >= sampling.max_new_tokens:
+        reason = "length"
+    else:
+        reason = "stop"
+    return Generated(text, len(watcher.tokens), reason, word)
+
+
+def generate_until(model, tokenizer, input_ids: list[int], stop_words: list[str], sampling: Sampling,
+                   on_text: Callable[[str], None] | None = None) -> tuple[str, str | None]:
+    """Like `generate`, and also which stop word ended the text (None: eos or max_new_tokens)."""
+    out = generate_full(model, tokenizer, input_ids, stop_words, sampling, on_text)
+    return out.text, out.stop_word

@@ -96,11 +96,12 @@ def load_model(path: str, *, dtype: torch.dtype, bits: int | None = None, device
     return model
 
 
-def add_lora(model, cfg, quantized: bool):
-    """Wrap a model with fresh LoRA adapters as the config says."""
+def add_lora(model, cfg, quantized: bool, prepare: bool = True):
+    """Wrap a model with fresh LoRA adapters as the config says. `prepare` runs PEFT's k-bit preparation
+    (fp32 norms/embeddings, input gradients) on a quantized model, which the plain forward needs."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
+    if quantized and prepare:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",

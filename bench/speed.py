@@ -1,0 +1,282 @@
+"""LoRA/QLoRA training speed and memory: HF transformers + PEFT (+ bitsandbytes), Unsloth and tunelab on the
+same Llama-2-7B-shaped model (random weights), each side in its own process, in one call.
+
+    python bench/speed.py                       # every side at 2,048 tokens, then the table
+    python bench/speed.py --cases qlora8k,long  # other cases (see CASES)
+    python bench/speed.py --side tunelab --tokens 2048      # one side (what the driver runs per process)
+
+Every side: LoRA r=64, alpha=16, dropout 0 on q/k/v/o/gate/up/down, activation checkpointing (Unsloth: its
+own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one sequence per step, random token
+ids; tokens/s over the timed steps after warm-up (compilation happens in warm-up), peak = the most memory
+allocated by PyTorch during warm-up and timed steps. The tunelab side runs `tunelab.train._optimizer_step`,
+the very step `tunelab train` runs. The packed case draws real sample lengths (bench/sample_lengths.json):
+the HF baseline pads each batch of 4 samples, tunelab packs them; tokens/s counts real tokens only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5)
+# case -> (sides, tokens per step)
+CASES = {
+    "lora2k": (["hf", "unsloth", "tunelab"], 2048),
+    "qlora2k": (["hf_qlora", "unsloth_qlora", "tunelab_qlora"], 2048),
+    "qlora8k": (["hf_qlora", "unsloth_qlora", "tunelab_qlora"], 8192),
+    "long": (["tunelab_qlora"], 32768),
+    "packed": (["hf_padded", "tunelab_packed"], 0),
+}
+
+
+def make_model(path: Path) -> None:
+    """A random Llama-2-7B-shaped model and a tokenizer, saved once for every side to load."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.model.tiny import build_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPE, tie_word_embeddings=False, dtype="bfloat16")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(path, max_shard_size="5GB")
+    build_tokenizer().save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+
+
+# -- one side, in its own process -------------------------------------------------------------------------
+def _hf_model(path: str, qlora: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16) if qlora else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quant,
+                                                 device_map={"": "cuda"}, attn_implementation="sdpa")
+    model.config.use_cache = False
+    if qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             bias="none", task_type="CAUSAL_LM"))
+    return model
+
+
+def _unsloth_model(path: str, qlora: bool, tokens: int):
+    import unsloth  # noqa: F401  (must come before transformers/peft: it patches them)
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=max(tokens, 2048), dtype=torch.bfloat16,
+                                                 load_in_4bit=qlora, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0, bias="none",
+                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                             random_state=0)
+    return model
+
+
+def _hf_step(model, optimizer, params, ids, attention_mask=None, labels=None):
+    import torch
+
+    out = model(input_ids=ids, attention_mask=attention_mask, labels=ids if labels is None else labels,
+                use_cache=False)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out.loss.item()
+
+
+def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int):
+    import torch
+
+    from tunelab.config.loader import load_config
+    from tunelab.model.load import load_tokenizer
+    from tunelab.train import build_model
+
+    values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora", lora_r=64,
+                  lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, max_length=max(tokens, 2048),
+                  batch_size=1, accumulative_counts=1, max_norm=1.0, gradient_checkpointing=True,
+                  checkpoint_layers=checkpoint_layers)
+    cfg = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])[0]
+    model = build_model(cfg, path, "cuda", torch.bfloat16).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    return cfg, model, params, optimizer, load_tokenizer(path)
+
+
+def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict:
+    import torch
+
+    from tunelab.data.dataset import Sequence, pack
+
+    torch.manual_seed(0)
+    side, _, ckpt = side.partition("@")  # tunelab@N: recompute only the first N layers
+    qlora = side.endswith("qlora")
+    g = torch.Generator().manual_seed(0)
+    batches_of_ids = [torch.randint(3, SHAPE["vocab_size"], (1, tokens), generator=g) for _ in range(warmup + steps)] \
+        if tokens else []
+    t_load = time.time()
+    if side.startswith("tunelab"):
+        from tunelab.train import _optimizer_step
+        cfg, model, params, optimizer, tokenizer = _tunelab_setup(path, qlora, tokens or 8192, int(ckpt or -1))
+
+        def seq(ids):
+            ids = ids.tolist()
+            return Sequence(ids, ids[1:] + [-100], list(range(len(ids))), [0] * len(ids))
+
+        if side == "tunelab_packed":
+            samples = [seq(torch.randint(3, SHAPE["vocab_size"], (n,), generator=g)[None][0]) for n in _lengths()]
+            rows = pack(samples, 8192)
+            work = [[[row]] for row in rows]
+            real = [len(r) for r in rows]
+        else:
+            work = [[[seq(ids[0])]] for ids in batches_of_ids]
+            real = [tokens] * len(work)
+
+        def step(i):
+            loss, _, _ = _optimizer_step(model, work[i], optimizer, params, cfg, tokenizer, torch.bfloat16, i)
+            return loss
+    else:
+        model = _unsloth_model(path, qlora, tokens) if side.startswith("unsloth") else _hf_model(path, qlora)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+        if side == "hf_padded":
+            lengths = _lengths()
+            work, real = [], []
+            for j in range(0, len(lengths), 4):
+                group = lengths[j:j + 4]
+                width = max(group)
+                ids = torch.randint(3, SHAPE["vocab_size"], (len(group), width), generator=g)
+                mask = torch.zeros(len(group), width, dtype=torch.long)
+                for r, n in enumerate(group):
+                    mask[r, :n] = 1
+                labels = ids.masked_fill(mask == 0, -100)
+                work.append((ids, mask, labels))
+                real.append(sum(group))
+
+            def step(i):
+                ids, mask, labels = work[i]
+                return _hf_step(model, optimizer, params, ids.cuda(), mask.cuda(), labels.cuda())
+        else:
+            real = [tokens] * len(batches_of_ids)
+
+            def step(i):
+                return _hf_step(model, optimizer, params, batches_of_ids[i].cuda())
+    load_s = time.time() - t_load
+    torch.cuda.reset_peak_memory_stats()
+    n_steps = len(real) if side in ("hf_padded", "tunelab_packed") else warmup + steps
+    warm = warmup if side not in ("hf_padded", "tunelab_packed") else min(warmup, n_steps // 4)
+    t0 = time.time()
+    losses = []
+    for i in range(n_steps):
+        if i == warm:
+            torch.cuda.synchronize()
+            t0, counted = time.time(), 0
+        losses.append(step(i))
+        if i >= warm:
+            counted += real[i]
+    torch.cuda.synchronize()
+    elapsed = time.time() - t0
+    if os.environ.get("BENCH_PROFILE") and os.environ.get("OUT"):  # one more step, kernel by kernel
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(n_steps - 1)
+            torch.cuda.synchronize()
+        Path(os.environ["OUT"], f"profile_{side}{ckpt}.txt").write_text(
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
+    return dict(side=side + (f"@{ckpt}" if ckpt else ""), tokens=tokens, tok_s=counted / elapsed, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                steps=n_steps - warm, load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1])
+
+
+def _lengths() -> list[int]:
+    data = json.loads((HERE / "sample_lengths.json").read_text())
+    return (data["medqa2019"] + data["alpaca"])[:480]
+
+
+# -- the driver: every side in its own process, then the table ---------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--side")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--cases", default="lora2k,qlora2k")
+    ap.add_argument("--only", default="", help="run only sides starting with this (e.g. tunelab)")
+    ap.add_argument("--variants", default="", help="extra tunelab sides per case, e.g. lora2k=tunelab@0")
+    ap.add_argument("--model-dir", default=os.environ.get("BENCH_MODEL_DIR", "/tmp/llama2_7b_random"))
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--timeout", type=int, default=420)
+    args = ap.parse_args()
+    if args.side:
+        print("RESULT " + json.dumps(run_side(args.side, args.model_dir, args.tokens, args.warmup, args.steps)),
+              flush=True)
+        return
+    path = Path(args.model_dir)
+    if not (path / "config.json").is_file():
+        t = time.time()
+        make_model(path)
+        print(f"made {path} in {time.time() - t:.0f}s", flush=True)
+    rows = []
+    for case in args.cases.split(","):
+        sides, tokens = CASES[case]
+        extra = [v.split("=", 1)[1] for v in args.variants.split(",") if v.startswith(case + "=")]
+        for side in [s for s in sides + extra if s.startswith(args.only)]:
+            cmd = [sys.executable, __file__, "--side", side, "--tokens", str(tokens), "--model-dir", str(path),
+                   "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            t = time.time()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                out = proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as exc:
+                out = f"timed out after {args.timeout}s\n{(exc.stderr or b'')[-2000:]}"
+                proc = None
+            result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
+            if result is None:
+                tail = "\n".join(out.strip().splitlines()[-25:])
+                print(f"--- {case}/{side} failed:\n{tail}", flush=True)
+                result = dict(side=side, tokens=tokens, error=out.strip().splitlines()[-1][:200] if out.strip() else "?")
+            result["case"] = case
+            result["wall_s"] = round(time.time() - t)
+            print(json.dumps(result), flush=True)
+            rows.append(result)
+    print(table(rows))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "bench.json").write_text(json.dumps(rows, indent=1))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | side | tokens | tokens/s | peak GiB | vs HF | vs Unsloth | loss first->last |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by_case: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["side"]] = r
+    for case, sides in by_case.items():
+        ref_hf = next((r for s, r in sides.items() if s.startswith("hf") and "tok_s" in r), None)
+        ref_us = next((r for s, r in sides.items() if s.startswith("unsloth") and "tok_s" in r), None)
+        for side, r in sides.items():
+            if "tok_s" not in r:
+                lines.append(f"| {case} | {side} | {r['tokens']} | failed: {r.get('error', '')} | | | | |")
+                continue
+            vs = lambda ref: f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"  # noqa: E731
+            lines.append(f"| {case} | {side} | {r['tokens'] or 'real'} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | "
+                         f"{vs(ref_hf)} | {vs(ref_us)} | {r['first_loss']:.3f}->{r['last_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The fast training path against the plain transformers + PEFT path: per-token losses and LoRA gradients on
+packed, padded batches for every architecture (fp32 on CPU: tight), QLoRA with real bitsandbytes 4-bit, the
+chunked loss against F.cross_entropy, and (GPU only) the compiled bf16 kernels and varlen attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.config.loader import load_config
+from tunelab.data.dataset import Sequence, collate, pack
+from tunelab.fast.attention import attention, packed_layout
+from tunelab.fast.decoder import FastDecoder, unsupported_reason
+from tunelab.fast.loss import IGNORE, chunked_token_losses
+from tunelab.model.load import add_lora, load_model
+from tunelab.train import token_losses
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cfg(model_path, **over):
+    values = {**dict(pretrained_model_name_or_path=str(model_path), data_path="builtin:self_cognition",
+                     lora_r=8, lora_alpha=16, lora_dropout=0.0), **over}
+    return load_config("demo", [f"{k}={v!r}" for k, v in values.items()])[0]
+
+
+def _batch(vocab: int, lengths_per_row: list[list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Packed rows of random samples (and right padding): several segments per row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for lengths in lengths_per_row:
+        samples = []
+        for n in lengths:
+            ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+            targets = ids[1:] + [IGNORE]
+            targets[: n // 3] = [IGNORE] * (n // 3)  # a masked prompt
+            samples.append(Sequence(ids, targets, list(range(n)), [0] * n))
+        rows += pack(samples, sum(lengths))
+    return collate(rows, pad_id=0)
+
+
+def _lora_model(path, cfg, quantized=False, prepare=True):
+    model = load_model(str(path), dtype=torch.float32, bits=4 if quantized else None, device="cpu")
+    model = add_lora(model, cfg, quantized=quantized, prepare=prepare)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; make the LoRA branch matter
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+def _losses_and_grads(model, fn, batch):
+    model.zero_grad(set_to_none=True)
+    losses = fn(batch)
+    (losses.sum() / (batch["targets"] != IGNORE).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "internlm"])
+def test_fast_path_matches_plain_path(arch, tiny_models):
+    """Per-token losses (1e-5) and every LoRA gradient (1e-4 relative) equal the plain path's, on rows that
+    pack several samples plus padding."""
+    cfg = _cfg(tiny_models[arch])
+    model = _lora_model(tiny_models[arch], cfg)
+    assert unsupported_reason(model) is None
+    batch = _batch(model.config.vocab_size, [[40, 25, 30], [60, 20]])
+    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
+    for recomputed in (-1, 1, 0):  # every layer recomputed in backward, only the first, none
+        fast = FastDecoder(model, compile=False, checkpointing=True, checkpoint_layers=recomputed)
+        quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
+        torch.testing.assert_close(quick, plain, atol=1e-5, rtol=0)
+        assert plain_grads.keys() == quick_grads.keys() and len(plain_grads) > 0
+        for name, g in plain_grads.items():
+            torch.testing.assert_close(quick_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_fast_path_with_lora_dropout_trains_the_same_parameters(tiny_llama):
+    cfg = _cfg(tiny_llama, lora_dropout=0.1)
+    model = _lora_model(tiny_llama, cfg)
+    fast = FastDecoder(model, compile=False)
+    batch = _batch(model.config.vocab_size, [[50, 30]])
+    torch.manual_seed(0)
+    _, grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    model.eval()  # no dropout: the fast and plain forward agree exactly again
+    with torch.no_grad():
+        torch.testing.assert_close(fast.token_losses(batch, torch.float32),
+                                   token_losses(model.train(False), batch, torch.float32), atol=1e-5, rtol=0)
+
+
+def test_fast_path_qlora_matches_plain_qlora(tiny_llama):
+    """Real bitsandbytes NF4 weights, dequantised inside the fast layer: same losses and LoRA gradients."""
+    cfg = _cfg(tiny_llama, algorithm="qlora")
+    model = _lora_model(tiny_llama, cfg, quantized=True, prepare=False)
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    batch = _batch(model.config.vocab_size, [[30, 30]])
+    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
+    fast = FastDecoder(model, compile=False)
+    quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
+    torch.testing.assert_close(quick, plain, atol=1e-5, rtol=0)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(quick_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_chunked_loss_matches_cross_entropy(trainable_head):
+    torch.manual_seed(0)
+    n, d, v = 37, 16, 101
+    hidden = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, d, dtype=torch.float64, requires_grad=trainable_head)
+    targets = torch.randint(0, v, (n,))
+    targets[::4] = IGNORE
+    ref = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE, reduction="none")
+    got = chunked_token_losses(hidden, weight, targets, chunk_size=8)
+    torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-6)  # losses are fp32
+    (ref.sum() / 3).backward()
+    ref_grads = [hidden.grad.clone()] + ([weight.grad.clone()] if trainable_head else [])
+    hidden.grad = None
+    weight.grad = None
+    (got.sum() / 3).backward()
+    got_grads = [hidden.grad] + ([weight.grad] if trainable_head else [])
+    for r, g in zip(ref_grads, got_grads):
+        torch.testing.assert_close(g.double(), r, atol=1e-6, rtol=1e-6)
+
+
+def test_packed_attention_reference_is_per_sample_causal():
+    torch.manual_seed(0)
+    seg = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 4])
+    q, k, v = (torch.randn(1, 16, 4, 8) for _ in range(3))
+    out = attention(q, k, v, packed_layout(seg, use_varlen=False), scale=8 ** -0.5)
+    for lo, hi in ((0, 5), (5, 12)):
+        alone = attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], packed_layout(torch.zeros(1, hi - lo), False), 8 ** -0.5)
+        torch.testing.assert_close(out[:, lo:hi], alone, atol=1e-6, rtol=0)
+
+
+def test_train_with_fast_path_on_cpu_matches_plain_run(tiny_llama, tmp_path):
+    """`tunelab train` with fast_path='on' (CPU, no compile) logs the same per-step losses as 'off'."""
+    import json
+
+    from tunelab.train import train
+
+    losses = {}
+    for mode in ("on", "off"):
+        values = dict(pretrained_model_name_or_path=str(tiny_llama), max_steps=6, save_steps=1000,
+                      fast_path=mode, evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
+        cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
+        train(cfg, name, work_dir=str(tmp_path / mode))
+        lines = next((tmp_path / mode).glob("*/vis_data/scalars.json")).read_text().splitlines()
+        losses[mode] = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    assert len(losses["on"]) == 6
+    for a, b in zip(losses["on"], losses["off"]):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(b)), (losses["on"], losses["off"])
+
+
+# -- GPU: compiled bf16 kernels and varlen attention against the eager reference ----------------------------
+
+@GPU
+def test_gpu_compiled_layer_matches_eager_bf16(tiny_llama):
+    cfg = _cfg(tiny_llama)
+    model = load_model(str(tiny_llama), dtype=torch.bfloat16, device="cuda")
+    model = add_lora(model, cfg, quantized=False).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = {k: t.cuda() for k, t in _batch(model.config.vocab_size, [[200, 150, 100], [300, 100]], seed=3).items()}
+    eager = FastDecoder(model, compile=False)
+    compiled = FastDecoder(model, compile=True)
+    ref, ref_grads = _losses_and_grads(model, lambda b: eager.token_losses(b, torch.bfloat16), batch)
+    got, got_grads = _losses_and_grads(model, lambda b: compiled.token_losses(b, torch.bfloat16), batch)
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+    for name, g in ref_grads.items():
+        assert torch.nn.functional.cosine_similarity(got_grads[name].flatten().float(),
+                                                     g.flatten().float(), dim=0) > 0.99, name
+
+
+@GPU
+def test_gpu_fast_path_matches_plain_path_bf16(tiny_llama):
+    cfg = _cfg(tiny_llama)
+    model = load_model(str(tiny_llama), dtype=torch.bfloat16, device="cuda")
+    model = add_lora(model, cfg, quantized=False).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = {k: t.cuda() for k, t in _batch(model.config.vocab_size, [[200, 150, 100], [300, 100]], seed=4).items()}
+    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.bfloat16), batch)
+    fast = FastDecoder(model, compile=True)
+    quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.bfloat16), batch)
+    assert abs(quick.sum().item() - plain.sum().item()) / plain.sum().item() < 1e-2
+    for name, g in plain_grads.items():
+        assert torch.nn.functional.cosine_similarity(quick_grads[name].flatten().float(),
+                                                     g.flatten().float(), dim=0) > 0.99, name
+
+
+@GPU
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_gpu_varlen_attention_matches_masked_reference(kv_heads):
+    from tunelab.fast import attention as attn_mod
+    if attn_mod.VARLEN is None:
+        pytest.skip("this PyTorch has no torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    seg = torch.tensor([[0] * 100 + [1] * 200 + [2] * 180 + [-1] * 32, [0] * 400 + [1] * 112]).cuda()
+    q = torch.randn(2, 512, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 512, kv_heads, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 512, kv_heads, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 512, 8, 64, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for varlen in (True, False):
+        for t in (q, k, v):
+            t.grad = None
+        out = attention(q, k, v, packed_layout(seg, use_varlen=varlen), 64 ** -0.5)
+        out.backward(grad)
+        outs.append((out.float(), q.grad.float(), k.grad.float(), v.grad.float()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+@GPU
+def test_gpu_chunked_loss_bf16():
+    torch.manual_seed(0)
+    hidden = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(32000, 512, device="cuda", dtype=torch.bfloat16) * 0.05
+    targets = torch.randint(0, 32000, (4096,), device="cuda")
+    targets[:100] = IGNORE
+    ref = F.cross_entropy((hidden @ weight.t()).float(), targets, ignore_index=IGNORE, reduction="none")
+    ref.mean().backward()
+    ref_grad, hidden.grad = hidden.grad.clone(), None
+    got = chunked_token_losses(hidden, weight, targets, chunk_size=1000)
+    got.mean().backward()
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(hidden.grad.float(), ref_grad.float(), atol=1e-3, rtol=5e-2)

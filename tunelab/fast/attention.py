@@ -1,0 +1,79 @@
+"""Causal attention confined to each packed sample, without a (tokens x tokens) mask.
+
+A batch row may hold several samples (segment ids 0, 1, 2, ... and -1 for padding). On CUDA the rows are
+flattened and handed to PyTorch's variable-length flash attention (`torch.nn.attention.varlen`) with the
+sample boundaries as cumulative lengths, so no sample attends to another and no padding is computed beyond
+its own segment. Elsewhere (CPU, or a PyTorch without varlen) scaled_dot_product_attention runs with a
+boolean block-diagonal causal mask, the reference the fast path is tested against."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PackedLayout:
+    """Where the samples of a (batch, seq) block start and end; built once per batch, used by every layer."""
+    batch: int
+    seq: int
+    single: bool                        # one causal sample per row, no padding: plain causal attention
+    cu_seqlens: torch.Tensor | None     # int32 (samples + 1,) offsets into the flattened tokens
+    max_len: int
+    mask: torch.Tensor | None           # bool (batch, 1, seq, seq) for the reference path
+
+
+def _varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, False
+    return varlen_attn, "is_causal" in inspect.signature(varlen_attn).parameters
+
+
+VARLEN, _VARLEN_HAS_IS_CAUSAL = _varlen()
+
+
+def packed_layout(segment_ids: torch.Tensor, use_varlen: bool) -> PackedLayout:
+    """The layout of a batch from its segment ids (batch, seq)."""
+    b, n = segment_ids.shape
+    if bool((segment_ids == 0).all()):
+        return PackedLayout(b, n, True, None, n, None)
+    if use_varlen:
+        flat = segment_ids.flatten()
+        row = torch.arange(b, device=flat.device).repeat_interleave(n)
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        # a new sample starts where the segment id or the row changes
+        starts[1:] = (flat[1:] != flat[:-1]) | (row[1:] != row[:-1])
+        idx = torch.nonzero(starts).flatten()
+        cu = torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        return PackedLayout(b, n, False, cu, max_len, None)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
+    return PackedLayout(b, n, False, None, n, (same & causal)[:, None])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:
+    """q: (batch, seq, heads, dim); k, v: (batch, seq, kv_heads, dim). Returns (batch, seq, heads, dim)."""
+    if layout.cu_seqlens is not None:
+        b, n, h, d = q.shape
+        kv_heads = k.shape[2]
+        if kv_heads != h:  # older varlen builds take equal head counts only
+            k = k.repeat_interleave(h // kv_heads, dim=2)
+            v = v.repeat_interleave(h // kv_heads, dim=2)
+        flat = lambda t: t.reshape(b * n, h, d)  # noqa: E731
+        causal = {"is_causal": True} if _VARLEN_HAS_IS_CAUSAL else {"window_size": (-1, 0)}
+        kwargs = {"scale": scale} if "scale" in inspect.signature(VARLEN).parameters else {}
+        out = VARLEN(flat(q), flat(k), flat(v), layout.cu_seqlens, layout.cu_seqlens,
+                     layout.max_len, layout.max_len, **causal, **kwargs)
+        return out.view(b, n, h, d)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = {"enable_gqa": True} if kt.shape[1] != qt.shape[1] else {}
+    if layout.single:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, **gqa)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=layout.mask, scale=scale, **gqa)
+    return out.transpose(1, 2)

@@ -1,0 +1,292 @@
+"""The fast training forward for Llama-family decoders (Llama, Mistral, Qwen2, InternLM 1 style), over the
+very parameters of the (PEFT-wrapped) Hugging Face model, so optimizer, checkpoints and export are unchanged.
+
+What it does differently from the plain path, and why:
+* the frozen GEMMs run as they are; everything between them (RMSNorm, the LoRA branches, RoPE, SwiGLU, the
+  residual adds) runs in compiled regions that torch.compile fuses into few kernels; weights are passed in as
+  arguments, so all layers share one compiled graph per region;
+* packed samples use variable-length flash attention instead of a (tokens x tokens) mask;
+* 4-bit (NF4) weights are dequantised right before their GEMM and again in backward, never kept, so at most
+  one projection's bf16 weight exists at a time, with or without recomputation;
+* the LM head and the loss run chunked (tunelab.fast.loss), never holding the full fp32 logits;
+* activation checkpointing is per layer and partial (checkpoint_layers): layers that fit in memory keep
+  their activations and skip the second forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tunelab.fast.attention import PackedLayout, attention, packed_layout
+from tunelab.fast.loss import chunked_token_losses
+
+
+@dataclass
+class Proj:
+    """A projection: frozen base weight (plain or 4-bit), optional bias, optional LoRA branch."""
+    base: torch.nn.Module
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scale: float = 1.0
+    dropout: float = 0.0
+
+    absmax: torch.Tensor | None = None  # NF4: the fp32 block scales, dequantised once (double quantisation)
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.base.weight
+        qs = getattr(w, "quant_state", None)
+        if qs is None:
+            return w if w.dtype == dtype else w.to(dtype)
+        if self.absmax is None:
+            import bitsandbytes.functional as bnbf
+            absmax = qs.absmax
+            if qs.nested:  # once, not at every GEMM: the per-call Python of this path dominated the step
+                absmax = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+            self.absmax = absmax
+        return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, self.absmax, qs.blocksize, qs.quant_type,
+                                                              qs.shape, dtype)
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps: float
+    q: Proj
+    k: Proj
+    v: Proj
+    o: Proj
+    gate: Proj
+    up: Proj
+    down: Proj
+
+
+def _proj(module) -> Proj:
+    base = getattr(module, "base_layer", module)
+    p = Proj(base, base.bias)
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is not None and len(lora_a):
+        name = module.active_adapters[0]
+        p.lora_a, p.lora_b = lora_a[name].weight, module.lora_B[name].weight
+        p.scale = float(module.scaling[name])
+        drop = module.lora_dropout[name]
+        p.dropout = float(getattr(drop, "p", 0.0))
+    return p
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run this model (None when it can)."""
+    core = _core(model)
+    if core is None or not hasattr(core, "layers") or not hasattr(core, "embed_tokens"):
+        return "not a Llama-family decoder (model.layers / embed_tokens)"
+    cfg = core.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} (SwiGLU with silu only)"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and \
+            getattr(cfg, "model_type", "") == "mistral":
+        return None  # sliding windows longer than the sequence are plain causal: checked per batch
+    layer = core.layers[0]
+    for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+        obj = layer
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            return f"layer has no {path}"
+    weight = getattr(layer.self_attn.q_proj, "base_layer", layer.self_attn.q_proj).weight
+    if weight.dtype == torch.int8 or type(weight).__name__ == "Int8Params":
+        return "8-bit weights"
+    return None
+
+
+def _core(model):
+    """The inner decoder (LlamaModel) of a causal LM, through a PEFT wrapper if there is one."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "layers") and hasattr(m, "embed_tokens"):
+            return m
+        nxt = getattr(m, "model", None) or getattr(m, "base_model", None)
+        if nxt is None or nxt is m:
+            return None
+        m = nxt
+    return None
+
+
+def _lm_head(model):
+    m = model
+    for _ in range(4):
+        head = getattr(m, "lm_head", None)
+        if head is not None:
+            return head
+        m = getattr(m, "base_model", None) or getattr(m, "model", None)
+    raise ValueError("no lm_head")
+
+
+def _rms_norm(x, weight, eps):
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * x32.to(dtype)).to(dtype)  # as HF computes it, then in the compute dtype
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _FrozenLinear4bit(torch.autograd.Function):
+    """x @ W.T for a frozen NF4 weight that is dequantised again in backward instead of being kept: the
+    bf16 copy of a layer's weights lives only while its GEMMs run."""
+
+    @staticmethod
+    def forward(ctx, x, proj: "Proj"):
+        ctx.proj = proj
+        return F.linear(x, proj.weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.proj.weight(grad.dtype), None
+
+
+def _base(x, p: Proj):
+    """The frozen projection (no LoRA); nothing beyond the weight itself is kept for backward."""
+    if getattr(p.base.weight, "quant_state", None) is not None:
+        y = _FrozenLinear4bit.apply(x, p)
+        return y if p.bias is None else y + p.bias.to(y.dtype)
+    return F.linear(x, p.weight(x.dtype), None if p.bias is None else p.bias.to(x.dtype))
+
+
+def _lora(x, a, b, scale, dropout: float, training: bool):
+    if a is None:
+        return 0
+    xa = F.dropout(x, dropout, training) if dropout else x
+    return F.linear(F.linear(xa, a.to(x.dtype)), b.to(x.dtype)) * scale
+
+
+# The compiled regions: everything between the frozen GEMMs (which run as they are, or dequantise NF4).
+def _norm(x, w, eps):
+    return _rms_norm(x, w, eps)
+
+
+def _qkv_rope(x, ln1, eps, yq, yk, yv, cos, sin, aq, bq, sq, ak, bk, sk, av, bv, sv, heads: int, kv_heads: int,
+              dropout: float, training: bool):
+    """LoRA branches of q/k/v added to the frozen outputs, then RoPE: (batch, seq, heads, dim). The norm is
+    recomputed here from x (which backward keeps anyway) so the normed copy need not be kept."""
+    b, n, _ = x.shape
+    h = _rms_norm(x, ln1, eps)
+    q = (yq + _lora(h, aq, bq, sq, dropout, training)).view(b, n, heads, -1)
+    k = (yk + _lora(h, ak, bk, sk, dropout, training)).view(b, n, kv_heads, -1)
+    v = (yv + _lora(h, av, bv, sv, dropout, training)).view(b, n, kv_heads, -1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _attn_residual_norm(x, a, yo, ao, bo, so, ln2, eps, dropout: float, training: bool):
+    """o projection's LoRA + residual, then the second RMSNorm."""
+    x = x + yo + _lora(a, ao, bo, so, dropout, training)
+    return x, _rms_norm(x, ln2, eps)
+
+
+def _gate_up(x, ln2, eps, yg, yu, ag, bg, sg, au, bu, su, dropout: float, training: bool):
+    """Gate/up with their LoRA branches (norm recomputed from x, as in _qkv_rope)."""
+    h = _rms_norm(x, ln2, eps)
+    return yg + _lora(h, ag, bg, sg, dropout, training), yu + _lora(h, au, bu, su, dropout, training)
+
+
+def _swiglu(g, u):
+    return F.silu(g) * u
+
+
+def _mlp_residual(x, g, u, yd, ad, bd, sd, dropout: float, training: bool):
+    """down projection's LoRA + residual; silu(g)*u is recomputed from g and u, kept anyway, so the
+    (tokens x intermediate) product is not kept a second time."""
+    return x + yd + _lora(F.silu(g) * u, ad, bd, sd, dropout, training)
+
+
+class FastDecoder:
+    """Per-token losses for a batch, computed the fast way over `model`'s own parameters."""
+
+    def __init__(self, model, compile: bool = False, checkpointing: bool = True, checkpoint_layers: int = -1):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"fast path unsupported: {reason}")
+        self.model = model
+        core = _core(model)
+        self.core = core
+        cfg = core.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.scale = self.head_dim ** -0.5
+        self.window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        self.layers = []
+        for layer in core.layers:
+            sa, mlp = layer.self_attn, layer.mlp
+            eps = getattr(layer.input_layernorm, "variance_epsilon", None) or layer.input_layernorm.eps
+            self.layers.append(Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, eps,
+                                     _proj(sa.q_proj), _proj(sa.k_proj), _proj(sa.v_proj), _proj(sa.o_proj),
+                                     _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj)))
+        self.dropout = max(p.dropout for L in self.layers for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down))
+        # layers recomputed in backward: all (-1) or the first N; the rest keep their activations, which is
+        # faster (no second forward) where memory allows
+        n = len(self.layers)
+        self.checkpointed = set(range(n if checkpoint_layers < 0 else min(n, checkpoint_layers))) \
+            if checkpointing else set()
+        if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
+            import torch._dynamo
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        wrap = torch.compile if compile else (lambda f: f)
+        self.norm: Callable = wrap(_norm)
+        self.qkv_rope: Callable = wrap(_qkv_rope)
+        self.attn_residual_norm: Callable = wrap(_attn_residual_norm)
+        self.gate_up: Callable = wrap(_gate_up)
+        self.swiglu: Callable = wrap(_swiglu)
+        self.mlp_residual: Callable = wrap(_mlp_residual)
+
+    def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
+        tr, drop = self.model.training, self.dropout
+
+        def lora(p: Proj):
+            return (p.lora_a, p.lora_b, p.scale)
+
+        # the frozen GEMMs' inputs (h, m) are used in forward only (a frozen weight needs no input for its
+        # backward); the compiled regions keep x, g and u and recompute h and m from them
+        h = self.norm(x, L.ln1, L.eps)
+        q, k, v = self.qkv_rope(x, L.ln1, L.eps, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin,
+                                *lora(L.q), *lora(L.k), *lora(L.v), self.heads, self.kv_heads, drop, tr)
+        a = attention(q, k, v, layout, self.scale).flatten(2)
+        x, h = self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
+        g, u = self.gate_up(x, L.ln2, L.eps, _base(h, L.gate), _base(h, L.up), *lora(L.gate), *lora(L.up),
+                            drop, tr)
+        return self.mlp_residual(x, g, u, _base(self.swiglu(g, u), L.down), *lora(L.down), drop, tr)
+
+    def hidden_states(self, input_ids, position_ids, segment_ids, dtype: torch.dtype) -> torch.Tensor:
+        """Final-norm hidden states (batch, seq, dim)."""
+        core = self.core
+        x = core.embed_tokens(input_ids).to(dtype)
+        cos, sin = core.rotary_emb(x, position_ids)
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        if self.window and int(position_ids.max()) + 1 > self.window:
+            raise ValueError("fast path: samples longer than the sliding window")
+        layout = packed_layout(segment_ids, use_varlen=x.is_cuda and dtype != torch.float32)
+        for i, L in enumerate(self.layers):
+            if i in self.checkpointed and torch.is_grad_enabled():
+                x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False)
+            else:
+                x = self._layer(x, cos, sin, L, layout)
+        norm = core.norm
+        return _rms_norm(x, norm.weight, getattr(norm, "variance_epsilon", None) or norm.eps)
+
+    def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Per-token cross entropy (0 where the target is ignored), shape (batch, seq)."""
+        h = self.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"], dtype)
+        head = _lm_head(self.model)
+        weight = head.weight if head.weight.dtype == dtype else head.weight.to(dtype)
+        targets = batch["targets"]
+        losses = chunked_token_losses(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1))
+        return losses.view(targets.shape)
