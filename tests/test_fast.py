@@ -155,15 +155,20 @@ def test_train_with_fast_path_on_cpu_matches_plain_run(tiny_llama, tmp_path):
 
 # -- GPU: compiled bf16 kernels and varlen attention against the eager reference ----------------------------
 
-@GPU
-def test_gpu_compiled_layer_matches_eager_bf16(tiny_llama):
-    cfg = _cfg(tiny_llama)
-    model = load_model(str(tiny_llama), dtype=torch.bfloat16, device="cuda")
-    model = add_lora(model, cfg, quantized=False).train()
+def _gpu_lora_model_and_batch(path, seed: int):
+    """A bf16 LoRA model on the GPU (B non-zero) and a packed, padded batch there."""
+    model = load_model(str(path), dtype=torch.bfloat16, device="cuda")
+    model = add_lora(model, _cfg(path), quantized=False).train()
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    batch = {k: t.cuda() for k, t in _batch(model.config.vocab_size, [[200, 150, 100], [300, 100]], seed=3).items()}
+    batch = _batch(model.config.vocab_size, [[200, 150, 100], [300, 100]], seed=seed)
+    return model, {k: t.cuda() for k, t in batch.items()}
+
+
+@GPU
+def test_gpu_compiled_layer_matches_eager_bf16(tiny_llama):
+    model, batch = _gpu_lora_model_and_batch(tiny_llama, seed=3)
     eager = FastDecoder(model, compile=False)
     compiled = FastDecoder(model, compile=True)
     ref, ref_grads = _losses_and_grads(model, lambda b: eager.token_losses(b, torch.bfloat16), batch)
@@ -176,13 +181,7 @@ def test_gpu_compiled_layer_matches_eager_bf16(tiny_llama):
 
 @GPU
 def test_gpu_fast_path_matches_plain_path_bf16(tiny_llama):
-    cfg = _cfg(tiny_llama)
-    model = load_model(str(tiny_llama), dtype=torch.bfloat16, device="cuda")
-    model = add_lora(model, cfg, quantized=False).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    batch = {k: t.cuda() for k, t in _batch(model.config.vocab_size, [[200, 150, 100], [300, 100]], seed=4).items()}
+    model, batch = _gpu_lora_model_and_batch(tiny_llama, seed=4)
     plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.bfloat16), batch)
     fast = FastDecoder(model, compile=True)
     quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.bfloat16), batch)
