@@ -17,8 +17,6 @@ import torch.nn.functional as F
 @dataclass
 class PackedLayout:
     """Where the samples of a (batch, seq) block start and end; built once per batch, used by every layer."""
-    batch: int
-    seq: int
     single: bool                        # one causal sample per row, no padding: plain causal attention
     cu_seqlens: torch.Tensor | None     # int32 (samples + 1,) offsets into the flattened tokens
     max_len: int
@@ -26,21 +24,25 @@ class PackedLayout:
 
 
 def _varlen():
+    """PyTorch's varlen attention and the keyword arguments this version takes for causal masking and the
+    scale (the signature changed between releases); (None, {}) where there is none."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None, False
-    return varlen_attn, "is_causal" in inspect.signature(varlen_attn).parameters
+        return None, {}
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
 
 
-VARLEN, _VARLEN_HAS_IS_CAUSAL = _varlen()
+VARLEN, _VARLEN_CAUSAL = _varlen()
+_VARLEN_TAKES_SCALE = VARLEN is not None and "scale" in inspect.signature(VARLEN).parameters
 
 
 def packed_layout(segment_ids: torch.Tensor, use_varlen: bool) -> PackedLayout:
     """The layout of a batch from its segment ids (batch, seq)."""
     b, n = segment_ids.shape
     if bool((segment_ids == 0).all()):
-        return PackedLayout(b, n, True, None, n, None)
+        return PackedLayout(True, None, n, None)
     if use_varlen:
         flat = segment_ids.flatten()
         row = torch.arange(b, device=flat.device).repeat_interleave(n)
@@ -50,10 +52,10 @@ def packed_layout(segment_ids: torch.Tensor, use_varlen: bool) -> PackedLayout:
         idx = torch.nonzero(starts).flatten()
         cu = torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
-        return PackedLayout(b, n, False, cu, max_len, None)
+        return PackedLayout(False, cu, max_len, None)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
-    return PackedLayout(b, n, False, None, n, (same & causal)[:, None])
+    return PackedLayout(False, None, n, (same & causal)[:, None])
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:
@@ -65,10 +67,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedL
             k = k.repeat_interleave(h // kv_heads, dim=2)
             v = v.repeat_interleave(h // kv_heads, dim=2)
         flat = lambda t: t.reshape(b * n, h, d)  # noqa: E731
-        causal = {"is_causal": True} if _VARLEN_HAS_IS_CAUSAL else {"window_size": (-1, 0)}
-        kwargs = {"scale": scale} if "scale" in inspect.signature(VARLEN).parameters else {}
+        kwargs = {"scale": scale} if _VARLEN_TAKES_SCALE else {}
         out = VARLEN(flat(q), flat(k), flat(v), layout.cu_seqlens, layout.cu_seqlens,
-                     layout.max_len, layout.max_len, **causal, **kwargs)
+                     layout.max_len, layout.max_len, **_VARLEN_CAUSAL, **kwargs)
         return out.view(b, n, h, d)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = {"enable_gqa": True} if kt.shape[1] != qt.shape[1] else {}

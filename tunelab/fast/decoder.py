@@ -82,14 +82,12 @@ def _proj(module) -> Proj:
 def unsupported_reason(model) -> str | None:
     """Why the fast path cannot run this model (None when it can)."""
     core = _core(model)
-    if core is None or not hasattr(core, "layers") or not hasattr(core, "embed_tokens"):
+    if core is None:
         return "not a Llama-family decoder (model.layers / embed_tokens)"
     cfg = core.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r} (SwiGLU with silu only)"
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and \
-            getattr(cfg, "model_type", "") == "mistral":
-        return None  # sliding windows longer than the sequence are plain causal: checked per batch
+    # a sliding window (Mistral) is plain causal attention while samples are shorter: checked per batch
     layer = core.layers[0]
     for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
@@ -125,6 +123,10 @@ def _lm_head(model):
             return head
         m = getattr(m, "base_model", None) or getattr(m, "model", None)
     raise ValueError("no lm_head")
+
+
+def _eps(norm: torch.nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", None) or norm.eps
 
 
 def _rms_norm(x, weight, eps):
@@ -169,10 +171,6 @@ def _lora(x, a, b, scale, dropout: float, training: bool):
 
 
 # The compiled regions: everything between the frozen GEMMs (which run as they are, or dequantise NF4).
-def _norm(x, w, eps):
-    return _rms_norm(x, w, eps)
-
-
 def _qkv_rope(x, ln1, eps, yq, yk, yv, cos, sin, aq, bq, sq, ak, bk, sk, av, bv, sv, heads: int, kv_heads: int,
               dropout: float, training: bool):
     """LoRA branches of q/k/v added to the frozen outputs, then RoPE: (batch, seq, heads, dim). The norm is
@@ -227,8 +225,8 @@ class FastDecoder:
         self.layers = []
         for layer in core.layers:
             sa, mlp = layer.self_attn, layer.mlp
-            eps = getattr(layer.input_layernorm, "variance_epsilon", None) or layer.input_layernorm.eps
-            self.layers.append(Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, eps,
+            self.layers.append(Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                     _eps(layer.input_layernorm),
                                      _proj(sa.q_proj), _proj(sa.k_proj), _proj(sa.v_proj), _proj(sa.o_proj),
                                      _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj)))
         self.dropout = max(p.dropout for L in self.layers for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down))
@@ -241,7 +239,7 @@ class FastDecoder:
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         wrap = torch.compile if compile else (lambda f: f)
-        self.norm: Callable = wrap(_norm)
+        self.norm: Callable = wrap(_rms_norm)
         self.qkv_rope: Callable = wrap(_qkv_rope)
         self.attn_residual_norm: Callable = wrap(_attn_residual_norm)
         self.gate_up: Callable = wrap(_gate_up)
@@ -279,8 +277,7 @@ class FastDecoder:
                 x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False)
             else:
                 x = self._layer(x, cos, sin, L, layout)
-        norm = core.norm
-        return _rms_norm(x, norm.weight, getattr(norm, "variance_epsilon", None) or norm.eps)
+        return _rms_norm(x, core.norm.weight, _eps(core.norm))
 
     def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Per-token cross entropy (0 where the target is ignored), shape (batch, seq)."""
