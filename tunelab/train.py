@@ -89,7 +89,7 @@ def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
     model = load_model(model_path, dtype=weights_dtype, bits=bits, device=device,
                        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
-    want_fast = fast.use_fast_path(cfg, device)
+    want_fast = fast.use_fast_path(cfg, device, model)
     if cfg.gradient_checkpointing and not want_fast:  # the fast path checkpoints its own layers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.algorithm in ("lora", "qlora"):
@@ -97,8 +97,6 @@ def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
         model = add_lora(model, cfg, quantized=bits is not None, prepare=not want_fast)
     if want_fast:
         model.tunelab_fast = fast.attach(model, cfg, device)
-        if model.tunelab_fast is None and cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
