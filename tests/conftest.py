@@ -54,6 +54,19 @@ def run_cli(*args: str, cwd: Path | str | None = None, input: str | None = None,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def run_losses(work: Path) -> dict[int, float]:
+    """step -> logged loss over every run (timestamp folder) in a work dir, later runs overriding earlier."""
+    import json
+
+    out: dict[int, float] = {}
+    for scalars in sorted(Path(work).glob("*/vis_data/scalars.json")):
+        for line in scalars.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                out[rec["step"]] = rec["loss"]
+    return out
+
+
 def write_config(path: Path, **values) -> Path:
     """A config file with these top-level settings."""
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()), encoding="utf-8")

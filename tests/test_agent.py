@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-from http.server import ThreadingHTTPServer
 
 import pytest
 
 from conftest import run_cli, write_config
-from test_tools import _Serper
+from test_tools import serper  # noqa: F401  (the local Serper-shaped server fixture)
 
 AGENT_SYSTEM = "You can call calculate and search."
 PLUGIN_SYSTEM = "Plugins: Calculate."
@@ -164,18 +162,6 @@ def test_generation_stops_at_the_trained_stop_word(loaded):
     assert raw.startswith(call + "<eoa>") and len(raw) > len(call + "<eoa>")
     assert fmt.stop_words == ["<eoa>", "</s>"]
     assert generate(model, tokenizer, ids, fmt.stop_words, greedy) == call
-
-
-@pytest.fixture
-def serper(monkeypatch):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Serper)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Serper.mode, _Serper.seen = "ok", []
-    monkeypatch.setenv("TUNELAB_SERPER_URL", f"http://127.0.0.1:{server.server_port}/search")
-    monkeypatch.setenv("SERPER_API_KEY", "test-key")
-    yield _Serper
-    server.shutdown()
-    server.server_close()
 
 
 def test_search_results_reach_the_models_context(loaded, serper):

@@ -9,12 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import write_config
+from conftest import run_losses, write_config
 from tunelab.checkpoint import load_checkpoint
 from tunelab.config.schema import Config
 
@@ -28,17 +27,6 @@ def _run(*args, cwd=None, **env):
             full_env.pop(key, None)
     return subprocess.run([sys.executable, "-m", "tunelab", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=600)
-
-
-def _losses(work: Path) -> dict[int, float]:
-    """step -> loss over every run in a work dir, later runs overriding earlier ones."""
-    out: dict[int, float] = {}
-    for scalars in sorted(work.glob("*/vis_data/scalars.json")):
-        for line in scalars.read_text().splitlines():
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = rec["loss"]
-    return out
 
 
 def _assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None:
@@ -91,11 +79,11 @@ def test_two_processes_equal_one_process_with_the_global_batch(two_process_run, 
     sequences per step, the same per-step losses and final adapter."""
     work, cp = two_process_run
     assert cp.returncode == 0, cp.stderr[-4000:]
-    ddp = _losses(work)
+    ddp = run_losses(work)
     assert sorted(ddp) == list(range(1, STEPS + 1))
     one = _run("train", cfg_file, "--work-dir", tmp_path / "batch2", "--cfg-options", "batch_size=2")
     assert one.returncode == 0, one.stderr[-3000:]
-    _assert_same_losses(ddp, _losses(tmp_path / "batch2"), range(1, STEPS + 1))
+    _assert_same_losses(ddp, run_losses(tmp_path / "batch2"), range(1, STEPS + 1))
     a = load_checkpoint(work / "epoch_1.pth")["model"]
     b = load_checkpoint(tmp_path / "batch2" / "epoch_1.pth")["model"]
     assert a.keys() == b.keys()
@@ -126,7 +114,7 @@ def test_equivalent_configs_take_the_same_sequences_per_step(tiny_llama):
 def test_killed_two_process_run_resumes_with_two_or_one(two_process_run, cfg_file, tmp_path):
     """Killed after step 4 (checkpoint at step 3): `--resume` with 2 processes, or with 1 process and the same
     global batch, continues with the losses of the uninterrupted run."""
-    straight = _losses(two_process_run[0])
+    straight = run_losses(two_process_run[0])
     work = tmp_path / "killed"
     cp = _run("train", cfg_file, "--work-dir", work, "--cfg-options", "save_steps=3", NPROC_PER_NODE=2,
               TUNELAB_FAULT="kill_after_step=4")
@@ -139,11 +127,11 @@ def test_killed_two_process_run_resumes_with_two_or_one(two_process_run, cfg_fil
     assert cp.returncode == 0, cp.stderr[-4000:]
     assert "iter_3.pth at step 3" in cp.stderr
     assert sorted(p.name for p in work.glob("*.pth")) == ["iter_3.pth", "iter_6.pth"]
-    _assert_same_losses(straight, _losses(work), range(4, STEPS + 1))
+    _assert_same_losses(straight, run_losses(work), range(4, STEPS + 1))
 
     cp = _run("train", cfg_file, "--work-dir", alone, "--resume", "--cfg-options", "save_steps=3", "batch_size=2")
     assert cp.returncode == 0, cp.stderr[-4000:]
-    _assert_same_losses(straight, _losses(alone), range(4, STEPS + 1))
+    _assert_same_losses(straight, run_losses(alone), range(4, STEPS + 1))
 
 
 def test_full_fine_tuning_with_fsdp2(cfg_file, tmp_path):
@@ -155,7 +143,7 @@ def test_full_fine_tuning_with_fsdp2(cfg_file, tmp_path):
     assert "parallel: fsdp over 2 processes" in cp.stderr
     one = _run("train", cfg_file, "--work-dir", tmp_path / "one", "--cfg-options", *options, "batch_size=2")
     assert one.returncode == 0, one.stderr[-3000:]
-    _assert_same_losses(_losses(tmp_path / "fsdp"), _losses(tmp_path / "one"), range(1, 4))
+    _assert_same_losses(run_losses(tmp_path / "fsdp"), run_losses(tmp_path / "one"), range(1, 4))
     out = tmp_path / "converted"
     cp = _run("convert", "pth_to_hf", cfg_file, tmp_path / "fsdp" / "epoch_1.pth", out, "--cfg-options", *options)
     assert cp.returncode == 0, cp.stderr[-3000:]

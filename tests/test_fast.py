@@ -136,8 +136,7 @@ def test_packed_attention_reference_is_per_sample_causal():
 
 def test_train_with_fast_path_on_cpu_matches_plain_run(tiny_llama, tmp_path):
     """`tunelab train` with fast_path='on' (CPU, no compile) logs the same per-step losses as 'off'."""
-    import json
-
+    from conftest import run_losses
     from tunelab.train import train
 
     losses = {}
@@ -146,8 +145,7 @@ def test_train_with_fast_path_on_cpu_matches_plain_run(tiny_llama, tmp_path):
                       fast_path=mode, evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
         cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
         train(cfg, name, work_dir=str(tmp_path / mode))
-        lines = next((tmp_path / mode).glob("*/vis_data/scalars.json")).read_text().splitlines()
-        losses[mode] = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+        losses[mode] = [loss for _, loss in sorted(run_losses(tmp_path / mode).items())]
     assert len(losses["on"]) == 6
     for a, b in zip(losses["on"], losses["off"]):
         assert abs(a - b) < 1e-4 * max(1.0, abs(b)), (losses["on"], losses["off"])

@@ -1,7 +1,6 @@
 """Runs you can leave alone: exact resume after SIGKILL, torn checkpoint writes, Ctrl-C/SIGTERM, NaN steps."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, write_config
+from conftest import run_cli, run_losses, write_config
 from tunelab.checkpoint import load_checkpoint
 
 
@@ -25,17 +24,6 @@ def cfg_file(tmp_path, tiny_llama, data_dir):
         max_length=160, pack_to_max_length=True, batch_size=2, accumulative_counts=2, max_steps=40,
         lr=1e-3, lora_r=8, lora_alpha=16, lora_dropout=0.1, gradient_checkpointing=False, save_steps=5,
         log_interval=1, evaluation_inputs=[])
-
-
-def _losses(work: Path) -> dict[int, float]:
-    """step -> loss over every run (timestamp folder) in a work dir, later runs overriding earlier ones."""
-    out: dict[int, float] = {}
-    for scalars in sorted(work.glob("*/vis_data/scalars.json")):
-        for line in scalars.read_text().splitlines():
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = rec["loss"]
-    return out
 
 
 def _env(**extra) -> dict:
@@ -57,7 +45,7 @@ def test_resume_after_sigkill_is_exact(cfg_file, tmp_path):
     cp = _run("train", cfg_file, "--work-dir", tmp_path / "killed", "--resume")
     assert cp.returncode == 0, cp.stderr[-3000:]
     assert "resumed from" in cp.stderr and "iter_20.pth at step 20" in cp.stderr
-    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+    straight, resumed = run_losses(tmp_path / "straight"), run_losses(tmp_path / "killed")
     assert sorted(straight) == list(range(1, 41)) and set(range(1, 41)) <= set(resumed)
     for step in range(24, 41):
         assert abs(straight[step] - resumed[step]) <= 1e-6, (step, straight[step], resumed[step])
@@ -106,7 +94,7 @@ def test_signal_saves_checkpoint_and_exits_cleanly(cfg_file, tmp_path, sig, code
                              "--cfg-options", "max_steps=100000", "save_steps=0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(_losses(work)) < 3:
+    while time.time() < deadline and len(run_losses(work)) < 3:
         time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)

@@ -223,11 +223,16 @@ def build_config(values: dict[str, Any], where: str) -> Config:
     return cfg
 
 
+def _columns_are_flat(cols: dict) -> bool:
+    """One column mapping for every file (rather than one per data_path entry)."""
+    return all(isinstance(v, str) for v in cols.values())
+
+
 def _check_columns(cfg: Config, where: str) -> None:
     cols = cfg.dataset_columns
     if not cols:
         return
-    flat = all(isinstance(v, str) for v in cols.values())
+    flat = _columns_are_flat(cols)
     if not flat and not all(isinstance(v, dict) for v in cols.values()):
         raise ConfigError(f"{where}: 'dataset_columns' must map column -> field names, or data_path entry -> "
                           f"such a mapping, got {cols!r}")
@@ -244,7 +249,7 @@ def _check_columns(cfg: Config, where: str) -> None:
 def columns_for(cfg: Config, data_path: str) -> dict[str, str]:
     """The column renaming (file column -> format field) that applies to one data_path entry."""
     cols = cfg.dataset_columns
-    if cols and all(isinstance(v, str) for v in cols.values()):
+    if cols and _columns_are_flat(cols):
         return cols
     return cols.get(data_path, {})
 
