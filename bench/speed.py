@@ -33,6 +33,8 @@ CASES = {
     "qlora8k": (["hf_qlora", "unsloth_qlora", "tunelab_qlora"], 8192),
     "long": (["tunelab_qlora"], 32768),
     "packed": (["hf_padded", "tunelab_packed"], 0),
+    # `tunelab train` itself (the CLI, in its own process) on packed 2,048-token rows: its logged tokens/s
+    "train": (["tunelab_train", "tunelab_train_qlora"], 2048),
 }
 
 
@@ -128,6 +130,8 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     torch.manual_seed(0)
     side, _, ckpt = side.partition("@")  # tunelab@N: recompute only the first N layers
     qlora = side.endswith("qlora")
+    if side.startswith("tunelab_train"):
+        return run_train(side, path, qlora, int(ckpt or -1), warmup, steps) | {"side": side + (f"@{ckpt}" if ckpt else "")}
     g = torch.Generator().manual_seed(0)
     batches_of_ids = [torch.randint(3, SHAPE["vocab_size"], (1, tokens), generator=g) for _ in range(warmup + steps)] \
         if tokens else []
@@ -200,8 +204,49 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             torch.cuda.synchronize()
         Path(os.environ["OUT"], f"profile_{side}{ckpt}.txt").write_text(
             prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
-    return dict(side=side + (f"@{ckpt}" if ckpt else ""), tokens=tokens, tok_s=counted / elapsed, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                steps=n_steps - warm, load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1])
+    return dict(side=side + (f"@{ckpt}" if ckpt else ""), tokens=tokens, tok_s=counted / elapsed,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                reserved_gib=torch.cuda.max_memory_reserved() / 2**30, steps=n_steps - warm,
+                load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1])
+
+
+def run_train(side: str, path: str, qlora: bool, checkpoint_layers: int, warmup: int, steps: int) -> dict:
+    """`tunelab train` (the CLI, in a subprocess) on alpaca records of the real sample lengths (random
+    words), packed into 2,048-token rows, the bench's LoRA settings; tokens/s as the run logged it, over
+    the steps after warm-up."""
+    import random
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    rng = random.Random(0)
+    vocab = ["alpha", "beta", "gamma", "delta", "patient", "dose", "answer", "question", "cell", "the", "of"]
+
+    def text(chars: int) -> str:
+        words = []
+        while sum(len(w) + 1 for w in words) < chars:
+            words.append(rng.choice(vocab))
+        return " ".join(words)
+
+    records = [{"instruction": text(n // 3), "input": "", "output": text(n - n // 3)} for n in _lengths() * 4]
+    (work / "data.json").write_text(json.dumps(records))
+    values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora",
+                  data_path=str(work / "data.json"), prompt_template="internlm2_chat", max_length=2048,
+                  pack_to_max_length=True, batch_size=1, accumulative_counts=1, max_steps=warmup + steps, lr=1e-5,
+                  lora_r=64, lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, max_norm=1.0,
+                  gradient_checkpointing=True, checkpoint_layers=checkpoint_layers, torch_dtype="bfloat16",
+                  evaluation_inputs=[], evaluation_freq=10_000, save_steps=10_000, log_interval=1)
+    cfg = work / "bench_train.py"
+    cfg.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()))
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg), "--work-dir", str(work / "run")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"tunelab train exited {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
+    records = [json.loads(line) for f in (work / "run").glob("*/vis_data/scalars.json")
+               for line in f.read_text().splitlines()]
+    timed = [r for r in records if "tokens_per_s" in r and r["step"] > warmup]
+    return dict(tokens=2048, tok_s=sum(r["tokens_per_s"] for r in timed) / len(timed),  # the mean logged rate
+                peak_gib=max(r["memory_gb"] for r in records if "memory_gb" in r),
+                steps=len(timed), first_loss=timed[0]["loss"], last_loss=timed[-1]["loss"])
 
 
 def _lengths() -> list[int]:
@@ -260,8 +305,8 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | side | tokens | tokens/s | peak GiB | vs HF | vs Unsloth | loss first->last |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| case | side | tokens | tokens/s | peak GiB | reserved GiB | vs HF | vs Unsloth | loss first->last |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by_case: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_case.setdefault(r["case"], {})[r["side"]] = r
@@ -270,11 +315,12 @@ def table(rows: list[dict]) -> str:
         ref_us = next((r for s, r in sides.items() if s.startswith("unsloth") and "tok_s" in r), None)
         for side, r in sides.items():
             if "tok_s" not in r:
-                lines.append(f"| {case} | {side} | {r['tokens']} | failed: {r.get('error', '')} | | | | |")
+                lines.append(f"| {case} | {side} | {r['tokens']} | failed: {r.get('error', '')} | | | | | |")
                 continue
             vs = lambda ref: f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"  # noqa: E731
+            reserved = f"{r['reserved_gib']:.2f}" if "reserved_gib" in r else "-"
             lines.append(f"| {case} | {side} | {r['tokens'] or 'real'} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | "
-                         f"{vs(ref_hf)} | {vs(ref_us)} | {r['first_loss']:.3f}->{r['last_loss']:.3f} |")
+                         f"{reserved} | {vs(ref_hf)} | {vs(ref_us)} | {r['first_loss']:.3f}->{r['last_loss']:.3f} |")
     return "\n".join(lines)
 
 

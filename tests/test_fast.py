@@ -226,3 +226,102 @@ def test_gpu_chunked_loss_bf16():
     got.mean().backward()
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(hidden.grad.float(), ref_grad.float(), atol=1e-3, rtol=5e-2)
+
+
+def _single_rows(vocab: int, rows: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """Rows of one sample each, no padding (the fixed-shape case of a benchmark or pack_to_max_length)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, length), generator=g)
+    targets = torch.cat([ids[:, 1:], torch.full((rows, 1), IGNORE)], dim=1)
+    return {"input_ids": ids, "targets": targets, "position_ids": torch.arange(length).expand(rows, -1).clone(),
+            "segment_ids": torch.zeros(rows, length, dtype=torch.long)}
+
+
+@GPU
+@pytest.mark.parametrize("recomputed", [-1, 0])
+def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed):
+    """A replayed graph gives the eager step's loss and LoRA gradients for new inputs of the same shape
+    (single rows, and packed rows whose layouts differ but share a bucket), and adds into the gradients
+    already there (gradient accumulation)."""
+    from tunelab.fast.graphs import GraphedSteps
+
+    model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=5)
+    fast = FastDecoder(model, compile=True, checkpoint_layers=recomputed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphs = GraphedSteps(fast, params)
+    vocab = model.config.vocab_size
+    cases = {"single": [_single_rows(vocab, 2, 384, seed) for seed in range(4)],
+             "packed": [_batch(vocab, lengths, seed=seed) for seed, lengths in
+                        enumerate([[[200, 150, 100], [300, 100]], [[120, 300, 30], [250, 150]],
+                                   [[450], [100, 100, 100, 100]], [[50, 400], [400, 50]]])]}
+
+    def eager(batch):
+        model.zero_grad(set_to_none=True)
+        layout = fast.layout(batch["segment_ids"], batch["position_ids"], "cuda", torch.bfloat16)
+        loss = fast.token_losses({k: v.cuda() for k, v in batch.items()}, torch.bfloat16, layout).sum() * 0.01
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    def close(got, ref, what):
+        for g, r in zip(got, ref):
+            assert torch.nn.functional.cosine_similarity(g.flatten().float(), r.flatten().float(), dim=0) > 0.999, what
+            torch.testing.assert_close(g.norm(), r.norm(), rtol=1e-2, atol=1e-6, msg=what)
+
+    for kind, batches in cases.items():
+        assert batches[0]["input_ids"].shape == batches[-1]["input_ids"].shape
+        for i, batch in enumerate(batches):
+            ref_loss, ref_grads = eager(batch)
+            model.zero_grad(set_to_none=True)
+            loss = graphs.forward_backward(batch, torch.bfloat16, 0.01)
+            if i == 0:  # the first batch of a shape runs eagerly
+                assert loss is None, kind
+                continue
+            assert loss is not None, kind
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-3, msg=f"{kind} {i}")
+            close([p.grad for p in params], ref_grads, f"{kind} {i}")
+        # accumulation: the graph adds to what the gradients hold
+        ref_loss, ref_grads = eager(batches[1])
+        model.zero_grad(set_to_none=True)
+        graphs.forward_backward(batches[1], torch.bfloat16, 0.01)
+        graphs.forward_backward(batches[1], torch.bfloat16, 0.01)
+        close([p.grad / 2 for p in params], ref_grads, f"{kind} accumulated")
+    assert len(graphs.graphs) == 2 and not graphs.failed
+
+
+@GPU
+def test_gpu_train_with_cuda_graphs_matches_without(tiny_llama, tmp_path):
+    """`tunelab train` on the GPU (bf16, fast path, compiled) logs the same per-step losses with and without
+    CUDA graphs, and the graphs were used."""
+    from conftest import run_losses
+    from tunelab.train import train
+
+    losses = {}
+    for graphs in (True, False):
+        values = dict(pretrained_model_name_or_path=str(tiny_llama), max_steps=8, save_steps=1000, lora_dropout=0.0,
+                      cuda_graphs=graphs, evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1,
+                      max_length=256, pack_to_max_length=True)
+        cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
+        result = train(cfg, name, work_dir=str(tmp_path / str(graphs)))
+        assert bool(getattr(result.model, "tunelab_graphs", None)) == graphs
+        if graphs:
+            assert result.model.tunelab_graphs.graphs, "no graph was captured"
+        losses[graphs] = [loss for _, loss in sorted(run_losses(tmp_path / str(graphs)).items())]
+    assert len(losses[True]) == 8
+    for a, b in zip(losses[True], losses[False]):
+        assert abs(a - b) < 2e-2 * max(1.0, abs(b)), losses
+
+
+def test_cuda_graphs_are_not_attached_on_cpu(tiny_llama):
+    from tunelab import fast as fast_mod
+
+    cfg = _cfg(tiny_llama, fast_path="on")
+    model = _lora_model(tiny_llama, cfg)
+    fast_mod.attach(model, cfg, "cpu")
+    assert model.tunelab_fast is not None and getattr(model, "tunelab_graphs", None) is None
+
+
+def test_packed_layout_from_cpu_ids_matches_device_layout():
+    seg = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 4, [0] * 16])
+    layout = packed_layout(seg, use_varlen=True, device="cpu")
+    assert layout.cu_seqlens.tolist() == [0, 5, 12, 16, 32] and layout.max_len == 16
+    assert packed_layout(torch.zeros(2, 8, dtype=torch.long), use_varlen=True).single

@@ -67,10 +67,11 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
 def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Per-token cross entropy (0 where the target is ignored), shape (batch, seq)."""
     device = next(p for p in model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
     fast = getattr(model, "tunelab_fast", None)
-    if fast is not None and model.training:
-        return fast.token_losses(batch, dtype)
+    if fast is not None and model.training:  # the layout from the ids still on the CPU: no GPU sync
+        layout = fast.layout(batch["segment_ids"], batch["position_ids"], device, dtype)
+        return fast.token_losses({k: v.to(device) for k, v in batch.items()}, dtype, layout)
+    batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     attention_mask=attention_bias(batch["segment_ids"], dtype), use_cache=False)
@@ -78,6 +79,19 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
     losses = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
                              reduction="none")
     return losses.view(batch["targets"].shape)
+
+
+def forward_backward(model, batch: dict[str, torch.Tensor], dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """loss = (sum of the batch's per-token losses) x scale; adds its gradient to the parameters and returns
+    it (0-dim, detached). On the fast path with CUDA graphs the whole micro-batch is one replayed graph."""
+    graphs = getattr(model, "tunelab_graphs", None)
+    if graphs is not None and model.training:
+        loss = graphs.forward_backward(batch, dtype, scale)
+        if loss is not None:
+            return loss
+    loss = token_losses(model, batch, dtype).sum() * scale
+    loss.backward()
+    return loss.detach()
 
 
 def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
@@ -96,7 +110,7 @@ def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
         # the fast path needs no fp32 copies of norms/embeddings/head (prepare_model_for_kbit_training)
         model = add_lora(model, cfg, quantized=bits is not None, prepare=not want_fast)
     if want_fast:
-        model.tunelab_fast = fast.attach(model, cfg, device)
+        fast.attach(model, cfg, device)
     return model
 
 
@@ -387,14 +401,12 @@ def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg:
     poison = fault("nan_loss_from_step")
     total = 0.0
     for batch in window:
-        losses = token_losses(model, collate(batch, tokenizer.pad_token_id), dtype)
-        loss = losses.sum() / n_targets
+        loss = forward_backward(model, collate(batch, tokenizer.pad_token_id), dtype, 1.0 / n_targets)
         if poison is not None and step >= poison:
             loss = loss * float("inf")
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # whatever its gradient added is dropped with the step
             optimizer.zero_grad(set_to_none=True)
             return None, n_tokens, time.time() - t0
-        loss.backward()
         total += loss.item()
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float("inf"))
     if not torch.isfinite(norm):

@@ -1,5 +1,6 @@
 """The fast training path (GPU): fused, compiled, padding-free, chunked-loss forward over the model's own
-parameters. `use_fast_path` decides; `attach` builds it; train.token_losses uses it when attached."""
+parameters. `use_fast_path` decides; `attach` builds it (and its CUDA graphs); train.token_losses and
+train.forward_backward use them when attached."""
 from __future__ import annotations
 
 import logging
@@ -28,13 +29,21 @@ def use_fast_path(cfg, device: str, model) -> bool:
     return reason is None
 
 
-def attach(model, cfg, device: str):
-    """Build the fast forward for `model` (one that use_fast_path accepted)."""
+def attach(model, cfg, device: str) -> None:
+    """Give `model` (one that use_fast_path accepted, LoRA added) its fast forward as `model.tunelab_fast`
+    and, where they can run, its CUDA graphs as `model.tunelab_graphs`."""
     from tunelab.fast.decoder import FastDecoder
 
     compiled = device.startswith("cuda") and cfg.fast_compile
     fast = FastDecoder(model, compile=compiled, checkpointing=cfg.gradient_checkpointing,
                        checkpoint_layers=cfg.checkpoint_layers)
-    log.info("fast path on (compiled: %s, layers recomputed in backward: %d of %d)", compiled,
-             len(fast.checkpointed), len(fast.layers))
-    return fast
+    model.tunelab_fast = fast
+    # graphs replay recorded kernels: a recomputed layer's dropout would not see its first masks again, and
+    # a trainable head (full fine-tuning) needs a GPU sync in the loss
+    graphs = compiled and cfg.cuda_graphs and cfg.algorithm in ("lora", "qlora") and \
+        (fast.dropout == 0 or not fast.checkpointed)
+    if graphs:
+        from tunelab.fast.graphs import GraphedSteps
+        model.tunelab_graphs = GraphedSteps(fast, [p for p in model.parameters() if p.requires_grad])
+    log.info("fast path on (compiled: %s, CUDA graphs: %s, layers recomputed in backward: %d of %d)", compiled,
+             graphs, len(fast.checkpointed), len(fast.layers))

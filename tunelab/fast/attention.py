@@ -38,24 +38,26 @@ VARLEN, _VARLEN_CAUSAL = _varlen()
 _VARLEN_TAKES_SCALE = VARLEN is not None and "scale" in inspect.signature(VARLEN).parameters
 
 
-def packed_layout(segment_ids: torch.Tensor, use_varlen: bool) -> PackedLayout:
-    """The layout of a batch from its segment ids (batch, seq)."""
-    b, n = segment_ids.shape
-    if bool((segment_ids == 0).all()):
+def packed_layout(segment_ids: torch.Tensor, use_varlen: bool, device=None) -> PackedLayout:
+    """The layout of a batch from its segment ids (batch, seq), worked out on the CPU (no GPU sync) and moved
+    to `device` (default: where the ids are)."""
+    device = device if device is not None else segment_ids.device
+    seg = segment_ids.cpu()
+    b, n = seg.shape
+    if bool((seg == 0).all()):
         return PackedLayout(True, None, n, None)
     if use_varlen:
-        flat = segment_ids.flatten()
-        row = torch.arange(b, device=flat.device).repeat_interleave(n)
+        flat = seg.flatten()
+        row = torch.arange(b).repeat_interleave(n)
         starts = torch.ones_like(flat, dtype=torch.bool)
         # a new sample starts where the segment id or the row changes
         starts[1:] = (flat[1:] != flat[:-1]) | (row[1:] != row[:-1])
-        idx = torch.nonzero(starts).flatten()
-        cu = torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
-        max_len = int((cu[1:] - cu[:-1]).max())
-        return PackedLayout(False, cu, max_len, None)
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
-    return PackedLayout(False, None, n, (same & causal)[:, None])
+        cu = torch.cat([torch.nonzero(starts).flatten(), torch.tensor([flat.numel()])])
+        longest = int((cu[1:] - cu[:-1]).max())
+        return PackedLayout(False, cu.to(torch.int32).to(device, non_blocking=True), longest, None)
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    return PackedLayout(False, None, n, (same & causal)[:, None].to(device))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:

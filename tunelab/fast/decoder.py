@@ -263,25 +263,40 @@ class FastDecoder:
                             drop, tr)
         return self.mlp_residual(x, g, u, _base(self.swiglu(g, u), L.down), *lora(L.down), drop, tr)
 
-    def hidden_states(self, input_ids, position_ids, segment_ids, dtype: torch.dtype) -> torch.Tensor:
+    def layout(self, segment_ids, position_ids, device, dtype: torch.dtype) -> PackedLayout:
+        """Where the batch's samples lie (see attention.packed_layout); from CPU ids this needs no GPU sync."""
+        self.check_window(position_ids)
+        use_varlen = torch.device(device).type == "cuda" and dtype != torch.float32
+        return packed_layout(segment_ids, use_varlen, device)
+
+    def check_window(self, position_ids) -> None:
+        """A sliding window (Mistral) is plain causal attention only while samples are no longer than it."""
+        if self.window and int(position_ids.max()) + 1 > self.window:
+            raise ValueError("fast path: samples longer than the sliding window")
+
+    def hidden_states(self, input_ids, position_ids, dtype: torch.dtype, layout: PackedLayout) -> torch.Tensor:
         """Final-norm hidden states (batch, seq, dim)."""
         core = self.core
         x = core.embed_tokens(input_ids).to(dtype)
         cos, sin = core.rotary_emb(x, position_ids)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        if self.window and int(position_ids.max()) + 1 > self.window:
-            raise ValueError("fast path: samples longer than the sliding window")
-        layout = packed_layout(segment_ids, use_varlen=x.is_cuda and dtype != torch.float32)
         for i, L in enumerate(self.layers):
             if i in self.checkpointed and torch.is_grad_enabled():
-                x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False)
+                # without dropout there is no random state to replay (and saving it is not allowed while a
+                # CUDA graph is captured)
+                x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False,
+                               preserve_rng_state=self.dropout > 0)
             else:
                 x = self._layer(x, cos, sin, L, layout)
         return _rms_norm(x, core.norm.weight, _eps(core.norm))
 
-    def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
+                     layout: PackedLayout | None = None) -> torch.Tensor:
         """Per-token cross entropy (0 where the target is ignored), shape (batch, seq)."""
-        h = self.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"], dtype)
+        ids = batch["input_ids"]
+        if layout is None:
+            layout = self.layout(batch["segment_ids"], batch["position_ids"], ids.device, dtype)
+        h = self.hidden_states(ids, batch["position_ids"], dtype, layout)
         head = _lm_head(self.model)
         weight = head.weight if head.weight.dtype == dtype else head.weight.to(dtype)
         targets = batch["targets"]

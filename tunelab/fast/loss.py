@@ -19,12 +19,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden)
         weight_trains = ctx.needs_input_grad[1]
+        # skipping chunks without targets needs a GPU sync, which a CUDA graph capture does not allow
+        may_skip = not (hidden.is_cuda and torch.cuda.is_current_stream_capturing())
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_trains else None
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size]
             t = targets[start:start + chunk_size]
             valid = t != IGNORE
-            if not bool(valid.any()):
+            if may_skip and not bool(valid.any()):
                 continue
             logits = (h @ weight.t()).float()
             lse = torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,145 @@
+"""The fast path's forward, loss and backward captured as one CUDA graph per batch shape, then replayed.
+
+Why: with its layers compiled, a 7B step used to spend as long in Python launching kernels (the guards and
+wrappers of each compiled region, autograd's bookkeeping) as the GPU spent running them (bench/RESULTS.md).
+A replayed graph launches the whole micro-batch at once. What that takes:
+* fixed shapes: rows are padded to a bucket of widths, and there is one graph per (rows, width) and, for
+  packed rows, per bucket of sample count and longest sample (powers of two), so an epoch needs few
+  captures. The first batch of a shape runs eagerly (it also compiles the layers), the second is captured,
+  every later one replays;
+* fixed gradient buffers: the captured backward adds into the parameters' .grad tensors in place, so those
+  buffers are bound again before each replay, whatever zero_grad did to them;
+* no random state to replay when layers are recomputed (the caller enables graphs only without dropout
+  there) and no GPU sync inside the step (the layout is worked out on the CPU).
+Graphs share one memory pool: a step replays one graph and reads its loss before the next replays.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tunelab.fast.attention import PackedLayout, packed_layout
+from tunelab.fast.loss import IGNORE
+
+log = logging.getLogger("tunelab")
+
+_INPUTS = ("input_ids", "position_ids", "targets")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _width_bucket(n: int) -> int:
+    """The row width a batch is padded to, so rows of near lengths (packed rows end where the next sample
+    does not fit) share a graph: the next power of two or multiple of 512, whichever is smaller."""
+    return min(_pow2(n), -(-n // 512) * 512)
+
+
+def _pad_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+    """Right-pad the rows to `width` as collate pads them: padding is its own segment (-1), never a target."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": 0, "targets": IGNORE, "position_ids": 0, "segment_ids": -1}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill else v for k, v in batch.items()}
+
+
+class _Graph:
+    """One captured micro-batch: static inputs the batch is copied into, the graph, its loss."""
+
+    def __init__(self, shape: tuple[int, int], device: torch.device, capacity: int, max_len: int):
+        self.inputs = {k: torch.zeros(shape, dtype=torch.long, device=device) for k in _INPUTS}
+        self.scale = torch.zeros((), dtype=torch.float32, device=device)
+        cu = torch.zeros(capacity + 1, dtype=torch.int32, device=device) if capacity else None
+        self.layout = PackedLayout(cu is None, cu, max_len if capacity else shape[1], None)
+        self.graph = torch.cuda.CUDAGraph()
+        self.loss: torch.Tensor | None = None
+
+    def load(self, batch: dict[str, torch.Tensor], scale: float, cu: torch.Tensor | None) -> None:
+        for k in _INPUTS:
+            self.inputs[k].copy_(batch[k], non_blocking=True)
+        self.scale.fill_(scale)
+        if cu is not None:
+            self.layout.cu_seqlens.copy_(cu, non_blocking=True)
+
+
+class GraphedSteps:
+    """forward + loss + backward of a FastDecoder as CUDA graphs, for the parameters `params`."""
+
+    def __init__(self, fast, params: list[torch.nn.Parameter]):
+        self.fast = fast
+        self.params = params
+        self.device = params[0].device
+        self.graphs: dict[tuple, _Graph] = {}
+        self.seen: set[tuple] = set()
+        self.failed: set[tuple] = set()
+        self.grads: list[torch.Tensor] | None = None
+        self.pool = None
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
+                         scale: float) -> torch.Tensor | None:
+        """loss = (sum of per-token losses) x scale, its gradient added to the parameters' .grad; returns the
+        loss (0-dim), or None where this batch runs eagerly instead (first of its shape, fp32, no graph)."""
+        if dtype == torch.float32:  # flash attention (varlen) needs half precision; fp32 is a test setting
+            return None
+        batch = _pad_width(batch, _width_bucket(batch["input_ids"].shape[1]))
+        seg = batch["segment_ids"].cpu()
+        self.fast.check_window(batch["position_ids"])
+        probe = packed_layout(seg, use_varlen=True, device="cpu")
+        b, n = seg.shape
+        if probe.single:
+            key, cu = (b, n, 0, 0), None
+        else:
+            cu = probe.cu_seqlens
+            capacity = _pow2(max(8, len(cu) - 1))
+            key = (b, n, capacity, min(b * n, _pow2(max(256, probe.max_len))))
+            cu = torch.cat([cu, cu[-1:].expand(capacity + 1 - len(cu))])
+        if key in self.failed:
+            return None
+        if key not in self.seen:
+            self.seen.add(key)
+            return None
+        graph = self.graphs.get(key)
+        if graph is None:
+            try:
+                graph = self._capture(key, batch, dtype, scale, cu)
+            except Exception as exc:  # an op that cannot be captured: this shape stays eager
+                log.warning("fast path: CUDA graph capture failed for batch shape %s (%s: %s); running it "
+                            "without a graph", key, type(exc).__name__, str(exc).splitlines()[0][:200])
+                self.failed.add(key)
+                return None
+            self.graphs[key] = graph
+        self._bind_grads()
+        graph.load(batch, scale, cu)
+        graph.graph.replay()
+        return graph.loss.detach().clone()
+
+    def _bind_grads(self) -> None:
+        """Point every parameter's .grad at the buffer the graphs add into, keeping what it held."""
+        if self.grads is None:
+            self.grads = [torch.zeros_like(p) for p in self.params]
+        cleared = []
+        for p, buf in zip(self.params, self.grads):
+            if p.grad is None:
+                cleared.append(buf)
+            elif p.grad is not buf:
+                buf.copy_(p.grad)
+            p.grad = buf
+        if cleared:
+            torch._foreach_zero_(cleared)
+
+    def _capture(self, key: tuple, batch, dtype: torch.dtype, scale: float, cu) -> _Graph:
+        b, n, capacity, max_len = key
+        graph = _Graph((b, n), self.device, capacity, max_len)
+        graph.load(batch, scale, cu)
+        self._bind_grads()
+        with torch.cuda.graph(graph.graph, pool=self.pool):
+            losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
+            graph.loss = losses.sum() * graph.scale
+            graph.loss.backward(inputs=self.params)
+        if self.pool is None:
+            self.pool = graph.graph.pool()
+        log.info("fast path: captured a CUDA graph for batch shape %s", key)
+        return graph
