@@ -204,7 +204,9 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             torch.cuda.synchronize()
         Path(os.environ["OUT"], f"profile_{side}{ckpt}.txt").write_text(
             prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
+    graphs = getattr(model, "tunelab_graphs", None)
     return dict(side=side + (f"@{ckpt}" if ckpt else ""), tokens=tokens, tok_s=counted / elapsed,
+                cuda_graphs=None if graphs is None else [len(graphs.graphs), len(graphs.failed)],
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 reserved_gib=torch.cuda.max_memory_reserved() / 2**30, steps=n_steps - warm,
                 load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1])
@@ -233,8 +235,8 @@ def run_train(side: str, path: str, qlora: bool, checkpoint_layers: int, warmup:
                   data_path=str(work / "data.json"), prompt_template="internlm2_chat", max_length=2048,
                   pack_to_max_length=True, batch_size=1, accumulative_counts=1, max_steps=warmup + steps, lr=1e-5,
                   lora_r=64, lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, max_norm=1.0,
-                  gradient_checkpointing=True, checkpoint_layers=checkpoint_layers, torch_dtype="bfloat16",
-                  evaluation_inputs=[], evaluation_freq=10_000, save_steps=10_000, log_interval=1)
+                  gradient_checkpointing=True, checkpoint_layers=checkpoint_layers, torch_dtype="bf16",
+                  evaluation_inputs=[], save_steps=10_000, log_interval=1)
     cfg = work / "bench_train.py"
     cfg.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()))
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg), "--work-dir", str(work / "run")],
@@ -262,6 +264,8 @@ def main() -> None:
     ap.add_argument("--cases", default="lora2k,qlora2k")
     ap.add_argument("--only", default="", help="run only sides starting with this (e.g. tunelab)")
     ap.add_argument("--variants", default="", help="extra tunelab sides per case, e.g. lora2k=tunelab@0")
+    ap.add_argument("--sides", default="", help="exactly these case=side pairs, in order (overrides --cases, "
+                    "--only, --variants), e.g. lora2k=unsloth,lora2k=tunelab@9")
     ap.add_argument("--model-dir", default=os.environ.get("BENCH_MODEL_DIR", "/tmp/llama2_7b_random"))
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
@@ -276,29 +280,34 @@ def main() -> None:
         t = time.time()
         make_model(path)
         print(f"made {path} in {time.time() - t:.0f}s", flush=True)
+    if args.sides:
+        plan = [tuple(pair.split("=", 1)) for pair in args.sides.split(",")]
+    else:
+        plan = []
+        for case in args.cases.split(","):
+            extra = [v.split("=", 1)[1] for v in args.variants.split(",") if v.startswith(case + "=")]
+            plan += [(case, side) for side in CASES[case][0] + extra if side.startswith(args.only)]
     rows = []
-    for case in args.cases.split(","):
-        sides, tokens = CASES[case]
-        extra = [v.split("=", 1)[1] for v in args.variants.split(",") if v.startswith(case + "=")]
-        for side in [s for s in sides + extra if s.startswith(args.only)]:
-            cmd = [sys.executable, __file__, "--side", side, "--tokens", str(tokens), "--model-dir", str(path),
-                   "--warmup", str(args.warmup), "--steps", str(args.steps)]
-            t = time.time()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                out = proc.stdout + proc.stderr
-            except subprocess.TimeoutExpired as exc:
-                out = f"timed out after {args.timeout}s\n{(exc.stderr or b'')[-2000:]}"
-                proc = None
-            result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
-            if result is None:
-                tail = "\n".join(out.strip().splitlines()[-25:])
-                print(f"--- {case}/{side} failed:\n{tail}", flush=True)
-                result = dict(side=side, tokens=tokens, error=out.strip().splitlines()[-1][:200] if out.strip() else "?")
-            result["case"] = case
-            result["wall_s"] = round(time.time() - t)
-            print(json.dumps(result), flush=True)
-            rows.append(result)
+    for case, side in plan:
+        tokens = CASES[case][1]
+        cmd = [sys.executable, __file__, "--side", side, "--tokens", str(tokens), "--model-dir", str(path),
+               "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        t = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            out = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            out = f"timed out after {args.timeout}s\n{(exc.stderr or b'')[-2000:]}"
+            proc = None
+        result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
+        if result is None:
+            tail = "\n".join(out.strip().splitlines()[-25:])
+            print(f"--- {case}/{side} failed:\n{tail}", flush=True)
+            result = dict(side=side, tokens=tokens, error=out.strip().splitlines()[-1][:200] if out.strip() else "?")
+        result["case"] = case
+        result["wall_s"] = round(time.time() - t)
+        print(json.dumps(result), flush=True)
+        rows.append(result)
     print(table(rows))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench.json").write_text(json.dumps(rows, indent=1))

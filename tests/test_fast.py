@@ -250,7 +250,7 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed):
     params = [p for p in model.parameters() if p.requires_grad]
     graphs = GraphedSteps(fast, params)
     vocab = model.config.vocab_size
-    cases = {"single": [_single_rows(vocab, 2, 384, seed) for seed in range(4)],
+    cases = {"single": [_single_rows(vocab, 2, 512, seed) for seed in range(4)],  # a width bucket: no padding
              "packed": [_batch(vocab, lengths, seed=seed) for seed, lengths in
                         enumerate([[[200, 150, 100], [300, 100]], [[120, 300, 30], [250, 150]],
                                    [[450], [100, 100, 100, 100]], [[50, 400], [400, 50]]])]}
@@ -276,7 +276,7 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed):
             if i == 0:  # the first batch of a shape runs eagerly
                 assert loss is None, kind
                 continue
-            assert loss is not None, kind
+            assert loss is not None and not graphs.failed, (kind, graphs.failed)
             torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-3, msg=f"{kind} {i}")
             close([p.grad for p in params], ref_grads, f"{kind} {i}")
         # accumulation: the graph adds to what the gradients hold

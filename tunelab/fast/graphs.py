@@ -4,8 +4,7 @@ Why: with its layers compiled, a 7B step used to spend as long in Python launchi
 wrappers of each compiled region, autograd's bookkeeping) as the GPU spent running them (bench/RESULTS.md).
 A replayed graph launches the whole micro-batch at once. What that takes:
 * fixed shapes: rows are padded to a bucket of widths, and there is one graph per (rows, width) and, for
-  packed rows, per bucket of sample count and longest sample (powers of two), so an epoch needs few
-  captures. The first batch of a shape runs eagerly (it also compiles the layers), the second is captured,
+  packed rows, per bucket of sample count (powers of two), so an epoch needs few captures. The first batch of a shape runs eagerly (it also compiles the layers), the second is captured,
   every later one replays;
 * fixed gradient buffers: the captured backward adds into the parameters' .grad tensors in place, so those
   buffers are bound again before each replay, whatever zero_grad did to them;
@@ -25,6 +24,7 @@ from tunelab.fast.loss import IGNORE
 log = logging.getLogger("tunelab")
 
 _INPUTS = ("input_ids", "position_ids", "targets")
+MAX_GRAPHS = 8  # each holds its inputs and keeps the shared pool at its peak; rarer shapes run eagerly
 
 
 def _pow2(n: int) -> int:
@@ -49,11 +49,11 @@ def _pad_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Te
 class _Graph:
     """One captured micro-batch: static inputs the batch is copied into, the graph, its loss."""
 
-    def __init__(self, shape: tuple[int, int], device: torch.device, capacity: int, max_len: int):
+    def __init__(self, shape: tuple[int, int], device: torch.device, capacity: int):
         self.inputs = {k: torch.zeros(shape, dtype=torch.long, device=device) for k in _INPUTS}
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
         cu = torch.zeros(capacity + 1, dtype=torch.int32, device=device) if capacity else None
-        self.layout = PackedLayout(cu is None, cu, max_len if capacity else shape[1], None)
+        self.layout = PackedLayout(cu is None, cu, shape[1], None)
         self.graph = torch.cuda.CUDAGraph()
         self.loss: torch.Tensor | None = None
 
@@ -90,15 +90,17 @@ class GraphedSteps:
         probe = packed_layout(seg, use_varlen=True, device="cpu")
         b, n = seg.shape
         if probe.single:
-            key, cu = (b, n, 0, 0), None
+            key, cu = (b, n, 0), None
         else:
+            # the longest sample is taken as the row width: an upper bound only sizes the kernel's grid (the
+            # extra blocks return at once), and the graph then fits every packing of this many samples
             cu = probe.cu_seqlens
             capacity = _pow2(max(8, len(cu) - 1))
-            key = (b, n, capacity, min(b * n, _pow2(max(256, probe.max_len))))
+            key = (b, n, capacity)
             cu = torch.cat([cu, cu[-1:].expand(capacity + 1 - len(cu))])
         if key in self.failed:
             return None
-        if key not in self.seen:
+        if key not in self.seen or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
             self.seen.add(key)
             return None
         graph = self.graphs.get(key)
@@ -131,14 +133,17 @@ class GraphedSteps:
             torch._foreach_zero_(cleared)
 
     def _capture(self, key: tuple, batch, dtype: torch.dtype, scale: float, cu) -> _Graph:
-        b, n, capacity, max_len = key
-        graph = _Graph((b, n), self.device, capacity, max_len)
+        b, n, capacity = key
+        graph = _Graph((b, n), self.device, capacity)
         graph.load(batch, scale, cu)
         self._bind_grads()
         with torch.cuda.graph(graph.graph, pool=self.pool):
             losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
             graph.loss = losses.sum() * graph.scale
             graph.loss.backward(inputs=self.params)
+        # drop the captured autograd graph: its gradient-accumulation nodes remember the capture stream, and a
+        # later eager step would reuse them (and with them, that stream)
+        graph.loss = graph.loss.detach()
         if self.pool is None:
             self.pool = graph.graph.pool()
         log.info("fast path: captured a CUDA graph for batch shape %s", key)
