@@ -246,7 +246,10 @@ def run_train(side: str, path: str, qlora: bool, checkpoint_layers: int, warmup:
     records = [json.loads(line) for f in (work / "run").glob("*/vis_data/scalars.json")
                for line in f.read_text().splitlines()]
     timed = [r for r in records if "tokens_per_s" in r and r["step"] > warmup]
+    notes = [line.strip()[-160:] for line in (proc.stdout + proc.stderr).splitlines()
+             if "fast path" in line or "CUDA graph" in line]
     return dict(tokens=2048, tok_s=sum(r["tokens_per_s"] for r in timed) / len(timed),  # the mean logged rate
+                per_step=[round(r["tokens_per_s"]) for r in records if "tokens_per_s" in r], notes=notes,
                 peak_gib=max(r["memory_gb"] for r in records if "memory_gb" in r),
                 steps=len(timed), first_loss=timed[0]["loss"], last_loss=timed[-1]["loss"])
 
