@@ -123,3 +123,16 @@ def test_medqa_trains_with_only_data_path_changed(data_dir, tmp_path):
     assert len(losses) == 30
     assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10, losses
     assert "482 records -> 482 samples" in cp.stderr
+
+
+def test_bf16_config_trains_on_cpu(tiny_llama, tmp_path):
+    """torch_dtype='bf16' on a CPU (weights stay fp32 there, no autocast): the attention mask follows the
+    weights, the run finishes and logs finite losses."""
+    from conftest import run_losses
+
+    values = dict(pretrained_model_name_or_path=str(tiny_llama), torch_dtype="bf16", max_steps=3,
+                  save_steps=1000, log_interval=1, evaluation_inputs=["who are you"], evaluation_freq=1000)
+    cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
+    train(cfg, name, work_dir=str(tmp_path))
+    losses = run_losses(tmp_path)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses

@@ -72,9 +72,12 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
         layout = fast.layout(batch["segment_ids"], batch["position_ids"], device, dtype)
         return fast.token_losses({k: v.to(device) for k, v in batch.items()}, dtype, layout)
     batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
+    autocast = device.type == "cuda" and dtype != torch.float32
+    # without autocast (CPU keeps fp32 weights) attention runs in the weights' dtype, and so must its mask
+    mask_dtype = dtype if autocast else model.dtype
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    attention_mask=attention_bias(batch["segment_ids"], dtype), use_cache=False)
+                    attention_mask=attention_bias(batch["segment_ids"], mask_dtype), use_cache=False)
     logits = out.logits.float()
     losses = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
                              reduction="none")

@@ -4,8 +4,9 @@ Why: with its layers compiled, a 7B step used to spend as long in Python launchi
 wrappers of each compiled region, autograd's bookkeeping) as the GPU spent running them (bench/RESULTS.md).
 A replayed graph launches the whole micro-batch at once. What that takes:
 * fixed shapes: rows are padded to a bucket of widths, and there is one graph per (rows, width) and, for
-  packed rows, per bucket of sample count (powers of two), so an epoch needs few captures. The first batch of a shape runs eagerly (it also compiles the layers), the second is captured,
-  every later one replays;
+  packed rows, per bucket of sample count (powers of two), so an epoch needs few captures. The first batch
+  of a (rows, width) runs eagerly (it compiles the layers for that shape); after that each new layout bucket
+  is captured when first met and replayed ever after;
 * fixed gradient buffers: the captured backward adds into the parameters' .grad tensors in place, so those
   buffers are bound again before each replay, whatever zero_grad did to them;
 * no random state to replay when layers are recomputed (the caller enables graphs only without dropout
@@ -73,8 +74,8 @@ class GraphedSteps:
         self.params = params
         self.device = params[0].device
         self.graphs: dict[tuple, _Graph] = {}
-        self.seen: set[tuple] = set()
-        self.failed: set[tuple] = set()
+        self.warm: set[tuple[int, int]] = set()  # (rows, width) that ran eagerly once
+        self.failed: dict[tuple, str] = {}  # shapes whose capture failed -> why
         self.grads: list[torch.Tensor] | None = None
         self.pool = None
 
@@ -98,19 +99,19 @@ class GraphedSteps:
             capacity = _pow2(max(8, len(cu) - 1))
             key = (b, n, capacity)
             cu = torch.cat([cu, cu[-1:].expand(capacity + 1 - len(cu))])
-        if key in self.failed:
+        if key in self.failed or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
             return None
-        if key not in self.seen or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
-            self.seen.add(key)
+        if (b, n) not in self.warm:  # compiles the layers for this shape; other layouts of it need not
+            self.warm.add((b, n))
             return None
         graph = self.graphs.get(key)
         if graph is None:
             try:
                 graph = self._capture(key, batch, dtype, scale, cu)
             except Exception as exc:  # an op that cannot be captured: this shape stays eager
-                log.warning("fast path: CUDA graph capture failed for batch shape %s (%s: %s); running it "
-                            "without a graph", key, type(exc).__name__, str(exc).splitlines()[0][:200])
-                self.failed.add(key)
+                self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                log.warning("fast path: CUDA graph capture failed for batch shape %s (%s); running it without "
+                            "a graph", key, self.failed[key])
                 return None
             self.graphs[key] = graph
         self._bind_grads()
