@@ -72,7 +72,7 @@ def agent_model(tiny_models, tmp_path_factory):
     cfg = write_config(
         root / "agent_cfg.py", pretrained_model_name_or_path=str(tiny_models["llama"]), algorithm="lora",
         data_path=_write_data(root), prompt_template="internlm_chat", SYSTEM=AGENT_SYSTEM, max_length=512,
-        pack_to_max_length=True, batch_size=1, accumulative_counts=1, max_epochs=2, max_steps=700, lr=3e-3, warmup_ratio=0.05,
+        pack_to_max_length=True, batch_size=1, accumulative_counts=1, max_epochs=2, max_steps=1000, lr=3e-3, warmup_ratio=0.05,
         lora_r=32, lora_alpha=64, lora_dropout=0.0, gradient_checkpointing=False, evaluation_inputs=[],
         save_total_limit=1, log_interval=100)
     cp = run_cli("train", cfg, cwd=root)

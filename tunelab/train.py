@@ -84,15 +84,15 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
     return losses.view(batch["targets"].shape)
 
 
-def forward_backward(model, batch: dict[str, torch.Tensor], dtype: torch.dtype, scale: float) -> torch.Tensor:
-    """loss = (sum of the batch's per-token losses) x scale; adds its gradient to the parameters and returns
-    it (0-dim, detached). On the fast path with CUDA graphs the whole micro-batch is one replayed graph."""
+def forward_backward(model, batch: dict[str, torch.Tensor], dtype: torch.dtype, n_targets: int) -> torch.Tensor:
+    """loss = (sum of the batch's per-token losses) / n_targets; adds its gradient to the parameters and
+    returns it (0-dim, detached). On the fast path with CUDA graphs the micro-batch is one replayed graph."""
     graphs = getattr(model, "tunelab_graphs", None)
     if graphs is not None and model.training:
-        loss = graphs.forward_backward(batch, dtype, scale)
+        loss = graphs.forward_backward(batch, dtype, n_targets)
         if loss is not None:
             return loss
-    loss = token_losses(model, batch, dtype).sum() * scale
+    loss = token_losses(model, batch, dtype).sum() / n_targets
     loss.backward()
     return loss.detach()
 
@@ -404,7 +404,7 @@ def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg:
     poison = fault("nan_loss_from_step")
     total = 0.0
     for batch in window:
-        loss = forward_backward(model, collate(batch, tokenizer.pad_token_id), dtype, 1.0 / n_targets)
+        loss = forward_backward(model, collate(batch, tokenizer.pad_token_id), dtype, n_targets)
         if poison is not None and step >= poison:
             loss = loss * float("inf")
         if not torch.isfinite(loss):  # whatever its gradient added is dropped with the step

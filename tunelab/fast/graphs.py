@@ -52,16 +52,16 @@ class _Graph:
 
     def __init__(self, shape: tuple[int, int], device: torch.device, capacity: int):
         self.inputs = {k: torch.zeros(shape, dtype=torch.long, device=device) for k in _INPUTS}
-        self.scale = torch.zeros((), dtype=torch.float32, device=device)
+        self.n_targets = torch.ones((), dtype=torch.float32, device=device)
         cu = torch.zeros(capacity + 1, dtype=torch.int32, device=device) if capacity else None
         self.layout = PackedLayout(cu is None, cu, shape[1], None)
         self.graph = torch.cuda.CUDAGraph()
         self.loss: torch.Tensor | None = None
 
-    def load(self, batch: dict[str, torch.Tensor], scale: float, cu: torch.Tensor | None) -> None:
+    def load(self, batch: dict[str, torch.Tensor], n_targets: int, cu: torch.Tensor | None) -> None:
         for k in _INPUTS:
             self.inputs[k].copy_(batch[k], non_blocking=True)
-        self.scale.fill_(scale)
+        self.n_targets.fill_(n_targets)
         if cu is not None:
             self.layout.cu_seqlens.copy_(cu, non_blocking=True)
 
@@ -80,8 +80,8 @@ class GraphedSteps:
         self.pool = None
 
     def forward_backward(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
-                         scale: float) -> torch.Tensor | None:
-        """loss = (sum of per-token losses) x scale, its gradient added to the parameters' .grad; returns the
+                         n_targets: int) -> torch.Tensor | None:
+        """loss = (sum of per-token losses) / n_targets, its gradient added to the parameters' .grad; returns the
         loss (0-dim), or None where this batch runs eagerly instead (first of its shape, fp32, no graph)."""
         if dtype == torch.float32:  # flash attention (varlen) needs half precision; fp32 is a test setting
             return None
@@ -107,7 +107,7 @@ class GraphedSteps:
         graph = self.graphs.get(key)
         if graph is None:
             try:
-                graph = self._capture(key, batch, dtype, scale, cu)
+                graph = self._capture(key, batch, dtype, n_targets, cu)
             except Exception as exc:  # an op that cannot be captured: this shape stays eager
                 self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 log.warning("fast path: CUDA graph capture failed for batch shape %s (%s); running it without "
@@ -115,7 +115,7 @@ class GraphedSteps:
                 return None
             self.graphs[key] = graph
         self._bind_grads()
-        graph.load(batch, scale, cu)
+        graph.load(batch, n_targets, cu)
         graph.graph.replay()
         return graph.loss.detach().clone()
 
@@ -133,14 +133,14 @@ class GraphedSteps:
         if cleared:
             torch._foreach_zero_(cleared)
 
-    def _capture(self, key: tuple, batch, dtype: torch.dtype, scale: float, cu) -> _Graph:
+    def _capture(self, key: tuple, batch, dtype: torch.dtype, n_targets: int, cu) -> _Graph:
         b, n, capacity = key
         graph = _Graph((b, n), self.device, capacity)
-        graph.load(batch, scale, cu)
+        graph.load(batch, n_targets, cu)
         self._bind_grads()
         with torch.cuda.graph(graph.graph, pool=self.pool):
             losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
-            graph.loss = losses.sum() * graph.scale
+            graph.loss = losses.sum() / graph.n_targets
             graph.loss.backward(inputs=self.params)
         # drop the captured autograd graph: its gradient-accumulation nodes remember the capture stream, and a
         # later eager step would reuse them (and with them, that stream)
