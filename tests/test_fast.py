@@ -3,6 +3,8 @@ packed, padded batches for every architecture (fp32 on CPU: tight), QLoRA with r
 chunked loss against F.cross_entropy, and (GPU only) the compiled bf16 kernels and varlen attention."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -326,3 +328,39 @@ def test_packed_layout_from_cpu_ids_matches_device_layout():
     layout = packed_layout(seg, use_varlen=True, device="cpu")
     assert layout.cu_seqlens.tolist() == [0, 5, 12, 16, 32] and layout.max_len == 16
     assert packed_layout(torch.zeros(2, 8, dtype=torch.long), use_varlen=True).single
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_layer_keeps_few_activations_for_backward(tiny_llama):
+    """What a compiled fast layer keeps for backward decides how many layers must be recomputed to fit a card.
+    It needs the layer input, q/k/v and the attention output, the mid-layer residual and the gate/up outputs
+    (about 11.4 hidden-sized tensors for a Llama MLP of 2.7x) plus LoRA's rank-sized products; the normed
+    inputs and the SwiGLU product (4.7 more) must be recomputed, not kept."""
+    model = load_model(str(tiny_llama), dtype=torch.bfloat16, device="cpu")
+    model = add_lora(model, _cfg(tiny_llama), quantized=False).train()
+    fast = FastDecoder(model, compile=True, checkpointing=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    n, hidden = 256, model.config.hidden_size
+
+    def kept_by_one_layer() -> float:
+        kept = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        x = torch.randn(1, n, hidden, dtype=torch.bfloat16, requires_grad=True)
+        cos, sin = fast.core.rotary_emb(x, torch.arange(n)[None])
+        layout = packed_layout(torch.zeros(1, n, dtype=torch.long), use_varlen=False)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fast._layer(x, cos.to(x.dtype), sin.to(x.dtype), fast.layers[0], layout)
+        y.float().sum().backward()  # the compiled backward runs too
+        return sum(kept.values()) / (n * hidden * 2)
+
+    kept_by_one_layer()  # compiles
+    ratio = model.config.intermediate_size / hidden
+    kept = kept_by_one_layer()
+    assert kept < 6 + 2 * ratio + 2.0, kept  # 1 (x) + 4 (q, k, v, out) + 1 (mid) + 2 x ratio (g, u) + LoRA
