@@ -82,7 +82,8 @@ class GraphedSteps:
     def forward_backward(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
                          n_targets: int) -> torch.Tensor | None:
         """loss = (sum of per-token losses) / n_targets, its gradient added to the parameters' .grad; returns the
-        loss (0-dim), or None where this batch runs eagerly instead (first of its shape, fp32, no graph)."""
+        loss (0-dim), or None where the caller should run the batch its own way (fp32, a shape that cannot
+        be captured, too many shapes)."""
         if dtype == torch.float32:  # flash attention (varlen) needs half precision; fp32 is a test setting
             return None
         batch = _pad_width(batch, _width_bucket(batch["input_ids"].shape[1]))
@@ -101,9 +102,15 @@ class GraphedSteps:
             cu = torch.cat([cu, cu[-1:].expand(capacity + 1 - len(cu))])
         if key in self.failed or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
             return None
-        if (b, n) not in self.warm:  # compiles the layers for this shape; other layouts of it need not
+        if (b, n) not in self.warm:
+            # eagerly, at the padded width: this compiles the layers for it, which must not happen during a
+            # capture; other layouts of the same width then need no eager run
             self.warm.add((b, n))
-            return None
+            layout = self.fast.layout(seg, batch["position_ids"], self.device, dtype)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss = self.fast.token_losses(batch, dtype, layout).sum() / n_targets
+            loss.backward()
+            return loss.detach()
         graph = self.graphs.get(key)
         if graph is None:
             try:
