@@ -131,7 +131,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     side, _, ckpt = side.partition("@")  # tunelab@N: recompute only the first N layers
     qlora = side.endswith("qlora")
     if side.startswith("tunelab_train"):
-        return run_train(side, path, qlora, int(ckpt or -1), warmup, steps) | {"side": side + (f"@{ckpt}" if ckpt else "")}
+        return run_train(path, qlora, int(ckpt or -1), warmup, steps) | {"side": side + (f"@{ckpt}" if ckpt else "")}
     g = torch.Generator().manual_seed(0)
     batches_of_ids = [torch.randint(3, SHAPE["vocab_size"], (1, tokens), generator=g) for _ in range(warmup + steps)] \
         if tokens else []
@@ -213,7 +213,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
                 load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1])
 
 
-def run_train(side: str, path: str, qlora: bool, checkpoint_layers: int, warmup: int, steps: int) -> dict:
+def run_train(path: str, qlora: bool, checkpoint_layers: int, warmup: int, steps: int) -> dict:
     """`tunelab train` (the CLI, in a subprocess) on alpaca records of the real sample lengths (random
     words), packed into 2,048-token rows, the bench's LoRA settings; tokens/s as the run logged it, over
     the steps after warm-up."""
@@ -304,7 +304,6 @@ def main() -> None:
             out = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as exc:
             out = f"timed out after {args.timeout}s\n{(exc.stderr or b'')[-2000:]}"
-            proc = None
         result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
         if result is None:
             tail = "\n".join(out.strip().splitlines()[-25:])
