@@ -74,7 +74,7 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
     batch = {k: v.to(device) for k, v in batch.items()}
     autocast = device.type == "cuda" and dtype != torch.float32
     # without autocast (CPU keeps fp32 weights) attention runs in the weights' dtype, and so must its mask
-    mask_dtype = dtype if autocast else model.dtype
+    mask_dtype = dtype if autocast else next(p.dtype for p in model.parameters() if p.is_floating_point())
     with torch.autocast(device.type, dtype=dtype, enabled=autocast):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     attention_mask=attention_bias(batch["segment_ids"], mask_dtype), use_cache=False)
