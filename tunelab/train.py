@@ -68,9 +68,8 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
     """Per-token cross entropy (0 where the target is ignored), shape (batch, seq)."""
     device = next(p for p in model.parameters()).device
     fast = getattr(model, "tunelab_fast", None)
-    if fast is not None and model.training:  # the layout from the ids still on the CPU: no GPU sync
-        layout = fast.layout(batch["segment_ids"], batch["position_ids"], device, dtype)
-        return fast.token_losses({k: v.to(device) for k, v in batch.items()}, dtype, layout)
+    if fast is not None and model.training:
+        return fast.token_losses(batch, dtype)
     batch = {k: v.to(device) for k, v in batch.items()}
     autocast = device.type == "cuda" and dtype != torch.float32
     # without autocast (CPU keeps fp32 weights) attention runs in the weights' dtype, and so must its mask

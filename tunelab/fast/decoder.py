@@ -299,11 +299,13 @@ class FastDecoder:
 
     def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
                      layout: PackedLayout | None = None) -> torch.Tensor:
-        """Per-token cross entropy (0 where the target is ignored), shape (batch, seq)."""
-        ids = batch["input_ids"]
+        """Per-token cross entropy (0 where the target is ignored), shape (batch, seq). A batch may come still on
+        the CPU: its layout is worked out there (no GPU sync) and its tensors move to the model's device."""
+        device = self.core.embed_tokens.weight.device
         if layout is None:
-            layout = self.layout(batch["segment_ids"], batch["position_ids"], ids.device, dtype)
-        h = self.hidden_states(ids, batch["position_ids"], dtype, layout)
+            layout = self.layout(batch["segment_ids"], batch["position_ids"], device, dtype)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        h = self.hidden_states(batch["input_ids"], batch["position_ids"], dtype, layout)
         head = _lm_head(self.model)
         weight = head.weight if head.weight.dtype == dtype else head.weight.to(dtype)
         targets = batch["targets"]

@@ -106,9 +106,7 @@ class GraphedSteps:
             # eagerly, at the padded width: this compiles the layers for it, which must not happen during a
             # capture; other layouts of the same width then need no eager run
             self.warm.add((b, n))
-            layout = self.fast.layout(seg, batch["position_ids"], self.device, dtype)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = self.fast.token_losses(batch, dtype, layout).sum() / n_targets
+            loss = self.fast.token_losses(batch, dtype).sum() / n_targets
             loss.backward()
             return loss.detach()
         graph = self.graphs.get(key)
