@@ -114,7 +114,9 @@ def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int):
     values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora", lora_r=64,
                   lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, max_length=max(tokens, 2048),
                   batch_size=1, accumulative_counts=1, max_norm=1.0, gradient_checkpointing=True,
-                  checkpoint_layers=checkpoint_layers)
+                  checkpoint_layers=checkpoint_layers,
+                  # BENCH_GRAPHS=0 for kernel-by-kernel profiles (BENCH_PROFILE=1) of the eager fast path
+                  cuda_graphs=os.environ.get("BENCH_GRAPHS", "1") != "0")
     cfg = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])[0]
     model = build_model(cfg, path, "cuda", torch.bfloat16).train()
     params = [p for p in model.parameters() if p.requires_grad]
