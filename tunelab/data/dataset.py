@@ -230,19 +230,18 @@ def pack(samples: list[Sequence], max_length: int) -> list[Sequence]:
     return packed
 
 
+# What right-padding fills each batch field with (input_ids: the tokenizer's pad id): padding is never a target
+# and is its own segment (-1), so it never mixes with real tokens. The fast path's graphs pad the same way.
+PAD_VALUES = {"targets": IGNORE, "position_ids": 0, "segment_ids": -1}
+
+
 def collate(batch: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding gets its own segment (-1) so it never mixes with real tokens."""
+    """Right-pad a batch into tensors (see PAD_VALUES)."""
     width = max(len(s) for s in batch)
-
-    def padded(rows, value):
-        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-    return {
-        "input_ids": padded([s.input_ids for s in batch], pad_id),
-        "targets": padded([s.targets for s in batch], IGNORE),
-        "position_ids": padded([s.position_ids for s in batch], 0),
-        "segment_ids": padded([s.segment_ids for s in batch], -1),
-    }
+    fill = {"input_ids": pad_id, **PAD_VALUES}
+    return {key: torch.tensor([row + [fill[key]] * (width - len(row)) for row in (getattr(s, key) for s in batch)],
+                              dtype=torch.long)
+            for key in ("input_ids", "targets", "position_ids", "segment_ids")}
 
 
 def attention_bias(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -20,7 +20,7 @@ import logging
 import torch
 
 from tunelab.fast.attention import PackedLayout, packed_layout
-from tunelab.fast.loss import IGNORE
+from tunelab.data.dataset import PAD_VALUES
 
 log = logging.getLogger("tunelab")
 
@@ -39,11 +39,11 @@ def _width_bucket(n: int) -> int:
 
 
 def _pad_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
-    """Right-pad the rows to `width` as collate pads them: padding is its own segment (-1), never a target."""
+    """Right-pad the rows to `width` as collate pads them (data.dataset.PAD_VALUES)."""
     extra = width - batch["input_ids"].shape[1]
     if extra <= 0:
         return batch
-    fill = {"input_ids": 0, "targets": IGNORE, "position_ids": 0, "segment_ids": -1}
+    fill = {"input_ids": 0, **PAD_VALUES}
     return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill else v for k, v in batch.items()}
 
 
