@@ -160,6 +160,9 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             return loss
     else:
         model = _unsloth_model(path, qlora, tokens) if side.startswith("unsloth") else _hf_model(path, qlora)
+        # from_pretrained leaves a model in eval mode, where HF and Unsloth skip gradient checkpointing (the
+        # Trainer calls train() before the first step); before 2026-12-02 these sides ran that way
+        model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
         if side == "hf_padded":
@@ -208,6 +211,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
     graphs = getattr(model, "tunelab_graphs", None)
     return dict(side=side + (f"@{ckpt}" if ckpt else ""), tokens=tokens, tok_s=counted / elapsed,
+                training=model.training,
                 cuda_graphs=None if graphs is None else dict(
                     captured=len(graphs.graphs), failed={str(k): v for k, v in graphs.failed.items()}),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30,
