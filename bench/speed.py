@@ -104,7 +104,7 @@ def _hf_step(model, optimizer, params, ids, attention_mask=None, labels=None):
     return out.loss.item()
 
 
-def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int):
+def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int, offload: bool):
     import torch
 
     from tunelab.config.loader import load_config
@@ -114,7 +114,7 @@ def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int):
     values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora", lora_r=64,
                   lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, max_length=max(tokens, 2048),
                   batch_size=1, accumulative_counts=1, max_norm=1.0, gradient_checkpointing=True,
-                  checkpoint_layers=checkpoint_layers,
+                  checkpoint_layers=checkpoint_layers, offload_checkpoints=offload,
                   # BENCH_GRAPHS=0 for kernel-by-kernel profiles (BENCH_PROFILE=1) of the eager fast path
                   cuda_graphs=os.environ.get("BENCH_GRAPHS", "1") != "0")
     cfg = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])[0]
@@ -130,17 +130,19 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     from tunelab.data.dataset import Sequence, pack
 
     torch.manual_seed(0)
-    side, _, ckpt = side.partition("@")  # tunelab@N: recompute only the first N layers
+    # tunelab@N: recompute only the first N layers; tunelab@Nh: and keep their inputs on the host (offload)
+    side, _, ckpt = side.partition("@")
+    layers, offload = int(ckpt.rstrip("h") or -1), ckpt.endswith("h")
     qlora = side.endswith("qlora")
     if side.startswith("tunelab_train"):
-        return run_train(path, qlora, int(ckpt or -1), warmup, steps) | {"side": side + (f"@{ckpt}" if ckpt else "")}
+        return run_train(path, qlora, layers, offload, warmup, steps) | {"side": side + (f"@{ckpt}" if ckpt else "")}
     g = torch.Generator().manual_seed(0)
     batches_of_ids = [torch.randint(3, SHAPE["vocab_size"], (1, tokens), generator=g) for _ in range(warmup + steps)] \
         if tokens else []
     t_load = time.time()
     if side.startswith("tunelab"):
         from tunelab.train import _optimizer_step
-        cfg, model, params, optimizer, tokenizer = _tunelab_setup(path, qlora, tokens or 8192, int(ckpt or -1))
+        cfg, model, params, optimizer, tokenizer = _tunelab_setup(path, qlora, tokens or 8192, layers, offload)
 
         def seq(ids):
             ids = ids.tolist()
@@ -219,7 +221,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
                 load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1])
 
 
-def run_train(path: str, qlora: bool, checkpoint_layers: int, warmup: int, steps: int) -> dict:
+def run_train(path: str, qlora: bool, checkpoint_layers: int, offload: bool, warmup: int, steps: int) -> dict:
     """`tunelab train` (the CLI, in a subprocess) on alpaca records of the real sample lengths (random
     words), packed into 2,048-token rows, the bench's LoRA settings; tokens/s as the run logged it, over
     the steps after warm-up."""
@@ -244,7 +246,8 @@ def run_train(path: str, qlora: bool, checkpoint_layers: int, warmup: int, steps
                   data_path=str(work / "data.json"), prompt_template="internlm2_chat", max_length=2048,
                   pack_to_max_length=True, batch_size=1, accumulative_counts=1, max_steps=warmup + steps, lr=1e-5,
                   lora_r=64, lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, max_norm=1.0,
-                  gradient_checkpointing=True, checkpoint_layers=checkpoint_layers, torch_dtype="bf16",
+                  gradient_checkpointing=True, checkpoint_layers=checkpoint_layers, offload_checkpoints=offload,
+                  torch_dtype="bf16",
                   evaluation_inputs=[], save_steps=10_000, log_interval=1)
     cfg = work / "bench_train.py"
     cfg.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()))

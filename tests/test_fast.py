@@ -68,13 +68,43 @@ def test_fast_path_matches_plain_path(arch, tiny_models):
     assert unsupported_reason(model) is None
     batch = _batch(model.config.vocab_size, [[40, 25, 30], [60, 20]])
     plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
-    for recomputed in (-1, 1, 0):  # every layer recomputed in backward, only the first, none
-        fast = FastDecoder(model, compile=False, checkpointing=True, checkpoint_layers=recomputed)
+    # every layer recomputed in backward, only the first, none; then recomputed from inputs kept on the host
+    for recomputed, offload in ((-1, False), (1, False), (0, False), (-1, True), (1, True)):
+        fast = FastDecoder(model, compile=False, checkpointing=True, checkpoint_layers=recomputed, offload=offload)
         quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
         torch.testing.assert_close(quick, plain, atol=1e-5, rtol=0)
         assert plain_grads.keys() == quick_grads.keys() and len(plain_grads) > 0
         for name, g in plain_grads.items():
             torch.testing.assert_close(quick_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llama):
+    """With offload, each recomputed layer's input is in the host stash after forward (the first layer's is
+    the embedding output), and two micro-batches accumulate the same gradients as without offload."""
+    cfg = _cfg(tiny_llama)
+    model = _lora_model(tiny_llama, cfg)
+    batches = [_batch(model.config.vocab_size, [[40, 25]], seed=s) for s in (0, 1)]
+
+    def accumulated(fast):
+        model.zero_grad(set_to_none=True)
+        for b in batches:
+            (fast.token_losses(b, torch.float32).sum() / 100).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    kept = accumulated(FastDecoder(model, compile=False, checkpoint_layers=-1))
+    fast = FastDecoder(model, compile=False, checkpoint_layers=-1, offload=True)
+    assert fast.stash is not None
+    offloaded = accumulated(fast)
+    for name, g in kept.items():
+        torch.testing.assert_close(offloaded[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    layers = len(fast.layers)
+    assert sorted(key[0] for key in fast.stash.buffers) == list(range(layers))
+    assert not fast.stash.prefetched
+    embedded = model.get_input_embeddings()(batches[1]["input_ids"])
+    torch.testing.assert_close(fast.stash.buffers[(0, tuple(embedded.shape), torch.float32)], embedded)
+    # dropout would need its random state replayed: offload is not used then
+    dropout_model = _lora_model(tiny_llama, _cfg(tiny_llama, lora_dropout=0.1))
+    assert FastDecoder(dropout_model, compile=False, offload=True).stash is None
 
 
 def test_fast_path_with_lora_dropout_trains_the_same_parameters(tiny_llama):
@@ -137,20 +167,26 @@ def test_packed_attention_reference_is_per_sample_causal():
 
 
 def test_train_with_fast_path_on_cpu_matches_plain_run(tiny_llama, tmp_path):
-    """`tunelab train` with fast_path='on' (CPU, no compile) logs the same per-step losses as 'off'."""
+    """`tunelab train` with fast_path='on' (CPU, no compile), with and without offload_checkpoints, logs the
+    same per-step losses as 'off'."""
     from conftest import run_losses
     from tunelab.train import train
 
     losses = {}
-    for mode in ("on", "off"):
-        values = dict(pretrained_model_name_or_path=str(tiny_llama), max_steps=6, save_steps=1000,
-                      fast_path=mode, evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
+    for mode in ("on", "offload", "off"):
+        values = dict(pretrained_model_name_or_path=str(tiny_llama), max_steps=6, save_steps=1000, lora_dropout=0.0,
+                      gradient_checkpointing=True,
+                      fast_path="off" if mode == "off" else "on", offload_checkpoints=mode == "offload",
+                      evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
         cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
-        train(cfg, name, work_dir=str(tmp_path / mode))
+        result = train(cfg, name, work_dir=str(tmp_path / mode))
+        if mode == "offload":
+            assert result.model.tunelab_fast.stash.buffers, "no layer input went to the host"
         losses[mode] = [loss for _, loss in sorted(run_losses(tmp_path / mode).items())]
     assert len(losses["on"]) == 6
-    for a, b in zip(losses["on"], losses["off"]):
-        assert abs(a - b) < 1e-4 * max(1.0, abs(b)), (losses["on"], losses["off"])
+    for fast in ("on", "offload"):
+        for a, b in zip(losses[fast], losses["off"]):
+            assert abs(a - b) < 1e-4 * max(1.0, abs(b)), (fast, losses[fast], losses["off"])
 
 
 # -- GPU: compiled bf16 kernels and varlen attention against the eager reference ----------------------------
@@ -240,8 +276,8 @@ def _single_rows(vocab: int, rows: int, length: int, seed: int) -> dict[str, tor
 
 
 @GPU
-@pytest.mark.parametrize("recomputed", [-1, 0])
-def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed):
+@pytest.mark.parametrize("recomputed,offload", [(-1, False), (0, False), (-1, True)])
+def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload):
     """A replayed graph gives the eager step's loss and LoRA gradients for new inputs of the same shape
     (single rows, and packed rows of the same width whose layouts differ but share a bucket: captured when
     first met, the layers being compiled for that width already; packed rows are padded to the width of the
@@ -249,7 +285,7 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed):
     from tunelab.fast.graphs import GraphedSteps
 
     model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=5)
-    fast = FastDecoder(model, compile=True, checkpoint_layers=recomputed)
+    fast = FastDecoder(model, compile=True, checkpoint_layers=recomputed, offload=offload)
     params = [p for p in model.parameters() if p.requires_grad]
     graphs = GraphedSteps(fast, params)
     vocab = model.config.vocab_size
@@ -287,6 +323,35 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed):
         graphs.forward_backward(batches[1], torch.bfloat16, 100)
         close([p.grad / 2 for p in params], ref_grads, f"{kind} accumulated")
     assert len(graphs.graphs) == 2 and not graphs.failed
+
+
+@GPU
+def test_gpu_offloaded_inputs_leave_the_device_and_match(tiny_llama):
+    """With offload_checkpoints, what forward leaves on the GPU for backward shrinks by every recomputed
+    layer's input, and the loss and LoRA gradients are those of keeping the inputs there."""
+    model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=7)
+    rows, length = 4, 2048
+    batch = _single_rows(model.config.vocab_size, rows, length, 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fast):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = fast.token_losses(batch, torch.bfloat16).sum() / 1000
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        return held, loss.detach(), [p.grad.clone() for p in params]
+
+    held_kept, loss_kept, grads_kept = run(FastDecoder(model, compile=True, checkpoint_layers=-1))
+    fast = FastDecoder(model, compile=True, checkpoint_layers=-1, offload=True)
+    held_host, loss_host, grads_host = run(fast)
+    layer_input = rows * length * model.config.hidden_size * 2
+    assert held_kept - held_host >= 0.9 * len(fast.layers) * layer_input, (held_kept, held_host)
+    assert all(buf.is_pinned() for buf in fast.stash.buffers.values())
+    torch.testing.assert_close(loss_host, loss_kept, rtol=1e-3, atol=1e-3)
+    for g, r in zip(grads_host, grads_kept):
+        torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-4)
 
 
 @GPU

@@ -94,6 +94,10 @@ class Config:
         -1, "With gradient_checkpointing on the fast path: recompute only the first N layers in backward "
         "(-1: all). Fewer is faster and uses more memory: each layer not recomputed keeps its activations.",
         group="train", min=-1)
+    offload_checkpoints: bool = setting(
+        False, "With gradient_checkpointing on the fast path: keep each recomputed layer's input in pinned host "
+        "memory instead of on the GPU (copied while the layer computes), as Unsloth's offloaded checkpointing "
+        "does. Saves tokens x hidden_size x 2 bytes per recomputed layer; needs lora_dropout 0.", group="train")
     fast_compile: bool = setting(True, "torch.compile the fast path's layers (GPU only; compiles once, "
                                  "in the first steps).", group="train")
     cuda_graphs: bool = setting(True, "Replay each micro-batch of the fast path as a CUDA graph (captured once "

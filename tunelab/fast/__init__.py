@@ -36,7 +36,7 @@ def attach(model, cfg, device: str) -> None:
 
     compiled = device.startswith("cuda") and cfg.fast_compile
     fast = FastDecoder(model, compile=compiled, checkpointing=cfg.gradient_checkpointing,
-                       checkpoint_layers=cfg.checkpoint_layers)
+                       checkpoint_layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints)
     model.tunelab_fast = fast
     # graphs replay recorded kernels: a recomputed layer's dropout would not see its first masks again, and
     # a trainable head (full fine-tuning) needs a GPU sync in the loss
@@ -45,5 +45,7 @@ def attach(model, cfg, device: str) -> None:
     if graphs:
         from tunelab.fast.graphs import GraphedSteps
         model.tunelab_graphs = GraphedSteps(fast, [p for p in model.parameters() if p.requires_grad])
-    log.info("fast path on (compiled: %s, CUDA graphs: %s, layers recomputed in backward: %d of %d)", compiled,
-             graphs, len(fast.checkpointed), len(fast.layers))
+    if cfg.offload_checkpoints and fast.stash is None and fast.checkpointed:
+        log.info("offload_checkpoints ignored: lora_dropout > 0 (the recomputed layers keep their inputs)")
+    log.info("fast path on (compiled: %s, CUDA graphs: %s, layers recomputed in backward: %d of %d%s)", compiled,
+             graphs, len(fast.checkpointed), len(fast.layers), ", inputs on the host" if fast.stash else "")

@@ -10,7 +10,8 @@ What it does differently from the plain path, and why:
   one projection's bf16 weight exists at a time, with or without recomputation;
 * the LM head and the loss run chunked (tunelab.fast.loss), never holding the full fp32 logits;
 * activation checkpointing is per layer and partial (checkpoint_layers): layers that fit in memory keep
-  their activations and skip the second forward.
+  their activations and skip the second forward; the recomputed layers' inputs may wait on the host
+  (offload_checkpoints, tunelab.fast.offload).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.fast.attention import PackedLayout, attention, packed_layout
 from tunelab.fast.loss import chunked_token_losses
+from tunelab.fast.offload import HostStash, offloaded
 
 
 @dataclass
@@ -64,6 +66,12 @@ class Layer:
     gate: Proj
     up: Proj
     down: Proj
+
+    def trainable(self) -> list[torch.Tensor]:
+        """The layer's parameters that train (LoRA; everything in full fine-tuning)."""
+        projs = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+        found = [self.ln1, self.ln2] + [t for p in projs for t in (p.base.weight, p.bias, p.lora_a, p.lora_b)]
+        return [t for t in found if t is not None and t.requires_grad]
 
 
 def _proj(module) -> Proj:
@@ -216,7 +224,8 @@ def _mlp_residual(x, g, u, yd, ad, bd, sd, dropout: float, training: bool):
 class FastDecoder:
     """Per-token losses for a batch, computed the fast way over `model`'s own parameters."""
 
-    def __init__(self, model, compile: bool = False, checkpointing: bool = True, checkpoint_layers: int = -1):
+    def __init__(self, model, compile: bool = False, checkpointing: bool = True, checkpoint_layers: int = -1,
+                 offload: bool = False):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"fast path unsupported: {reason}")
@@ -242,6 +251,9 @@ class FastDecoder:
         n = len(self.layers)
         self.checkpointed = set(range(n if checkpoint_layers < 0 else min(n, checkpoint_layers))) \
             if checkpointing else set()
+        # offloaded layers are recomputed from an input fetched back from the host; with dropout the random
+        # state would have to be replayed too, which this path does not do
+        self.stash = HostStash() if offload and self.checkpointed and self.dropout == 0 else None
         if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -288,7 +300,10 @@ class FastDecoder:
         cos, sin = core.rotary_emb(x, position_ids)
         cos, sin = cos.to(dtype), sin.to(dtype)
         for i, L in enumerate(self.layers):
-            if i in self.checkpointed and torch.is_grad_enabled():
+            if i in self.checkpointed and torch.is_grad_enabled() and self.stash is not None:
+                run = lambda t, L=L: self._layer(t, cos, sin, L, layout)  # noqa: E731
+                x = offloaded(self.stash, i, i - 1 if i - 1 in self.checkpointed else None, run, x, L.trainable())
+            elif i in self.checkpointed and torch.is_grad_enabled():
                 # without dropout there is no random state to replay (and saving it is not allowed while a
                 # CUDA graph is captured)
                 x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False,

@@ -1,0 +1,111 @@
+"""Recomputed layers whose inputs wait in pinned host memory instead of on the GPU (what Unsloth's offloaded
+checkpointing does). A recomputed layer keeps only its input for backward: tokens x hidden x 2 bytes, 16 MiB
+per 2,048 tokens of a 4096-wide model, 0.5 GiB over 32 layers (2 GiB at 8,192 tokens). Here that input goes to
+the host in forward, on a side stream while the layer itself computes, and comes back in backward one layer
+ahead of its use, so the copies overlap the compute instead of pacing it.
+
+The host buffers are allocated once per (layer, shape) and kept, so a captured CUDA graph (fast/graphs.py)
+copies to and from the same memory at every replay; the graphs' first, eager step of a shape allocates them,
+never a capture. On the CPU (the tests) the copies are plain."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+class HostStash:
+    """The host copies of the recomputed layers' inputs, and the copies back that are in flight."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.prefetched: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
+        self._stream: torch.cuda.Stream | None = None
+
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def _buffer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        key = (layer, tuple(x.shape), x.dtype)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+        return self.buffers[key]
+
+    def put(self, layer: int, x: torch.Tensor) -> Callable[[], None]:
+        """Start copying `x` to the host; returns the call that makes the current stream wait for that copy
+        (made once the layer's own forward is queued, so the two overlap)."""
+        self.prefetched.pop(layer, None)  # a copy back left by a backward that did not finish
+        host = self._buffer(layer, x)
+        if not x.is_cuda:
+            host.copy_(x)
+            return lambda: None
+        main, side = torch.cuda.current_stream(x.device), self._side(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            host.copy_(x, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        # x stays referenced (by the caller) until the wait below is queued, so its memory is not reused early
+        return lambda: main.wait_event(done)
+
+    def prefetch(self, layer: int, like: torch.Tensor) -> None:
+        """Start copying `layer`'s input back to the device (in backward, while the layer above runs)."""
+        host = self.buffers.get((layer, tuple(like.shape), like.dtype))
+        if host is None or not like.is_cuda or layer in self.prefetched:
+            return
+        main, side = torch.cuda.current_stream(like.device), self._side(like.device)
+        # allocated on the main stream, which frees it after its last use there (after it waited for the copy)
+        back = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            back.copy_(host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        self.prefetched[layer] = (done, back)
+
+    def take(self, layer: int, like: torch.Tensor) -> torch.Tensor:
+        """`layer`'s input on the device again."""
+        if layer in self.prefetched:
+            done, back = self.prefetched.pop(layer)
+            torch.cuda.current_stream(back.device).wait_event(done)
+            return back
+        host = self.buffers[(layer, tuple(like.shape), like.dtype)]
+        return host.to(like.device, non_blocking=True)
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """y = run(x), keeping nothing on the device for backward: x waits on the host, and backward runs the
+    layer again from it and back-propagates through that (the trainable parameters get their gradients
+    there, as in PyTorch's reentrant checkpoint). They are inputs here only so that y requires grad when x
+    does not (the first layer's input comes from a frozen embedding)."""
+
+    @staticmethod
+    def forward(ctx, x, stash: HostStash, layer: int, below: int | None, run: Callable, *params):
+        ctx.stash, ctx.layer, ctx.below, ctx.run, ctx.x_grad = stash, layer, below, run, x.requires_grad
+        ctx.like = torch.empty((1,), dtype=x.dtype, device=x.device).expand(x.shape)  # shape, dtype, device
+        settle = stash.put(layer, x)
+        with torch.no_grad():
+            y = run(x)
+        settle()
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        stash = ctx.stash
+        x = stash.take(ctx.layer, ctx.like)
+        if ctx.below is not None:
+            stash.prefetch(ctx.below, ctx.like)  # the next layer down, while this one recomputes
+        x = x.detach().requires_grad_(ctx.x_grad)
+        with torch.enable_grad():
+            y = ctx.run(x)
+        torch.autograd.backward(y, grad)
+        return (x.grad if ctx.x_grad else None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+def offloaded(stash: HostStash, layer: int, below: int | None, run: Callable[[torch.Tensor], torch.Tensor],
+              x: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """run(x) for a recomputed layer whose input waits on the host (see the module's docstring); `below` is
+    the next layer down that is offloaded too (its input is fetched back while this one recomputes)."""
+    return _OffloadedLayer.apply(x, stash, layer, below, run, *params)
