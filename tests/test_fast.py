@@ -128,11 +128,14 @@ def test_fast_path_qlora_matches_plain_qlora(tiny_llama):
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     batch = _batch(model.config.vocab_size, [[30, 30]])
     plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
-    fast = FastDecoder(model, compile=False)
-    quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
-    torch.testing.assert_close(quick, plain, atol=1e-5, rtol=0)
-    for name, g in plain_grads.items():
-        torch.testing.assert_close(quick_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    for keep_scales in (True, False):  # the fp32 block scales kept, or dequantised at every GEMM
+        fast = FastDecoder(model, compile=False)
+        fast.keep_nf4_scales(keep_scales)
+        quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
+        torch.testing.assert_close(quick, plain, atol=1e-5, rtol=0)
+        for name, g in plain_grads.items():
+            torch.testing.assert_close(quick_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+        assert all((p.absmax is not None) == keep_scales for p in (fast.layers[0].q, fast.layers[-1].down))
 
 
 @pytest.mark.parametrize("trainable_head", [False, True])
@@ -352,6 +355,38 @@ def test_gpu_offloaded_inputs_leave_the_device_and_match(tiny_llama):
     torch.testing.assert_close(loss_host, loss_kept, rtol=1e-3, atol=1e-3)
     for g, r in zip(grads_host, grads_kept):
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-4)
+
+
+@GPU
+def test_gpu_lean_qlora_graphs_match_eager(tiny_llama):
+    """QLoRA in its leanest setting (inputs on the host, NF4 scales dequantised at every GEMM) captured and
+    replayed as a CUDA graph: the eager fast path's loss and LoRA gradients, with nothing failing to capture."""
+    from tunelab.fast.graphs import GraphedSteps
+
+    cfg = _cfg(tiny_llama, algorithm="qlora")
+    model = add_lora(load_model(str(tiny_llama), dtype=torch.bfloat16, bits=4, device="cuda"), cfg,
+                     quantized=True, prepare=False).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = FastDecoder(model, compile=True)
+    lean = FastDecoder(model, compile=True, offload=True)
+    lean.keep_nf4_scales(False)
+    graphs = GraphedSteps(lean, params)
+    for seed in range(3):  # eager at the first sight of the shape, then captured, then replayed
+        batch = _single_rows(model.config.vocab_size, 2, 512, seed)
+        model.zero_grad(set_to_none=True)
+        ref_loss = reference.token_losses(batch, torch.bfloat16).sum() / 100
+        ref_loss.backward()
+        ref_grads = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        loss = graphs.forward_backward(batch, torch.bfloat16, 100)
+        assert loss is not None and not graphs.failed, graphs.failed
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-2, atol=1e-3)
+        for g, r in zip([p.grad for p in params], ref_grads):
+            assert torch.nn.functional.cosine_similarity(g.flatten().float(), r.flatten().float(), dim=0) > 0.999
+    assert len(graphs.graphs) == 1 and lean.layers[0].q.absmax is None
 
 
 @GPU

@@ -45,6 +45,8 @@ def attach(model, cfg, device: str) -> None:
     if graphs:
         from tunelab.fast.graphs import GraphedSteps
         model.tunelab_graphs = GraphedSteps(fast, [p for p in model.parameters() if p.requires_grad])
+        if fast.stash is not None:  # asked to be lean: the NF4 scales too (cheap to redo inside a graph)
+            fast.keep_nf4_scales(False)
     if cfg.offload_checkpoints and fast.stash is None and fast.checkpointed:
         log.info("offload_checkpoints ignored: lora_dropout > 0 (the recomputed layers keep their inputs)")
     log.info("fast path on (compiled: %s, CUDA graphs: %s, layers recomputed in backward: %d of %d%s)", compiled,

@@ -38,19 +38,22 @@ class Proj:
     dropout: float = 0.0
 
     absmax: torch.Tensor | None = None  # NF4: the fp32 block scales, dequantised once (double quantisation)
+    keep_scales: bool = True  # keep `absmax` (see FastDecoder.keep_nf4_scales)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.base.weight
         qs = getattr(w, "quant_state", None)
         if qs is None:
             return w if w.dtype == dtype else w.to(dtype)
-        if self.absmax is None:
+        absmax = self.absmax
+        if absmax is None:
             import bitsandbytes.functional as bnbf
             absmax = qs.absmax
-            if qs.nested:  # once, not at every GEMM: the per-call Python of this path dominated the step
+            if qs.nested:
                 absmax = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
-            self.absmax = absmax
-        return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, self.absmax, qs.blocksize, qs.quant_type,
+            if self.keep_scales:
+                self.absmax = absmax
+        return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax, qs.blocksize, qs.quant_type,
                                                               qs.shape, dtype)
 
 
@@ -264,6 +267,16 @@ class FastDecoder:
         self.gate_up: Callable = wrap(_gate_up)
         self.swiglu: Callable = wrap(_swiglu)
         self.mlp_residual: Callable = wrap(_mlp_residual)
+
+    def keep_nf4_scales(self, keep: bool) -> None:
+        """Whether NF4 projections keep their double-quantised block scales dequantised in fp32 (0.38 GiB
+        for a 7B model) or dequantise them at every GEMM, as bitsandbytes itself does. Eagerly the per-call
+        Python of the latter paced the step; replayed in a CUDA graph it is one small kernel per GEMM."""
+        for L in self.layers:
+            for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down):
+                p.keep_scales = keep
+                if not keep:
+                    p.absmax = None
 
     def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
         tr, drop = self.model.training, self.dropout
