@@ -4,6 +4,10 @@ same Llama-2-7B-shaped model (random weights), each side in its own process, in 
     python bench/speed.py                       # every side at 2,048 tokens, then the table
     python bench/speed.py --cases qlora8k,long  # other cases (see CASES)
     python bench/speed.py --side tunelab --tokens 2048      # one side (what the driver runs per process)
+    python bench/speed.py --sides "lora2k=unsloth,lora2k=tunelab@32h"   # exactly these case=side pairs
+
+tunelab sides take `@N` (recompute only the first N layers) and `@Nh` (and keep their inputs on the host:
+offload_checkpoints); bench/acceptance.sh runs the issue's acceptance in three device calls.
 
 Every side: LoRA r=64, alpha=16, dropout 0 on q/k/v/o/gate/up/down, activation checkpointing (Unsloth: its
 own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one sequence per step, random token
