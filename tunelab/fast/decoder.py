@@ -70,10 +70,13 @@ class Layer:
     up: Proj
     down: Proj
 
+    def projections(self) -> tuple[Proj, ...]:
+        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+
     def trainable(self) -> list[torch.Tensor]:
         """The layer's parameters that train (LoRA; everything in full fine-tuning)."""
-        projs = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        found = [self.ln1, self.ln2] + [t for p in projs for t in (p.base.weight, p.bias, p.lora_a, p.lora_b)]
+        found = [self.ln1, self.ln2] + [t for p in self.projections()
+                                        for t in (p.base.weight, p.bias, p.lora_a, p.lora_b)]
         return [t for t in found if t is not None and t.requires_grad]
 
 
@@ -248,7 +251,7 @@ class FastDecoder:
                                      _eps(layer.input_layernorm),
                                      _proj(sa.q_proj), _proj(sa.k_proj), _proj(sa.v_proj), _proj(sa.o_proj),
                                      _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj)))
-        self.dropout = max(p.dropout for L in self.layers for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down))
+        self.dropout = max(p.dropout for L in self.layers for p in L.projections())
         # layers recomputed in backward: all (-1) or the first N; the rest keep their activations, which is
         # faster (no second forward) where memory allows
         n = len(self.layers)
@@ -273,7 +276,7 @@ class FastDecoder:
         for a 7B model) or dequantise them at every GEMM, as bitsandbytes itself does. Eagerly the per-call
         Python of the latter paced the step; replayed in a CUDA graph it is one small kernel per GEMM."""
         for L in self.layers:
-            for p in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down):
+            for p in L.projections():
                 p.keep_scales = keep
                 if not keep:
                     p.absmax = None
@@ -313,14 +316,16 @@ class FastDecoder:
         cos, sin = core.rotary_emb(x, position_ids)
         cos, sin = cos.to(dtype), sin.to(dtype)
         for i, L in enumerate(self.layers):
-            if i in self.checkpointed and torch.is_grad_enabled() and self.stash is not None:
-                run = lambda t, L=L: self._layer(t, cos, sin, L, layout)  # noqa: E731
-                x = offloaded(self.stash, i, i - 1 if i - 1 in self.checkpointed else None, run, x, L.trainable())
-            elif i in self.checkpointed and torch.is_grad_enabled():
-                # without dropout there is no random state to replay (and saving it is not allowed while a
-                # CUDA graph is captured)
-                x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False,
-                               preserve_rng_state=self.dropout > 0)
+            if i in self.checkpointed and torch.is_grad_enabled():
+                if self.stash is not None:
+                    run = lambda t, L=L: self._layer(t, cos, sin, L, layout)  # noqa: E731
+                    below = i - 1 if i - 1 in self.checkpointed else None
+                    x = offloaded(self.stash, i, below, run, x, L.trainable())
+                else:
+                    # without dropout there is no random state to replay (and saving it is not allowed while a
+                    # CUDA graph is captured)
+                    x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False,
+                                   preserve_rng_state=self.dropout > 0)
             else:
                 x = self._layer(x, cos, sin, L, layout)
         return _rms_norm(x, core.norm.weight, _eps(core.norm))

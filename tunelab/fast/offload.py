@@ -27,11 +27,26 @@ class HostStash:
             self._stream = torch.cuda.Stream(device)
         return self._stream
 
+    @staticmethod
+    def _key(layer: int, x: torch.Tensor) -> tuple:
+        return layer, tuple(x.shape), x.dtype
+
     def _buffer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        key = (layer, tuple(x.shape), x.dtype)
+        key = self._key(layer, x)
         if key not in self.buffers:
             self.buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
         return self.buffers[key]
+
+    def _copy_aside(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> torch.cuda.Event:
+        """dst <- src on the side stream, after what the current stream has queued; returns the event that
+        marks the copy done (the current stream must wait on it before it touches dst or reuses src)."""
+        side = self._side(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        return done
 
     def put(self, layer: int, x: torch.Tensor) -> Callable[[], None]:
         """Start copying `x` to the host; returns the call that makes the current stream wait for that copy
@@ -41,29 +56,19 @@ class HostStash:
         if not x.is_cuda:
             host.copy_(x)
             return lambda: None
-        main, side = torch.cuda.current_stream(x.device), self._side(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            host.copy_(x, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(side)
+        main = torch.cuda.current_stream(x.device)
+        done = self._copy_aside(host, x, x.device)
         # x stays referenced (by the caller) until the wait below is queued, so its memory is not reused early
         return lambda: main.wait_event(done)
 
     def prefetch(self, layer: int, like: torch.Tensor) -> None:
         """Start copying `layer`'s input back to the device (in backward, while the layer above runs)."""
-        host = self.buffers.get((layer, tuple(like.shape), like.dtype))
+        host = self.buffers.get(self._key(layer, like))
         if host is None or not like.is_cuda or layer in self.prefetched:
             return
-        main, side = torch.cuda.current_stream(like.device), self._side(like.device)
         # allocated on the main stream, which frees it after its last use there (after it waited for the copy)
         back = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            back.copy_(host, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(side)
-        self.prefetched[layer] = (done, back)
+        self.prefetched[layer] = (self._copy_aside(back, host, like.device), back)
 
     def take(self, layer: int, like: torch.Tensor) -> torch.Tensor:
         """`layer`'s input on the device again."""
@@ -71,7 +76,7 @@ class HostStash:
             done, back = self.prefetched.pop(layer)
             torch.cuda.current_stream(back.device).wait_event(done)
             return back
-        host = self.buffers[(layer, tuple(like.shape), like.dtype)]
+        host = self.buffers[self._key(layer, like)]
         return host.to(like.device, non_blocking=True)
 
 
