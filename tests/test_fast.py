@@ -45,10 +45,15 @@ def _lora_model(path, cfg, quantized=False, prepare=True):
     model = load_model(str(path), dtype=torch.float32, bits=4 if quantized else None, device="cpu")
     model = add_lora(model, cfg, quantized=quantized, prepare=prepare)
     torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; make the LoRA branch matter
-            torch.nn.init.normal_(p, std=0.02)
+    _wake_lora_b(model)
     return model.train()
+
+
+def _wake_lora_b(model) -> None:
+    """PEFT starts B at zero; make the LoRA branch matter."""
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
 
 
 def _losses_and_grads(model, fn, batch):
@@ -198,9 +203,7 @@ def _gpu_lora_model_and_batch(path, seed: int):
     """A bf16 LoRA model on the GPU (B non-zero) and a packed, padded batch there."""
     model = load_model(str(path), dtype=torch.bfloat16, device="cuda")
     model = add_lora(model, _cfg(path), quantized=False).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    _wake_lora_b(model)
     batch = _batch(model.config.vocab_size, [[200, 150, 100], [300, 100]], seed=seed)
     return model, {k: t.cuda() for k, t in batch.items()}
 
@@ -366,9 +369,7 @@ def test_gpu_lean_qlora_graphs_match_eager(tiny_llama):
     cfg = _cfg(tiny_llama, algorithm="qlora")
     model = add_lora(load_model(str(tiny_llama), dtype=torch.bfloat16, bits=4, device="cuda"), cfg,
                      quantized=True, prepare=False).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    _wake_lora_b(model)
     params = [p for p in model.parameters() if p.requires_grad]
     reference = FastDecoder(model, compile=True)
     lean = FastDecoder(model, compile=True, offload=True)
