@@ -194,35 +194,94 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             def step(i):
                 return _hf_step(model, optimizer, params, batches_of_ids[i].cuda())
     load_s = time.time() - t_load
-    torch.cuda.reset_peak_memory_stats()
+    # the GPU time of each replayed graph: a step's time beyond it is work outside the graph (clipping, the
+    # optimizer, the next batch's preparation) during which the GPU may wait
+    replays: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    plain_replay = torch.cuda.CUDAGraph.replay
+
+    def timed_replay(graph):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        plain_replay(graph)
+        end.record()
+        replays.append((start, end))
+
+    torch.cuda.CUDAGraph.replay = timed_replay
     n_steps = len(real) if side in ("hf_padded", "tunelab_packed") else warmup + steps
     warm = warmup if side not in ("hf_padded", "tunelab_packed") else min(warmup, n_steps // 4)
+    out_dir = os.environ.get("OUT")
+    if os.environ.get("BENCH_MEMTRACE") and out_dir:  # what is allocated at the peak (see _memtrace)
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    losses = []
+    losses, step_peaks = [], []
     for i in range(n_steps):
         if i == warm:
             torch.cuda.synchronize()
             t0, counted = time.time(), 0
+        torch.cuda.reset_peak_memory_stats()  # per step: which one peaks (the first, eager; a capture; ...)
         losses.append(step(i))
+        step_peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         if i >= warm:
             counted += real[i]
     torch.cuda.synchronize()
     elapsed = time.time() - t0
-    if os.environ.get("BENCH_PROFILE") and os.environ.get("OUT"):  # one more step, kernel by kernel
+    torch.cuda.CUDAGraph.replay = plain_replay
+    timed_replays = replays[-(n_steps - warm):]
+    if os.environ.get("BENCH_MEMTRACE") and out_dir:
+        Path(out_dir, f"memtrace_{side}{ckpt}.txt").write_text(_memtrace(torch.cuda.memory._snapshot()))
+        torch.cuda.memory._record_memory_history(enabled=None)
+    if os.environ.get("BENCH_PROFILE") and out_dir:  # one more step, kernel by kernel
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step(n_steps - 1)
             torch.cuda.synchronize()
-        Path(os.environ["OUT"], f"profile_{side}{ckpt}.txt").write_text(
-            prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
+        averages = prof.key_averages()
+        Path(out_dir, f"profile_{side}{ckpt}.txt").write_text(
+            averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60) + "\n\n" +
+            averages.table(sort_by="self_cuda_time_total", row_limit=90, max_name_column_width=90))
     graphs = getattr(model, "tunelab_graphs", None)
     return dict(side=side + (f"@{ckpt}" if ckpt else ""), tokens=tokens, tok_s=counted / elapsed,
                 training=model.training,
                 cuda_graphs=None if graphs is None else dict(
                     captured=len(graphs.graphs), failed={str(k): v for k, v in graphs.failed.items()}),
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                peak_gib=max(step_peaks), step_peaks_gib=[round(x, 3) for x in step_peaks],
                 reserved_gib=torch.cuda.max_memory_reserved() / 2**30, steps=n_steps - warm,
-                load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1])
+                load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1],
+                step_ms=round(1000 * elapsed / (n_steps - warm), 1),
+                graph_ms=round(sum(a.elapsed_time(b) for a, b in timed_replays) / len(timed_replays), 1)
+                if timed_replays else None)
+
+
+def _memtrace(snapshot: dict) -> str:
+    """The allocations live at the moment the most memory was allocated, from the allocator's trace
+    (BENCH_MEMTRACE=1), summed by where they were made (the innermost tunelab/bench frame and the op)."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in snapshot["device_traces"][0]:
+        action, addr, size = event["action"], event["addr"], event["size"]
+        if action == "alloc":
+            frames = event.get("frames") or []
+            ours = next((f for f in frames if "/tunelab/" in f["filename"] or "/bench/" in f["filename"]), None)
+            where = f"{Path(ours['filename']).name}:{ours['line']} {ours['name']}" if ours else "?"
+            top = f"{Path(frames[0]['filename']).name}:{frames[0]['name']}" if frames else "?"
+            live[addr] = (size, f"{where} <- {top}")
+            total += size
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif action == "free_completed" and addr in live:
+            total -= live.pop(addr)[0]
+    by_place: dict[str, list[int]] = {}
+    for size, place in at_peak.values():
+        entry = by_place.setdefault(place, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    lines = [f"peak of traced allocations: {peak / 2**30:.3f} GiB (allocations made before the trace began "
+             f"are not in it)", "GiB | count | where"]
+    for place, (size, count) in sorted(by_place.items(), key=lambda kv: -kv[1][0])[:40]:
+        lines.append(f"{size / 2**30:.4f} | {count} | {place}")
+    return "\n".join(lines) + "\n"
 
 
 def run_train(path: str, qlora: bool, checkpoint_layers: int, offload: bool, warmup: int, steps: int) -> dict:

@@ -463,3 +463,20 @@ def test_compiled_layer_keeps_few_activations_for_backward(tiny_llama):
     ratio = model.config.intermediate_size / hidden
     kept = kept_by_one_layer()
     assert kept < 6 + 2 * ratio + 2.0, kept  # 1 (x) + 4 (q, k, v, out) + 1 (mid) + 2 x ratio (g, u) + LoRA
+
+
+def test_loss_chunks_are_sized_by_vocabulary():
+    """A chunk's fp32 logits stay within CHUNK_BYTES (no smaller than 256 tokens, no larger than 4,096), and a
+    default-chunked loss equals a one-chunk loss."""
+    from tunelab.fast.loss import CHUNK_BYTES, chunk_tokens
+
+    assert chunk_tokens(32000) == 1024 and chunk_tokens(151936) == 256 and chunk_tokens(512) == 4096
+    for vocab in (1000, 32000, 92544):
+        n = chunk_tokens(vocab)
+        assert n * vocab * 4 <= CHUNK_BYTES or n == 256
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3000, 16, generator=g)
+    weight = torch.randn(50, 16, generator=g)
+    targets = torch.randint(0, 50, (3000,), generator=g)
+    torch.testing.assert_close(chunked_token_losses(hidden, weight, targets),
+                               chunked_token_losses(hidden, weight, targets, chunk_size=3000))

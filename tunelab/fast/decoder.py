@@ -47,10 +47,11 @@ class Proj:
             return w if w.dtype == dtype else w.to(dtype)
         absmax = self.absmax
         if absmax is None:
-            import bitsandbytes.functional as bnbf
             absmax = qs.absmax
             if qs.nested:
-                absmax = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+                s2 = qs.state2
+                absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                    qs.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32) + qs.offset
             if self.keep_scales:
                 self.absmax = absmax
         return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax, qs.blocksize, qs.quant_type,
@@ -280,6 +281,13 @@ class FastDecoder:
                 p.keep_scales = keep
                 if not keep:
                     p.absmax = None
+                    qs = getattr(p.base.weight, "quant_state", None)
+                    if qs is not None and qs.nested:
+                        # bitsandbytes keeps its 8-bit code table wherever it was first made (the CPU, if a
+                        # CPU tensor was quantised first); fetching it at each GEMM would break a capture
+                        device = p.base.weight.device
+                        s2 = qs.state2
+                        s2.code, s2.absmax, qs.offset = (t.to(device) for t in (s2.code, s2.absmax, qs.offset))
 
     def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
         tr, drop = self.model.training, self.dropout

@@ -47,6 +47,19 @@ def _pad_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Te
     return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill else v for k, v in batch.items()}
 
 
+def _why(exc: BaseException) -> str:
+    """One line on a failed capture. Ending the capture raises its own error ('operation failed due to a
+    previous error during capture') over the one that broke it, so the first in the chain is named too."""
+    def line(e: BaseException) -> str:
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    first = exc
+    for _ in range(8):
+        if first.__context__ is None:
+            break
+        first = first.__context__
+    return line(exc) if first is exc else f"{line(exc)}; first: {line(first)}"
+
+
 class _Graph:
     """One captured micro-batch: static inputs the batch is copied into, the graph, its loss."""
 
@@ -114,7 +127,7 @@ class GraphedSteps:
             try:
                 graph = self._capture(key, batch, dtype, n_targets, cu)
             except Exception as exc:  # an op that cannot be captured: this shape stays eager
-                self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                self.failed[key] = _why(exc)
                 log.warning("fast path: CUDA graph capture failed for batch shape %s (%s); running it without "
                             "a graph", key, self.failed[key])
                 return None

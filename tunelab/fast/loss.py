@@ -4,7 +4,7 @@ The forward pass computes, chunk by chunk, the logits in fp32, the per-token los
 with respect to the hidden states (and the head weight when it trains). The backward pass only scales those
 saved gradients by the incoming per-token gradient: d loss_i / d h_i does not depend on the other tokens, so
 this is exact. Peak extra memory is one chunk of logits instead of all of them (for a 32k vocabulary and 8k
-tokens that is 1 GiB of fp32 logits plus as much again for their gradient)."""
+tokens all of them would be 1 GiB of fp32 logits plus as much again for their gradient; a chunk is 128 MiB)."""
 from __future__ import annotations
 
 import torch
@@ -33,8 +33,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             safe_t = torch.where(valid, t, torch.zeros_like(t))
             picked = logits.gather(1, safe_t[:, None]).squeeze(1)
             losses[start:start + chunk_size] = torch.where(valid, lse - picked, torch.zeros_like(lse))
-            # d loss / d logits = softmax - onehot, zero on ignored tokens
-            grad_logits = torch.softmax(logits, dim=-1)
+            # d loss / d logits = softmax - onehot, zero on ignored tokens; the softmax is made in place of the
+            # logits, so a chunk holds one fp32 (chunk x vocab) tensor, not two
+            grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
             grad_logits *= valid[:, None]
             grad_logits = grad_logits.to(hidden.dtype)
@@ -60,8 +61,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None
 
 
+CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk: a 32k vocabulary gives 1,024-token chunks
+
+
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk: the largest power of two (256 to 4,096) whose fp32 logits fit CHUNK_BYTES. Bigger
+    chunks gain little (the head's GEMM is already large at 1,024 x 4,096 x 32,000) and their logits sit on
+    top of the gradients at the step's peak, which a CUDA graph keeps allocated throughout."""
+    n = 256
+    while n < 4096 and 2 * n * vocab * 4 <= CHUNK_BYTES:
+        n *= 2
+    return n
+
+
 def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = 4096) -> torch.Tensor:
+                         chunk_size: int | None = None) -> torch.Tensor:
     """Per-token cross entropy of `hidden @ weight.T` against `targets` (IGNORE gives 0), shape (tokens,).
-    hidden: (tokens, dim); weight: (vocab, dim); targets: (tokens,)."""
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    hidden: (tokens, dim); weight: (vocab, dim); targets: (tokens,); chunk_size: tokens per chunk
+    (default: chunk_tokens(vocab))."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size or chunk_tokens(weight.shape[0]))
