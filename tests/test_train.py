@@ -136,3 +136,40 @@ def test_bf16_config_trains_on_cpu(tiny_llama, tmp_path):
     train(cfg, name, work_dir=str(tmp_path))
     losses = run_losses(tmp_path)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+
+
+def test_optimizer_step_skips_a_bad_step_on_the_device_as_on_the_host(tiny_llama, data_dir, monkeypatch):
+    """`_optimizer_step` with a fused AdamW (the skip decided on the device, one wait for the GPU) takes the
+    same steps as with a plain AdamW (the skip decided on the host); a step whose loss is not finite returns
+    None and leaves the weights, the moments and the step count as they were."""
+    from tunelab.train import _optimizer_step, _skips_on_device, build_model
+
+    cfg = _cfg(tiny_llama, data_dir / "xtuner_toy", max_length=256, accumulative_counts=2, max_norm=1.0)
+    tokenizer = load_tokenizer(str(tiny_llama))
+    seqs, _ = build_sequences(cfg, tokenizer)
+    window = [seqs[:2], seqs[2:4]]
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg, str(tiny_llama), "cpu", torch.float32).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # LoRA B starts at zero; give every parameter a gradient from the first step
+            p.data.normal_(0, 0.02)
+        optimizer = torch.optim.AdamW(params, lr=1e-3, fused=fused)
+        assert _skips_on_device(optimizer) == fused
+        losses = [_optimizer_step(model, window, optimizer, params, cfg, tokenizer, torch.float32, 1)[0]]
+        before = [p.detach().clone() for p in params]
+        moments = [optimizer.state[p]["exp_avg"].clone() for p in params]
+        monkeypatch.setenv("TUNELAB_FAULT", "nan_loss_from_step=2")
+        assert _optimizer_step(model, window, optimizer, params, cfg, tokenizer, torch.float32, 2)[0] is None
+        monkeypatch.delenv("TUNELAB_FAULT")
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        assert all(torch.equal(optimizer.state[p]["exp_avg"], m) for p, m in zip(params, moments))
+        assert all(float(optimizer.state[p]["step"]) == 1 for p in params)
+        assert p.grad is None
+        losses.append(_optimizer_step(model, window, optimizer, params, cfg, tokenizer, torch.float32, 3)[0])
+        assert not any(torch.equal(p, b) for p, b in zip(params, before)), "the good step after it did not update"
+        runs[fused] = losses, [p.detach().clone() for p in params]
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

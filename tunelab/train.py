@@ -396,27 +396,41 @@ def _epoch_windows(sequences: list[Sequence], cfg: Config, epoch: int,
 def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg: Config, tokenizer, dtype,
                     step: int) -> tuple[float | None, int, float]:
     """One optimizer step; the loss is the mean over all target tokens of the window. Returns loss None
-    (and leaves the weights untouched) when the loss or the gradient is not finite."""
+    (and leaves the weights and the optimizer's state untouched) when the loss or the gradient is not finite.
+
+    The host waits for the GPU once, at the end: the finiteness test runs on the device, and a fused AdamW
+    skips its update there (`found_inf`, as under a gradient scaler), so clipping and the update are queued
+    while the micro-batches still run instead of after them, with the GPU idle in between."""
     t0 = time.time()
     n_targets = sum(s.n_targets for batch in window for s in batch)
     n_tokens = sum(len(s) for batch in window for s in batch)
     poison = fault("nan_loss_from_step")
-    total = 0.0
+    losses = []
     for batch in window:
         loss = forward_backward(model, collate(batch, tokenizer.pad_token_id), dtype, n_targets)
         if poison is not None and step >= poison:
             loss = loss * float("inf")
-        if not torch.isfinite(loss):  # whatever its gradient added is dropped with the step
-            optimizer.zero_grad(set_to_none=True)
-            return None, n_tokens, time.time() - t0
-        total += loss.item()
+        losses.append(loss)
+    total = torch.stack(losses).sum()
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float("inf"))
-    if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        return None, n_tokens, time.time() - t0
-    optimizer.step()
+    finite = torch.isfinite(total) & torch.isfinite(norm)
+    if _skips_on_device(optimizer):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    value, ok = torch.stack([total.float(), finite.float()]).tolist()  # the one wait for the GPU
+    if ok and not _skips_on_device(optimizer):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, n_tokens, time.time() - t0
+    return (value if ok else None), n_tokens, time.time() - t0
+
+
+def _skips_on_device(optimizer) -> bool:
+    """Whether `optimizer` can be told on the device to skip a step: torch's fused Adam/AdamW reads a
+    `found_inf` tensor and then leaves the weights, moments and step count as they were."""
+    return isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in optimizer.param_groups)
 
 
 def _load_weights(state: dict, model, cfg: Config, fingerprint: str) -> None:
