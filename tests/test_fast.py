@@ -84,8 +84,8 @@ def test_fast_path_matches_plain_path(arch, tiny_models):
 
 
 def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llama):
-    """With offload, each recomputed layer's input is in the host stash after forward (the first layer's is
-    the embedding output), and two micro-batches accumulate the same gradients as without offload."""
+    """With offload, the input of each recomputed layer's two halves is in the host stash after forward (the
+    first layer's is the embedding output), and two micro-batches accumulate the same gradients as without offload."""
     cfg = _cfg(tiny_llama)
     model = _lora_model(tiny_llama, cfg)
     batches = [_batch(model.config.vocab_size, [[40, 25]], seed=s) for s in (0, 1)]
@@ -102,8 +102,8 @@ def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llam
     offloaded = accumulated(fast)
     for name, g in kept.items():
         torch.testing.assert_close(offloaded[name], g, atol=1e-6, rtol=1e-4, msg=name)
-    layers = len(fast.layers)
-    assert sorted(key[0] for key in fast.stash.buffers) == list(range(layers))
+    layers = len(fast.layers)  # two offloaded units per layer: attention, MLP
+    assert sorted(key[0] for key in fast.stash.buffers) == list(range(2 * layers))
     assert not fast.stash.prefetched
     embedded = model.get_input_embeddings()(batches[1]["input_ids"])
     torch.testing.assert_close(fast.stash.buffers[(0, tuple(embedded.shape), torch.float32)], embedded)

@@ -414,14 +414,15 @@ def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg:
     total = torch.stack(losses).sum()
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float("inf"))
     finite = torch.isfinite(total) & torch.isfinite(norm)
-    if _skips_on_device(optimizer):
+    on_device = _skips_on_device(optimizer)
+    if on_device:
         optimizer.found_inf = (~finite).float()
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
     value, ok = torch.stack([total.float(), finite.float()]).tolist()  # the one wait for the GPU
-    if ok and not _skips_on_device(optimizer):
+    if ok and not on_device:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return (value if ok else None), n_tokens, time.time() - t0

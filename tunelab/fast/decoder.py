@@ -178,6 +178,11 @@ def _base(x, p: Proj):
     return F.linear(x, p.weight(x.dtype), None if p.bias is None else p.bias.to(x.dtype))
 
 
+def _lora_args(p: Proj) -> tuple:
+    """A projection's LoRA branch as the compiled regions take it: (A, B, scale)."""
+    return p.lora_a, p.lora_b, p.scale
+
+
 def _lora(x, a, b, scale, dropout: float, training: bool):
     if a is None:
         return 0
@@ -284,24 +289,30 @@ class FastDecoder:
                     qs = getattr(p.base.weight, "quant_state", None)
                     if qs is not None and qs.nested:
                         # bitsandbytes keeps its 8-bit code table wherever it was first made (the CPU, if a
-                        # CPU tensor was quantised first); fetching it at each GEMM would break a capture
+                        # CPU tensor was quantised first): the per-GEMM dequantisation reads device tensors only
                         device = p.base.weight.device
                         s2 = qs.state2
                         s2.code, s2.absmax, qs.offset = (t.to(device) for t in (s2.code, s2.absmax, qs.offset))
 
     def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
-        tr, drop = self.model.training, self.dropout
-
-        def lora(p: Proj):
-            return (p.lora_a, p.lora_b, p.scale)
-
         # the frozen GEMMs' inputs (h, m) are used in forward only (a frozen weight needs no input for its
         # backward); the compiled regions keep x, g and u and recompute h and m from them
+        return self._mlp_half(*self._attention_half(x, cos, sin, L, layout), L)
+
+    def _attention_half(self, x, cos, sin, L: Layer, layout: PackedLayout):
+        """x + attention(norm(x)), and its second norm (the MLP's input)."""
+        tr, drop, lora = self.model.training, self.dropout, _lora_args
         h = self.norm(x, L.ln1, L.eps)
         q, k, v = self.qkv_rope(x, L.ln1, L.eps, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin,
                                 *lora(L.q), *lora(L.k), *lora(L.v), self.heads, self.kv_heads, drop, tr)
         a = attention(q, k, v, layout, self.scale).flatten(2)
-        x, h = self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
+        return self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
+
+    def _mlp_half(self, x, h, L: Layer):
+        """x + MLP(h), h = norm(x) (made here when None: an offloaded half starts from x alone)."""
+        tr, drop, lora = self.model.training, self.dropout, _lora_args
+        if h is None:
+            h = self.norm(x, L.ln2, L.eps)
         g, u = self.gate_up(x, L.ln2, L.eps, _base(h, L.gate), _base(h, L.up), *lora(L.gate), *lora(L.up),
                             drop, tr)
         return self.mlp_residual(x, g, u, _base(self.swiglu(g, u), L.down), *lora(L.down), drop, tr)
@@ -326,9 +337,13 @@ class FastDecoder:
         for i, L in enumerate(self.layers):
             if i in self.checkpointed and torch.is_grad_enabled():
                 if self.stash is not None:
-                    run = lambda t, L=L: self._layer(t, cos, sin, L, layout)  # noqa: E731
-                    below = i - 1 if i - 1 in self.checkpointed else None
-                    x = offloaded(self.stash, i, below, run, x, L.trainable())
+                    # two offloaded units per layer, attention (2i) and MLP (2i+1): a layer's backward then
+                    # holds one half's activations at a time, not both (the MLP's input goes to the host too)
+                    attn = lambda t, L=L: self._attention_half(t, cos, sin, L, layout)[0]  # noqa: E731
+                    mlp = lambda t, L=L: self._mlp_half(t, None, L)  # noqa: E731
+                    below = 2 * i - 1 if i - 1 in self.checkpointed else None
+                    x = offloaded(self.stash, 2 * i, below, attn, x, L.trainable())
+                    x = offloaded(self.stash, 2 * i + 1, 2 * i, mlp, x, L.trainable())
                 else:
                     # without dropout there is no random state to replay (and saving it is not allowed while a
                     # CUDA graph is captured)

@@ -1,10 +1,12 @@
 """Recomputed layers whose inputs wait in pinned host memory instead of on the GPU (what Unsloth's offloaded
-checkpointing does). A recomputed layer keeps only its input for backward: tokens x hidden x 2 bytes, 16 MiB
-per 2,048 tokens of a 4096-wide model, 0.5 GiB over 32 layers (2 GiB at 8,192 tokens). Here that input goes to
-the host in forward, on a side stream while the layer itself computes, and comes back in backward one layer
-ahead of its use, so the copies overlap the compute instead of pacing it.
+checkpointing does). The decoder offloads two units per layer, its attention half and its MLP half. A unit
+keeps only its input for backward: tokens x hidden x 2 bytes, 16 MiB per 2,048 tokens of a 4096-wide model.
+Here that input goes to the host in forward, on a side stream while the unit itself computes, and comes back
+in backward one unit ahead of its use, so the copies overlap the compute instead of pacing it. Two units per
+layer, not one, because a unit's backward holds its own recomputed activations only: the MLP's backward
+runs without the attention's q, k, v and output still held.
 
-The host buffers are allocated once per (layer, shape) and kept, so a captured CUDA graph (fast/graphs.py)
+The host buffers are allocated once per (unit, shape) and kept, so a captured CUDA graph (fast/graphs.py)
 copies to and from the same memory at every replay; the graphs' first, eager step of a shape allocates them,
 never a capture. On the CPU (the tests) the copies are plain."""
 from __future__ import annotations
@@ -111,6 +113,7 @@ class _OffloadedLayer(torch.autograd.Function):
 
 def offloaded(stash: HostStash, layer: int, below: int | None, run: Callable[[torch.Tensor], torch.Tensor],
               x: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """run(x) for a recomputed layer whose input waits on the host (see the module's docstring); `below` is
-    the next layer down that is offloaded too (its input is fetched back while this one recomputes)."""
+    """run(x) for a recomputed unit whose input waits on the host (see the module's docstring); `layer`
+    numbers the unit, and `below` is the next unit down that is offloaded too (its input is fetched back while
+    this one recomputes)."""
     return _OffloadedLayer.apply(x, stash, layer, below, run, *params)
