@@ -4,6 +4,7 @@ chunked loss against F.cross_entropy, and (GPU only) the compiled bf16 kernels a
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -480,3 +481,62 @@ def test_loss_chunks_are_sized_by_vocabulary():
     targets = torch.randint(0, 50, (3000,), generator=g)
     torch.testing.assert_close(chunked_token_losses(hidden, weight, targets),
                                chunked_token_losses(hidden, weight, targets, chunk_size=3000))
+
+
+_NF4_CASES = [((128, 96), True), ((128, 96), False), ((33, 64), True), ((512, 1376), True), ((300, 70), False),
+              ((7, 9), True)]
+
+
+def _nf4_check(device: str) -> list[str]:
+    """tunelab.fast.nf4 against bitsandbytes on fresh random weights, on `device`: both levels of scales in
+    the kernel, and fp32 scales given. Returns what differed (empty when all matched). Triton's CPU
+    interpreter (3.6) rounds fp32 -> bf16 toward zero where a GPU rounds to nearest even, so on the CPU bf16
+    may also equal the fp32 result truncated; fp32 output must match exactly everywhere."""
+    import bitsandbytes.functional as bnbf
+
+    from tunelab.fast import nf4
+
+    wrong = []
+    g = torch.Generator().manual_seed(0)
+    for shape, nested in _NF4_CASES:
+        w = (torch.randn(shape, generator=g) * 3).to(torch.bfloat16).to(device)
+        packed, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested, blocksize=64)
+        scales = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float() if nested else qs.absmax
+        # bitsandbytes' arithmetic in fp32: the high nibble first, one scale per 64 values
+        b = packed.flatten().long()
+        values = torch.stack([qs.code[b >> 4], qs.code[b & 15]], 1).flatten()[:w.numel()]
+        ref32 = (values * scales.repeat_interleave(64)[:w.numel()]).view(shape)
+        refs16 = [bnbf.dequantize_4bit(packed, qs)]
+        if device == "cpu":  # the interpreter's rounding, see above
+            refs16.append((ref32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16))
+        offset = float(qs.offset) if nested else None
+        for label, got, refs in [
+            ("bf16, scales in the kernel", nf4.dequantize(packed, qs, torch.bfloat16, offset=offset), refs16),
+            ("bf16, fp32 scales", nf4.dequantize(packed, qs, torch.bfloat16, scales=scales), refs16),
+            ("fp32, scales in the kernel", nf4.dequantize(packed, qs, torch.float32, offset=offset), [ref32])]:
+            if not any(torch.equal(got, ref) for ref in refs):
+                ref = refs[0]
+                wrong.append(f"{shape} nested={nested} {label}: max diff {(got.float() - ref.float()).abs().max()}")
+    return wrong
+
+
+def test_nf4_kernel_matches_bitsandbytes_in_triton_interpreter(tmp_path):
+    """The NF4 kernel's arithmetic on the CPU, under Triton's interpreter (a subprocess: the interpreter is
+    chosen when Triton first compiles)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text("import sys\nsys.path.insert(0, %r)\nfrom test_fast import _nf4_check\n"
+                      "wrong = _nf4_check('cpu')\nprint('\\n'.join(wrong) or 'ALL MATCH')\n" % str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.stdout.strip().endswith("ALL MATCH"), out.stdout[-2000:] + out.stderr[-2000:]
+
+
+@GPU
+def test_gpu_nf4_kernel_matches_bitsandbytes_bit_for_bit():
+    pytest.importorskip("triton")
+    assert _nf4_check("cuda") == []

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.fast import nf4
 from tunelab.fast.attention import PackedLayout, attention, packed_layout
 from tunelab.fast.loss import chunked_token_losses
 from tunelab.fast.offload import HostStash, offloaded
@@ -39,12 +40,16 @@ class Proj:
 
     absmax: torch.Tensor | None = None  # NF4: the fp32 block scales, dequantised once (double quantisation)
     keep_scales: bool = True  # keep `absmax` (see FastDecoder.keep_nf4_scales)
+    offset: float | None = None  # NF4, scales not kept: the double quantisation's offset, read once
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.base.weight
         qs = getattr(w, "quant_state", None)
         if qs is None:
             return w if w.dtype == dtype else w.to(dtype)
+        own_kernel = w.is_cuda and qs.quant_type == "nf4" and nf4.available()
+        if own_kernel and self.absmax is None and self.offset is not None:
+            return nf4.dequantize(w.data, qs, dtype, offset=self.offset)  # both levels of scales in one pass
         absmax = self.absmax
         if absmax is None:
             absmax = qs.absmax
@@ -54,6 +59,8 @@ class Proj:
                     qs.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32) + qs.offset
             if self.keep_scales:
                 self.absmax = absmax
+        if own_kernel:
+            return nf4.dequantize(w.data, qs, dtype, scales=absmax)
         return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax, qs.blocksize, qs.quant_type,
                                                               qs.shape, dtype)
 
@@ -283,7 +290,7 @@ class FastDecoder:
         Python of the latter paced the step; replayed in a CUDA graph it is one small kernel per GEMM."""
         for L in self.layers:
             for p in L.projections():
-                p.keep_scales = keep
+                p.keep_scales, p.offset = keep, None
                 if not keep:
                     p.absmax = None
                     qs = getattr(p.base.weight, "quant_state", None)
@@ -293,6 +300,7 @@ class FastDecoder:
                         device = p.base.weight.device
                         s2 = qs.state2
                         s2.code, s2.absmax, qs.offset = (t.to(device) for t in (s2.code, s2.absmax, qs.offset))
+                        p.offset = float(qs.offset)  # read here, once: inside a captured graph it cannot be
 
     def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
         # the frozen GEMMs' inputs (h, m) are used in forward only (a frozen weight needs no input for its

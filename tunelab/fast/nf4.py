@@ -1,0 +1,86 @@
+"""NF4 dequantisation as one Triton kernel, double-quantised block scales included.
+
+bitsandbytes stores a QLoRA weight as 4-bit NF4 codes, two per byte (the first in the high nibble), one
+scale per block of 64 values, and, with double quantisation, those scales again as 8-bit codes with one fp32
+scale per 256 of them plus an offset. The weight is dequantised for every GEMM that uses it, three times a
+step with recomputation. bitsandbytes does that in two kernels when the scales are double-quantised (the
+scales, then the weight; tunelab's fast path keeps the fp32 scales only when memory allows); its weight
+kernel ran at about 2.2 TB/s on an H200 (bench/RESULTS.md). This kernel reads the codes and the 8-bit scales
+and writes the weight in one pass, with bitsandbytes' arithmetic (fp32 products, then one rounding), so the
+result is identical to theirs.
+
+Triton is imported only when the kernel is first used; `dequantize` is for CUDA tensors (or Triton's
+interpreter, TRITON_INTERPRET=1, which the CPU test uses).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BYTES_PER_PROGRAM = 1024  # 2,048 values: 14k programs for a 4096 x 11008 weight
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nf4_dequantize(packed, scales, scale_code, scale_scales, offset, table, out, n_bytes, n_values,
+                       BYTES: tl.constexpr, BYTES_PER_SCALE: tl.constexpr, SCALES_PER_SCALE: tl.constexpr,
+                       NESTED: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BYTES + tl.arange(0, BYTES)
+        inside = offs < n_bytes
+        byte = tl.load(packed + offs, mask=inside, other=0).to(tl.int32)
+        block = offs // BYTES_PER_SCALE
+        if NESTED:
+            code = tl.load(scales + block, mask=inside, other=0).to(tl.int32)
+            scale = tl.load(scale_code + code) * tl.load(scale_scales + block // SCALES_PER_SCALE, mask=inside,
+                                                          other=0.0) + offset
+        else:
+            scale = tl.load(scales + block, mask=inside, other=0.0)
+        first = tl.load(table + (byte >> 4)) * scale
+        second = tl.load(table + (byte & 15)) * scale
+        values = tl.interleave(first, second)
+        out_offs = 2 * pid * BYTES + tl.arange(0, 2 * BYTES)
+        tl.store(out + out_offs, values.to(out.dtype.element_ty, fp_downcast_rounding="rtne"),
+                 mask=out_offs < n_values)
+
+    return nf4_dequantize
+
+
+def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, scales: torch.Tensor | None = None,
+               offset: float | None = None) -> torch.Tensor:
+    """The weight of a bitsandbytes NF4 `quant_state` in `dtype`. `scales`: the block scales already in fp32
+    (then the double quantisation is skipped); `offset`: quant_state.offset as a float (read once by the
+    caller: reading it here would wait for the GPU, which a CUDA graph capture forbids)."""
+    qs = quant_state
+    if qs.quant_type != "nf4" or qs.blocksize % 2:
+        raise ValueError(f"NF4 kernel: unsupported quantisation {qs.quant_type} / block size {qs.blocksize}")
+    nested = scales is None and qs.nested
+    if nested and offset is None:
+        raise ValueError("NF4 kernel: double-quantised scales need the offset")
+    if scales is None:
+        scales = qs.absmax
+    # without double quantisation the kernel never reads the second-level pointers: any tensor will do
+    s2 = qs.state2 if nested else None
+    scale_code, scale_scales = (s2.code, s2.absmax) if nested else (scales, scales)
+    out = torch.empty(qs.shape, dtype=dtype, device=packed.device)
+    n_bytes = packed.numel()
+    _kernel()[(-(-n_bytes // BYTES_PER_PROGRAM),)](
+        packed, scales, scale_code, scale_scales, float(offset or 0.0), qs.code, out, n_bytes, out.numel(),
+        BYTES=BYTES_PER_PROGRAM, BYTES_PER_SCALE=qs.blocksize // 2,
+        SCALES_PER_SCALE=s2.blocksize if nested else 1, NESTED=nested)
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Triton can be imported (it comes with CUDA builds of PyTorch)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
