@@ -536,7 +536,26 @@ def test_nf4_kernel_matches_bitsandbytes_in_triton_interpreter(tmp_path):
     assert out.stdout.strip().endswith("ALL MATCH"), out.stdout[-2000:] + out.stderr[-2000:]
 
 
+def test_nf4_kernel_falls_back_to_bitsandbytes_where_it_cannot_run(caplog):
+    """Where the kernel cannot run (here: CPU tensors with no interpreter), `usable` says no and logs why, so
+    the fast path keeps bitsandbytes' dequantisation instead of failing."""
+    pytest.importorskip("triton")
+    import os
+
+    from tunelab.fast import nf4
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter runs the kernel on the CPU")
+    with caplog.at_level("WARNING", logger="tunelab"):
+        assert nf4.usable(torch.device("cpu")) is False
+    assert "NF4 kernel is not used on cpu" in caplog.text
+    assert nf4.usable(torch.device("cpu")) is False  # decided once
+
+
 @GPU
 def test_gpu_nf4_kernel_matches_bitsandbytes_bit_for_bit():
     pytest.importorskip("triton")
+    from tunelab.fast import nf4
+
     assert _nf4_check("cuda") == []
+    assert nf4.usable(torch.device("cuda", torch.cuda.current_device()))

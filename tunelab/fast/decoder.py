@@ -47,7 +47,7 @@ class Proj:
         qs = getattr(w, "quant_state", None)
         if qs is None:
             return w if w.dtype == dtype else w.to(dtype)
-        own_kernel = w.is_cuda and qs.quant_type == "nf4" and nf4.available()
+        own_kernel = w.is_cuda and qs.quant_type == "nf4" and nf4.usable(w.device)
         if own_kernel and self.absmax is None and self.offset is not None:
             return nf4.dequantize(w.data, qs, dtype, offset=self.offset)  # both levels of scales in one pass
         absmax = self.absmax

@@ -10,13 +10,17 @@ and writes the weight in one pass, with bitsandbytes' arithmetic (fp32 products,
 result is identical to theirs.
 
 Triton is imported only when the kernel is first used; `dequantize` is for CUDA tensors (or Triton's
-interpreter, TRITON_INTERPRET=1, which the CPU test uses).
+interpreter, TRITON_INTERPRET=1, which the CPU test uses); `usable` checks it on a device before the fast
+path relies on it.
 """
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
+
+log = logging.getLogger("tunelab")
 
 BYTES_PER_PROGRAM = 1024  # 2,048 values: 14k programs for a 4096 x 11008 weight
 
@@ -76,11 +80,32 @@ def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, scales: to
     return out
 
 
-@functools.cache
-def available() -> bool:
-    """Whether Triton can be imported (it comes with CUDA builds of PyTorch)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+_usable: dict[torch.device, bool] = {}
+
+
+def usable(device: torch.device) -> bool:
+    """Whether the kernel runs on `device` and gives bitsandbytes' exact values, checked once per device on
+    a small weight (both kinds of scales). Where it does not (no Triton, a compile error, a difference), the
+    fast path keeps bitsandbytes' own kernels and the log says why. Never checked inside a CUDA graph
+    capture (the check compiles and compares): the graphs' eager first step has checked it by then."""
+    if device in _usable:
+        return _usable[device]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    return True
+    try:
+        import bitsandbytes.functional as bnbf
+
+        # its own generator: the check must not move the training's random state
+        g = torch.Generator(device=device).manual_seed(0)
+        w = torch.randn(64, 320, device=device, dtype=torch.bfloat16, generator=g) * 3
+        for nested in (False, True):
+            packed, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+            ours = dequantize(packed, qs, torch.bfloat16, offset=float(qs.offset) if nested else None)
+            if not torch.equal(ours, bnbf.dequantize_4bit(packed, qs)):
+                raise ValueError("its values differ from bitsandbytes'")
+        _usable[device] = True
+    except Exception as exc:  # any failure only costs the kernel's speed
+        log.warning("fast path: tunelab's NF4 kernel is not used on %s (%s: %s); bitsandbytes dequantises",
+                    device, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        _usable[device] = False
+    return _usable[device]
