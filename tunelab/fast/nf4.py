@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger("tunelab")
 
-BYTES_PER_PROGRAM = 1024  # 2,048 values: 14k programs for a 4096 x 11008 weight
+BYTES_PER_PROGRAM = 1024  # 2,048 values a program: 22k programs for a 4096 x 11008 weight
 
 
 @functools.cache
