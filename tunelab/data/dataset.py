@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tunelab.config.schema import Config, columns_for
@@ -239,8 +240,10 @@ def collate(batch: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch into tensors (see PAD_VALUES)."""
     width = max(len(s) for s in batch)
     fill = {"input_ids": pad_id, **PAD_VALUES}
-    return {key: torch.tensor([row + [fill[key]] * (width - len(row)) for row in (getattr(s, key) for s in batch)],
-                              dtype=torch.long)
+    # through numpy: torch.tensor converts a list element by element, 3x slower, and on a GPU the step
+    # waits for this
+    return {key: torch.from_numpy(np.array([row + [fill[key]] * (width - len(row))
+                                            for row in (getattr(s, key) for s in batch)], dtype=np.int64))
             for key in ("input_ids", "targets", "position_ids", "segment_ids")}
 
 
