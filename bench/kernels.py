@@ -94,24 +94,25 @@ def gemm_rows(n: int) -> list[tuple[str, float, str]]:
             import bitsandbytes.functional as bnbf
             from tunelab.fast import nf4
 
+            def rate(ms: float) -> str:  # 0.5 byte read and 2 written per value
+                return f"{w.numel() * 2.5 / ms / 1e6:.0f} GB/s"
+
             packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=False)
             ms = timed(lambda: torch.ops.bitsandbytes.dequantize_4bit.default(
                 packed, state.absmax, state.blocksize, "nf4", state.shape, torch.bfloat16))
-            rows.append((f"NF4 dequant {name}", ms, f"{w.numel() * 2.5 / ms / 1e6:.0f} GB/s"))
+            rows.append((f"NF4 dequant {name}", ms, rate(ms)))
             # tunelab's kernel: fp32 scales given (what the fast path keeps when memory allows), and both
             # levels of double-quantised scales in the one pass (the lean setting)
             ms = timed(lambda: nf4.dequantize(packed, state, torch.bfloat16, scales=state.absmax))
-            rows.append((f"NF4 dequant {name}, tunelab kernel", ms, f"{w.numel() * 2.5 / ms / 1e6:.0f} GB/s"))
+            rows.append((f"NF4 dequant {name}, tunelab kernel", ms, rate(ms)))
             packed2, state2 = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
             offset = float(state2.offset)
             ms = timed(lambda: nf4.dequantize(packed2, state2, torch.bfloat16, offset=offset))
-            rows.append((f"NF4 dequant {name}, tunelab kernel, scales double-quantised", ms,
-                         f"{w.numel() * 2.5 / ms / 1e6:.0f} GB/s"))
+            rows.append((f"NF4 dequant {name}, tunelab kernel, scales double-quantised", ms, rate(ms)))
             ms = timed(lambda: torch.ops.bitsandbytes.dequantize_4bit.default(
                 packed2, (bnbf.dequantize_blockwise(state2.absmax, state2.state2) + state2.offset).float(),
                 state2.blocksize, "nf4", state2.shape, torch.bfloat16))
-            rows.append((f"NF4 dequant {name}, bitsandbytes, scales double-quantised", ms,
-                         f"{w.numel() * 2.5 / ms / 1e6:.0f} GB/s"))
+            rows.append((f"NF4 dequant {name}, bitsandbytes, scales double-quantised", ms, rate(ms)))
         except ImportError:
             pass
     del x

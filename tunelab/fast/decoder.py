@@ -349,9 +349,9 @@ class FastDecoder:
                     # holds one half's activations at a time, not both (the MLP's input goes to the host too)
                     attn = lambda t, L=L: self._attention_half(t, cos, sin, L, layout)[0]  # noqa: E731
                     mlp = lambda t, L=L: self._mlp_half(t, None, L)  # noqa: E731
-                    below = 2 * i - 1 if i - 1 in self.checkpointed else None
-                    x = offloaded(self.stash, 2 * i, below, attn, x, L.trainable())
-                    x = offloaded(self.stash, 2 * i + 1, 2 * i, mlp, x, L.trainable())
+                    below, params = (2 * i - 1 if i - 1 in self.checkpointed else None), L.trainable()
+                    x = offloaded(self.stash, 2 * i, below, attn, x, params)
+                    x = offloaded(self.stash, 2 * i + 1, 2 * i, mlp, x, params)
                 else:
                     # without dropout there is no random state to replay (and saving it is not allowed while a
                     # CUDA graph is captured)

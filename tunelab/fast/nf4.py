@@ -68,15 +68,15 @@ def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, scales: to
         raise ValueError("NF4 kernel: double-quantised scales need the offset")
     if scales is None:
         scales = qs.absmax
-    # without double quantisation the kernel never reads the second-level pointers: any tensor will do
-    s2 = qs.state2 if nested else None
-    scale_code, scale_scales = (s2.code, s2.absmax) if nested else (scales, scales)
+    if nested:  # the second level: the scales' code table, their fp32 scales, how many each covers
+        scale_code, scale_scales, per_scale = qs.state2.code, qs.state2.absmax, qs.state2.blocksize
+    else:  # never read by the kernel: any tensor will do
+        scale_code, scale_scales, per_scale = scales, scales, 1
     out = torch.empty(qs.shape, dtype=dtype, device=packed.device)
     n_bytes = packed.numel()
     _kernel()[(-(-n_bytes // BYTES_PER_PROGRAM),)](
         packed, scales, scale_code, scale_scales, float(offset or 0.0), qs.code, out, n_bytes, out.numel(),
-        BYTES=BYTES_PER_PROGRAM, BYTES_PER_SCALE=qs.blocksize // 2,
-        SCALES_PER_SCALE=s2.blocksize if nested else 1, NESTED=nested)
+        BYTES=BYTES_PER_PROGRAM, BYTES_PER_SCALE=qs.blocksize // 2, SCALES_PER_SCALE=per_scale, NESTED=nested)
     return out
 
 
