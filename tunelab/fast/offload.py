@@ -17,7 +17,7 @@ import torch
 
 
 class HostStash:
-    """The host copies of the recomputed layers' inputs, and the copies back that are in flight."""
+    """The host copies of the recomputed units' inputs, and the copies back that are in flight."""
 
     def __init__(self):
         self.buffers: dict[tuple, torch.Tensor] = {}
@@ -30,11 +30,11 @@ class HostStash:
         return self._stream
 
     @staticmethod
-    def _key(layer: int, x: torch.Tensor) -> tuple:
-        return layer, tuple(x.shape), x.dtype
+    def _key(unit: int, x: torch.Tensor) -> tuple:
+        return unit, tuple(x.shape), x.dtype
 
-    def _buffer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        key = self._key(layer, x)
+    def _buffer(self, unit: int, x: torch.Tensor) -> torch.Tensor:
+        key = self._key(unit, x)
         if key not in self.buffers:
             self.buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
         return self.buffers[key]
@@ -50,11 +50,11 @@ class HostStash:
             done.record(side)
         return done
 
-    def put(self, layer: int, x: torch.Tensor) -> Callable[[], None]:
+    def put(self, unit: int, x: torch.Tensor) -> Callable[[], None]:
         """Start copying `x` to the host; returns the call that makes the current stream wait for that copy
-        (made once the layer's own forward is queued, so the two overlap)."""
-        self.prefetched.pop(layer, None)  # a copy back left by a backward that did not finish
-        host = self._buffer(layer, x)
+        (made once the unit's own forward is queued, so the two overlap)."""
+        self.prefetched.pop(unit, None)  # a copy back left by a backward that did not finish
+        host = self._buffer(unit, x)
         if not x.is_cuda:
             host.copy_(x)
             return lambda: None
@@ -63,36 +63,36 @@ class HostStash:
         # x stays referenced (by the caller) until the wait below is queued, so its memory is not reused early
         return lambda: main.wait_event(done)
 
-    def prefetch(self, layer: int, like: torch.Tensor) -> None:
-        """Start copying `layer`'s input back to the device (in backward, while the layer above runs)."""
-        host = self.buffers.get(self._key(layer, like))
-        if host is None or not like.is_cuda or layer in self.prefetched:
+    def prefetch(self, unit: int, like: torch.Tensor) -> None:
+        """Start copying `unit`'s input back to the device (in backward, while the unit above runs)."""
+        host = self.buffers.get(self._key(unit, like))
+        if host is None or not like.is_cuda or unit in self.prefetched:
             return
         # allocated on the main stream, which frees it after its last use there (after it waited for the copy)
         back = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        self.prefetched[layer] = (self._copy_aside(back, host, like.device), back)
+        self.prefetched[unit] = (self._copy_aside(back, host, like.device), back)
 
-    def take(self, layer: int, like: torch.Tensor) -> torch.Tensor:
-        """`layer`'s input on the device again."""
-        if layer in self.prefetched:
-            done, back = self.prefetched.pop(layer)
+    def take(self, unit: int, like: torch.Tensor) -> torch.Tensor:
+        """`unit`'s input on the device again."""
+        if unit in self.prefetched:
+            done, back = self.prefetched.pop(unit)
             torch.cuda.current_stream(back.device).wait_event(done)
             return back
-        host = self.buffers[self._key(layer, like)]
+        host = self.buffers[self._key(unit, like)]
         return host.to(like.device, non_blocking=True)
 
 
-class _OffloadedLayer(torch.autograd.Function):
+class _OffloadedUnit(torch.autograd.Function):
     """y = run(x), keeping nothing on the device for backward: x waits on the host, and backward runs the
-    layer again from it and back-propagates through that (the trainable parameters get their gradients
+    unit again from it and back-propagates through that (the trainable parameters get their gradients
     there, as in PyTorch's reentrant checkpoint). They are inputs here only so that y requires grad when x
-    does not (the first layer's input comes from a frozen embedding)."""
+    does not (the first unit's input comes from a frozen embedding)."""
 
     @staticmethod
-    def forward(ctx, x, stash: HostStash, layer: int, below: int | None, run: Callable, *params):
-        ctx.stash, ctx.layer, ctx.below, ctx.run, ctx.x_grad = stash, layer, below, run, x.requires_grad
+    def forward(ctx, x, stash: HostStash, unit: int, below: int | None, run: Callable, *params):
+        ctx.stash, ctx.unit, ctx.below, ctx.run, ctx.x_grad = stash, unit, below, run, x.requires_grad
         ctx.like = torch.empty((1,), dtype=x.dtype, device=x.device).expand(x.shape)  # shape, dtype, device
-        settle = stash.put(layer, x)
+        settle = stash.put(unit, x)
         with torch.no_grad():
             y = run(x)
         settle()
@@ -101,9 +101,9 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         stash = ctx.stash
-        x = stash.take(ctx.layer, ctx.like)
+        x = stash.take(ctx.unit, ctx.like)
         if ctx.below is not None:
-            stash.prefetch(ctx.below, ctx.like)  # the next layer down, while this one recomputes
+            stash.prefetch(ctx.below, ctx.like)  # the next unit down, while this one recomputes
         x = x.detach().requires_grad_(ctx.x_grad)
         with torch.enable_grad():
             y = ctx.run(x)
@@ -111,9 +111,9 @@ class _OffloadedLayer(torch.autograd.Function):
         return (x.grad if ctx.x_grad else None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
-def offloaded(stash: HostStash, layer: int, below: int | None, run: Callable[[torch.Tensor], torch.Tensor],
+def offloaded(stash: HostStash, unit: int, below: int | None, run: Callable[[torch.Tensor], torch.Tensor],
               x: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """run(x) for a recomputed unit whose input waits on the host (see the module's docstring); `layer`
+    """run(x) for a recomputed unit whose input waits on the host (see the module's docstring); `unit`
     numbers the unit, and `below` is the next unit down that is offloaded too (its input is fetched back while
     this one recomputes)."""
-    return _OffloadedLayer.apply(x, stash, layer, below, run, *params)
+    return _OffloadedUnit.apply(x, stash, unit, below, run, *params)
