@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 speed=(python3 bench/speed.py --warmup 3 --steps 4)  # timeout runs commands, not shell functions
 case "${1:-}" in
   1)
-    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_fast.py -k gpu 2>&1 | tail -4
+    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_fast.py -k gpu > "${OUT:-/tmp}/gpu_tests.txt" 2>&1
+    tail -4 "${OUT:-/tmp}/gpu_tests.txt"
     timeout 420 "${speed[@]}" --timeout 100 --sides "lora2k=unsloth,lora2k=tunelab@32h,\
 qlora2k=unsloth_qlora,qlora2k=tunelab_qlora@32h,qlora8k=unsloth_qlora,qlora8k=tunelab_qlora@32h" ;;
   2)

@@ -329,7 +329,9 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload)
         graphs.forward_backward(batches[1], torch.bfloat16, 100)
         graphs.forward_backward(batches[1], torch.bfloat16, 100)
         close([p.grad / 2 for p in params], ref_grads, f"{kind} accumulated")
-    assert len(graphs.graphs) == 2 and not graphs.failed
+    # single rows: the first graph (overwriting the gradients) and its accumulating twin; packed: accumulating
+    assert sorted(graphs.graphs) == [(2, 512, 0, False), (2, 512, 0, True), (2, 512, 8, False)], list(graphs.graphs)
+    assert not graphs.failed
 
 
 @GPU

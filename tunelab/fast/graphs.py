@@ -7,8 +7,12 @@ A replayed graph launches the whole micro-batch at once. What that takes:
   packed rows, per bucket of sample count (powers of two), so an epoch needs few captures. The first batch
   of a (rows, width) runs eagerly (it compiles the layers for that shape); after that each new layout bucket
   is captured when first met and replayed ever after;
-* fixed gradient buffers: the captured backward adds into the parameters' .grad tensors in place, so those
-  buffers are bound again before each replay, whatever zero_grad did to them;
+* fixed gradient buffers. The first graph captured starts from no gradients, as an eager step after
+  zero_grad does: its backward allocates each gradient when it is produced, late in the step, where memory
+  freed by the activations is reused, so a step peaks no higher than eagerly; those tensors become the
+  gradient buffers for good, the graph overwrites them, and it is replayed whenever a step of its shape
+  starts from no gradients. Every other graph (another shape, or adding to gradients already there:
+  accumulation) adds into those buffers in place, and holds them through its whole step;
 * no random state to replay when layers are recomputed (the caller enables graphs only without dropout
   there) and no GPU sync inside the step (the layout is worked out on the CPU).
 Graphs share one memory pool: a step replays one graph and reads its loss before the next replays.
@@ -113,7 +117,7 @@ class GraphedSteps:
             capacity = _pow2(max(8, len(cu) - 1))
             key = (b, n, capacity)
             cu = torch.cat([cu, cu[-1:].expand(capacity + 1 - len(cu))])
-        if key in self.failed or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
+        if key in self.failed:
             return None
         if (b, n) not in self.warm:
             # eagerly, at the padded width: this compiles the layers for it, which must not happen during a
@@ -122,25 +126,34 @@ class GraphedSteps:
             loss = self.fast.token_losses(batch, dtype).sum() / n_targets
             loss.backward()
             return loss.detach()
-        graph = self.graphs.get(key)
+        # the graph that overwrites the gradients, where it is this shape's and nothing is there to add to
+        fresh = self.grads is None or (key + (True,) in self.graphs and all(p.grad is None for p in self.params))
+        gkey = key + (fresh,)
+        graph = self.graphs.get(gkey)
         if graph is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                return None
             try:
-                graph = self._capture(key, batch, dtype, n_targets, cu)
+                graph = self._capture(key, fresh, dtype)
             except Exception as exc:  # an op that cannot be captured: this shape stays eager
                 self.failed[key] = _why(exc)
                 log.warning("fast path: CUDA graph capture failed for batch shape %s (%s); running it without "
                             "a graph", key, self.failed[key])
                 return None
-            self.graphs[key] = graph
-        self._bind_grads()
+            self.graphs[gkey] = graph
+        # gradients that the first capture found already there (from eager steps) are added afterwards
+        before = [p.grad for p in self.params] if fresh else None
+        if not fresh:
+            self._bind_grads()
         graph.load(batch, n_targets, cu)
         graph.graph.replay()
+        if fresh:
+            for p, buf, had in zip(self.params, self.grads, before):
+                p.grad = buf if had is None else had.add_(buf)
         return graph.loss.detach().clone()
 
     def _bind_grads(self) -> None:
         """Point every parameter's .grad at the buffer the graphs add into, keeping what it held."""
-        if self.grads is None:
-            self.grads = [torch.zeros_like(p) for p in self.params]
         cleared = []
         for p, buf in zip(self.params, self.grads):
             if p.grad is None:
@@ -151,19 +164,35 @@ class GraphedSteps:
         if cleared:
             torch._foreach_zero_(cleared)
 
-    def _capture(self, key: tuple, batch, dtype: torch.dtype, n_targets: int, cu) -> _Graph:
+    def _capture(self, key: tuple, fresh: bool, dtype: torch.dtype) -> _Graph:
+        """Capture a step of shape `key`: `fresh`, from no gradients (the first graph: its backward allocates
+        the gradient buffers), else adding into the buffers."""
         b, n, capacity = key
         graph = _Graph((b, n), self.device, capacity)
-        graph.load(batch, n_targets, cu)
-        self._bind_grads()
-        with torch.cuda.graph(graph.graph, pool=self.pool):
-            losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
-            graph.loss = losses.sum() / graph.n_targets
-            graph.loss.backward(inputs=self.params)
+        if fresh:
+            kept = [p.grad for p in self.params]
+            for p in self.params:
+                p.grad = None
+        else:
+            self._bind_grads()
+        try:
+            with torch.cuda.graph(graph.graph, pool=self.pool):
+                losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
+                graph.loss = losses.sum() / graph.n_targets
+                graph.loss.backward(inputs=self.params)
+        finally:
+            if fresh:
+                made = [p.grad for p in self.params]
+                for p, g in zip(self.params, kept):
+                    p.grad = g
+        if fresh:  # the first graph: self.grads was None
+            # a parameter the loss does not reach gets a zero buffer, which no graph writes
+            self.grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, made)]
         # drop the captured autograd graph: its gradient-accumulation nodes remember the capture stream, and a
         # later eager step would reuse them (and with them, that stream)
         graph.loss = graph.loss.detach()
         if self.pool is None:
             self.pool = graph.graph.pool()
-        log.info("fast path: captured a CUDA graph for batch shape %s", key)
+        log.info("fast path: captured a CUDA graph for batch shape %s (%s)", key,
+                 "overwriting the gradients" if fresh else "adding to the gradients")
         return graph

@@ -76,7 +76,10 @@ def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, scales: to
     n_bytes = packed.numel()
     _kernel()[(-(-n_bytes // BYTES_PER_PROGRAM),)](
         packed, scales, scale_code, scale_scales, float(offset or 0.0), qs.code, out, n_bytes, out.numel(),
-        BYTES=BYTES_PER_PROGRAM, BYTES_PER_SCALE=qs.blocksize // 2, SCALES_PER_SCALE=per_scale, NESTED=nested)
+        BYTES=BYTES_PER_PROGRAM, BYTES_PER_SCALE=qs.blocksize // 2, SCALES_PER_SCALE=per_scale, NESTED=nested,
+        # bitsandbytes rounds code x scale, then adds the offset; a fused multiply-add rounds once, which
+        # differs in the last bit (seen on an H200, not in the interpreter)
+        enable_fp_fusion=False)
     return out
 
 
