@@ -20,6 +20,7 @@ Graphs share one memory pool: a step replays one graph and reads its loss before
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
@@ -62,6 +63,16 @@ def _why(exc: BaseException) -> str:
             break
         first = first.__context__
     return line(exc) if first is exc else f"{line(exc)}; first: {line(first)}"
+
+
+def _end_failed_capture() -> None:
+    """A failed capture raises before PyTorch ends its hold on the CUDA random generators, which then refuse
+    every later random op ('Offset increment outside graph capture'); an empty capture begins and ends that
+    hold again, so the eager steps that follow (dropout, initialisation) run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the CUDA graph is empty"
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
 
 
 class _Graph:
@@ -137,6 +148,7 @@ class GraphedSteps:
                 graph = self._capture(key, fresh, dtype)
             except Exception as exc:  # an op that cannot be captured: this shape stays eager
                 self.failed[key] = _why(exc)
+                _end_failed_capture()
                 log.warning("fast path: CUDA graph capture failed for batch shape %s (%s); running it without "
                             "a graph", key, self.failed[key])
                 return None
