@@ -71,10 +71,13 @@ def _end_failed_capture() -> None:
     """A failed capture raises before PyTorch ends its hold on the CUDA random generators, which then refuse
     every later random op ('Offset increment outside graph capture'); an empty capture begins and ends that
     hold again, so the eager steps that follow (dropout, initialisation) run."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "the CUDA graph is empty"
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "the CUDA graph is empty"
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                pass
+    except Exception as exc:  # training without random ops still runs; with them, this says why they fail
+        log.warning("fast path: could not reset the CUDA random generator after the failed capture (%s)", exc)
 
 
 class _Graph:
