@@ -146,9 +146,13 @@ class GraphedSteps:
         fresh = self.grads is None or (key + (True,) in self.graphs and all(p.grad is None for p in self.params))
         gkey = key + (fresh,)
         graph = self.graphs.get(gkey)
+        if graph is None and len(self.graphs) >= MAX_GRAPHS:
+            return None
+        # gradients that the first capture found already there (from eager steps) are added afterwards
+        before = [p.grad for p in self.params] if fresh else None
+        if not fresh:
+            self._bind_grads()  # before a capture too: the captured backward adds into these buffers
         if graph is None:
-            if len(self.graphs) >= MAX_GRAPHS:
-                return None
             try:
                 graph = self._capture(key, fresh, dtype)
             except Exception as exc:  # an op that cannot be captured: this shape stays eager
@@ -158,10 +162,6 @@ class GraphedSteps:
                             "a graph", key, self.failed[key])
                 return None
             self.graphs[gkey] = graph
-        # gradients that the first capture found already there (from eager steps) are added afterwards
-        before = [p.grad for p in self.params] if fresh else None
-        if not fresh:
-            self._bind_grads()
         graph.load(batch, n_targets, cu)
         graph.graph.replay()
         if fresh:
@@ -183,15 +183,13 @@ class GraphedSteps:
 
     def _capture(self, key: tuple, fresh: bool, dtype: torch.dtype) -> _Graph:
         """Capture a step of shape `key`: `fresh`, from no gradients (the first graph: its backward allocates
-        the gradient buffers), else adding into the buffers."""
+        the gradient buffers), else adding into the buffers, which the caller has bound."""
         b, n, capacity = key
         graph = _Graph((b, n), self.device, capacity)
         if fresh:
             kept = [p.grad for p in self.params]
             for p in self.params:
                 p.grad = None
-        else:
-            self._bind_grads()
         try:
             with torch.cuda.graph(graph.graph, pool=self.pool):
                 losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
