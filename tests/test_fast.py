@@ -74,9 +74,13 @@ def test_fast_path_matches_plain_path(arch, tiny_models):
     assert unsupported_reason(model) is None
     batch = _batch(model.config.vocab_size, [[40, 25, 30], [60, 20]])
     plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
-    # every layer recomputed in backward, only the first, none; then recomputed from inputs kept on the host
-    for recomputed, offload in ((-1, False), (1, False), (0, False), (-1, True), (1, True)):
+    # every layer recomputed in backward, only the first, none; then recomputed from inputs kept on the host;
+    # LoRA as GEMM groups (what runs without dropout), then the compiled regions (with dropout) at p = 0
+    for recomputed, offload, lora_gemms in ((-1, False, True), (1, False, True), (0, False, True),
+                                            (-1, True, True), (1, True, True), (1, False, False)):
         fast = FastDecoder(model, compile=False, checkpointing=True, checkpoint_layers=recomputed, offload=offload)
+        assert fast.lora_gemms
+        fast.lora_gemms = lora_gemms
         quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
         torch.testing.assert_close(quick, plain, atol=1e-5, rtol=0)
         assert plain_grads.keys() == quick_grads.keys() and len(plain_grads) > 0
@@ -117,6 +121,7 @@ def test_fast_path_with_lora_dropout_trains_the_same_parameters(tiny_llama):
     cfg = _cfg(tiny_llama, lora_dropout=0.1)
     model = _lora_model(tiny_llama, cfg)
     fast = FastDecoder(model, compile=False)
+    assert not fast.lora_gemms  # dropout runs in the compiled regions
     batch = _batch(model.config.vocab_size, [[50, 30]])
     torch.manual_seed(0)
     _, grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
@@ -142,6 +147,52 @@ def test_fast_path_qlora_matches_plain_qlora(tiny_llama):
         for name, g in plain_grads.items():
             torch.testing.assert_close(quick_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
         assert all((p.absmax is not None) == keep_scales for p in (fast.layers[0].q, fast.layers[-1].down))
+
+
+def test_lora_gemm_group_passes_gradcheck():
+    """One autograd node for a group of frozen projections with LoRA branches, a bias, a projection without
+    LoRA, a prologue and a residual: its gradients for the inputs, the residual and A/B against finite
+    differences (float64)."""
+    from tunelab.fast.decoder import Proj
+    from tunelab.fast.lora_gemm import project
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    d_in, d_out, r, n = 6, 5, 3, 7
+    projs = [Proj(torch.nn.Linear(d_in, d_out, bias=False).double().requires_grad_(False), None,
+                  rand(r, d_in, grad=True), rand(d_out, r, grad=True), 0.5),
+             Proj(torch.nn.Linear(d_in, 4, bias=True).double().requires_grad_(False), None),  # no LoRA
+             Proj(torch.nn.Linear(d_in, d_out, bias=True).double().requires_grad_(False), None,
+                  rand(r, d_in, grad=True), rand(d_out, r, grad=True), 2.0)]
+    for p in projs:
+        p.bias = p.base.bias
+    ln = rand(d_in)
+
+    def norm(t):  # in float64 throughout (the decoder's RMSNorm computes in float32)
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * ln
+
+    x, residual = rand(2, n, d_in, grad=True), rand(2, n, d_out, grad=True)
+    loras = [t for p in projs if p.lora_a is not None for t in (p.lora_a, p.lora_b)]
+
+    def grouped(x, residual, *_):
+        return project(norm, (x,), projs, residual=residual)
+
+    def reference(x, residual, *_):
+        h = norm(x)
+        outs = [p.base(h) + (0 if p.lora_a is None else p.scale * (h @ p.lora_a.t()) @ p.lora_b.t()) for p in projs]
+        return (outs[0] + residual, *outs[1:])
+
+    for got, want in zip(grouped(x, residual, *loras), reference(x, residual, *loras)):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(grouped, (x, residual, *loras))
+    # without a prologue the first input is the projections' input itself
+    a = rand(n, d_in, grad=True)
+    got = project(None, (a,), projs[:1])[0]
+    torch.testing.assert_close(got, projs[0].base(a) + 0.5 * (a @ projs[0].lora_a.t()) @ projs[0].lora_b.t())
+    assert torch.autograd.gradcheck(lambda a, *w: project(None, (a,), projs[:1])[0], (a, *loras[:2]))
 
 
 @pytest.mark.parametrize("trainable_head", [False, True])
@@ -227,11 +278,13 @@ def test_gpu_fast_path_matches_plain_path_bf16(tiny_llama):
     model, batch = _gpu_lora_model_and_batch(tiny_llama, seed=4)
     plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.bfloat16), batch)
     fast = FastDecoder(model, compile=True)
-    quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.bfloat16), batch)
-    assert abs(quick.sum().item() - plain.sum().item()) / plain.sum().item() < 1e-2
-    for name, g in plain_grads.items():
-        assert torch.nn.functional.cosine_similarity(quick_grads[name].flatten().float(),
-                                                     g.flatten().float(), dim=0) > 0.99, name
+    for lora_gemms in (True, False):  # LoRA as GEMM groups, then in the compiled regions
+        fast.lora_gemms = lora_gemms
+        quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.bfloat16), batch)
+        assert abs(quick.sum().item() - plain.sum().item()) / plain.sum().item() < 1e-2
+        for name, g in plain_grads.items():
+            assert torch.nn.functional.cosine_similarity(quick_grads[name].flatten().float(),
+                                                         g.flatten().float(), dim=0) > 0.99, name
 
 
 @GPU

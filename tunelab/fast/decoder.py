@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.fast import nf4
 from tunelab.fast.attention import PackedLayout, attention, packed_layout
+from tunelab.fast.lora_gemm import project
 from tunelab.fast.loss import chunked_token_losses
 from tunelab.fast.offload import HostStash, offloaded
 
@@ -213,11 +214,15 @@ def _qkv_rope(x, ln1, eps, yq, yk, yv, cos, sin, aq, bq, sq, ak, bk, sk, av, bv,
               dropout: float, training: bool):
     """LoRA branches of q/k/v added to the frozen outputs, then RoPE: (batch, seq, heads, dim). The norm is
     recomputed here from x (which backward keeps anyway) so the normed copy need not be kept."""
-    b, n, _ = x.shape
     h = _recomputed(_rms_norm, x, ln1, eps)
-    q = (yq + _lora(h, aq, bq, sq, dropout, training)).view(b, n, heads, -1)
-    k = (yk + _lora(h, ak, bk, sk, dropout, training)).view(b, n, kv_heads, -1)
-    v = (yv + _lora(h, av, bv, sv, dropout, training)).view(b, n, kv_heads, -1)
+    return _rope(yq + _lora(h, aq, bq, sq, dropout, training), yk + _lora(h, ak, bk, sk, dropout, training),
+                 yv + _lora(h, av, bv, sv, dropout, training), cos, sin, heads, kv_heads)
+
+
+def _rope(q, k, v, cos, sin, heads: int, kv_heads: int):
+    """RoPE over q and k, as (batch, seq, heads, dim)."""
+    b, n, _ = q.shape
+    q, k, v = q.view(b, n, heads, -1), k.view(b, n, kv_heads, -1), v.view(b, n, kv_heads, -1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
@@ -273,16 +278,27 @@ class FastDecoder:
         # offloaded layers are recomputed from an input fetched back from the host; with dropout the random
         # state would have to be replayed too, which this path does not do
         self.stash = HostStash() if offload and self.checkpointed and self.dropout == 0 else None
+        # LoRA without dropout over frozen weights (the usual case): each group of projections is one autograd
+        # node of GEMMs (fast.lora_gemm); otherwise compiled regions put the LoRA branches and dropout around
+        # the frozen GEMMs
+        self.lora_gemms = self.dropout == 0 and all(t is not None and t.requires_grad is False
+                                                    for t in self._frozen_parts())
         if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         wrap = torch.compile if compile else (lambda f: f)
         self.norm: Callable = wrap(_rms_norm)
+        self.rope: Callable = wrap(_rope)
         self.qkv_rope: Callable = wrap(_qkv_rope)
         self.attn_residual_norm: Callable = wrap(_attn_residual_norm)
         self.gate_up: Callable = wrap(_gate_up)
         self.swiglu: Callable = wrap(_swiglu)
         self.mlp_residual: Callable = wrap(_mlp_residual)
+
+    def _frozen_parts(self) -> list[torch.Tensor]:
+        """Every norm weight, base weight and bias (frozen under LoRA; trainable in full fine-tuning)."""
+        return [t for L in self.layers for t in [L.ln1, L.ln2] + [w for p in L.projections()
+                                                                 for w in (p.base.weight, p.bias) if w is not None]]
 
     def keep_nf4_scales(self, keep: bool) -> None:
         """Whether NF4 projections keep their double-quantised block scales dequantised in fp32 (0.38 GiB
@@ -304,11 +320,15 @@ class FastDecoder:
 
     def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
         # the frozen GEMMs' inputs (h, m) are used in forward only (a frozen weight needs no input for its
-        # backward); the compiled regions keep x, g and u and recompute h and m from them
+        # backward); backward keeps x, g and u and recomputes h and m from them
         return self._mlp_half(*self._attention_half(x, cos, sin, L, layout), L)
 
     def _attention_half(self, x, cos, sin, L: Layer, layout: PackedLayout):
-        """x + attention(norm(x)), and its second norm (the MLP's input)."""
+        """x + attention(norm(x)), and its second norm (the MLP's input; None where the MLP half makes it)."""
+        if self.lora_gemms:
+            qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), (L.q, L.k, L.v))
+            a = attention(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads), layout, self.scale).flatten(2)
+            return project(None, (a,), (L.o,), residual=x)[0], None
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         h = self.norm(x, L.ln1, L.eps)
         q, k, v = self.qkv_rope(x, L.ln1, L.eps, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin,
@@ -318,6 +338,9 @@ class FastDecoder:
 
     def _mlp_half(self, x, h, L: Layer):
         """x + MLP(h), h = norm(x) (made here when None: an offloaded half starts from x alone)."""
+        if self.lora_gemms:
+            g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up))
+            return project(self.swiglu, (g, u), (L.down,), residual=x)[0]
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         if h is None:
             h = self.norm(x, L.ln2, L.eps)
