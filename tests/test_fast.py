@@ -528,7 +528,8 @@ def test_packed_layout_from_cpu_ids_matches_device_layout():
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_layer_keeps_few_activations_for_backward(tiny_llama):
+@pytest.mark.parametrize("lora_gemms", [True, False])
+def test_compiled_layer_keeps_few_activations_for_backward(tiny_llama, lora_gemms):
     """What a compiled fast layer keeps for backward decides how many layers must be recomputed to fit a card.
     It needs the layer input, q/k/v and the attention output, the mid-layer residual and the gate/up outputs
     (about 11.4 hidden-sized tensors for a Llama MLP of 2.7x) plus LoRA's rank-sized products; the normed
@@ -536,6 +537,7 @@ def test_compiled_layer_keeps_few_activations_for_backward(tiny_llama):
     model = load_model(str(tiny_llama), dtype=torch.bfloat16, device="cpu")
     model = add_lora(model, _cfg(tiny_llama), quantized=False).train()
     fast = FastDecoder(model, compile=True, checkpointing=False)
+    fast.lora_gemms = lora_gemms  # LoRA as GEMM groups, or in the compiled regions (as with dropout)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     n, hidden = 256, model.config.hidden_size
 

@@ -49,5 +49,6 @@ def attach(model, cfg, device: str) -> None:
             fast.keep_nf4_scales(False)
     if cfg.offload_checkpoints and fast.stash is None and fast.checkpointed:
         log.info("offload_checkpoints ignored: lora_dropout > 0 (the recomputed layers keep their inputs)")
-    log.info("fast path on (compiled: %s, CUDA graphs: %s, layers recomputed in backward: %d of %d%s)", compiled,
-             graphs, len(fast.checkpointed), len(fast.layers), ", inputs on the host" if fast.stash else "")
+    log.info("fast path on (compiled: %s, CUDA graphs: %s, LoRA as %s, layers recomputed in backward: %d of %d%s)",
+             compiled, graphs, "GEMM groups" if fast.lora_gemms else "compiled regions", len(fast.checkpointed),
+             len(fast.layers), ", inputs on the host" if fast.stash else "")

@@ -2,9 +2,14 @@
 very parameters of the (PEFT-wrapped) Hugging Face model, so optimizer, checkpoints and export are unchanged.
 
 What it does differently from the plain path, and why:
-* the frozen GEMMs run as they are; everything between them (RMSNorm, the LoRA branches, RoPE, SwiGLU, the
-  residual adds) runs in compiled regions that torch.compile fuses into few kernels; weights are passed in as
-  arguments, so all layers share one compiled graph per region;
+* LoRA without dropout over frozen weights (the usual case): each group of projections that reads one input
+  (q/k/v, o, gate/up, down) is one autograd node of GEMMs (tunelab.fast.lora_gemm): the LoRA product and the
+  residual join the frozen output in the GEMM's epilogue, and the input gradient is built in one buffer
+  instead of being summed by autograd; RMSNorm, RoPE and SwiGLU run compiled (torch.compile);
+* otherwise (LoRA dropout, a trainable base weight) the frozen GEMMs run as they are and everything between
+  them (RMSNorm, the LoRA branches, RoPE, SwiGLU, the residual adds) runs in compiled regions that
+  torch.compile fuses into few kernels; weights are passed in as arguments, so all layers share one compiled
+  graph per region;
 * packed samples use variable-length flash attention instead of a (tokens x tokens) mask;
 * 4-bit (NF4) weights are dequantised right before their GEMM and again in backward, never kept, so at most
   one projection's bf16 weight exists at a time, with or without recomputation;
