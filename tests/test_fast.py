@@ -132,6 +132,21 @@ def test_fast_path_with_lora_dropout_trains_the_same_parameters(tiny_llama):
                                    token_losses(model.train(False), batch, torch.float32), atol=1e-5, rtol=0)
 
 
+def test_full_fine_tuning_on_the_fast_path_matches_plain_path(tiny_llama):
+    """Trainable base weights and norms (algorithm full with fast_path on) keep the compiled regions, which
+    give them their gradients: the same as the plain path's."""
+    model = load_model(str(tiny_llama), dtype=torch.float32, device="cpu").train()
+    fast = FastDecoder(model, compile=False)
+    assert not fast.lora_gemms
+    batch = _batch(model.config.vocab_size, [[40, 30]])
+    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
+    quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
+    torch.testing.assert_close(quick, plain, atol=1e-5, rtol=0)
+    assert any("layers.0.self_attn.q_proj.weight" in name for name in quick_grads)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(quick_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_fast_path_qlora_matches_plain_qlora(tiny_llama):
     """Real bitsandbytes NF4 weights, dequantised inside the fast layer: same losses and LoRA gradients."""
     cfg = _cfg(tiny_llama, algorithm="qlora")

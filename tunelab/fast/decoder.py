@@ -286,8 +286,7 @@ class FastDecoder:
         # LoRA without dropout over frozen weights (the usual case): each group of projections is one autograd
         # node of GEMMs (fast.lora_gemm); otherwise compiled regions put the LoRA branches and dropout around
         # the frozen GEMMs
-        self.lora_gemms = self.dropout == 0 and all(t is not None and t.requires_grad is False
-                                                    for t in self._frozen_parts())
+        self.lora_gemms = self.dropout == 0 and not any(t.requires_grad for t in self._frozen_parts())
         if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

@@ -56,13 +56,15 @@ class _LoRAGroup(torch.autograd.Function):
         with torch.enable_grad():
             t = inputs[0] if ctx.prologue is None else ctx.prologue(*inputs)
         flat = t.detach().reshape(-1, t.shape[-1])
+        wanted = [x for x in inputs if x.requires_grad]  # none for the first layer (a frozen embedding's output)
         dt = None
         lora_grads = []
         for i, p in enumerate(projs):
             dy = grads[i].reshape(-1, grads[i].shape[-1])
-            w = p.weight(t.dtype)
-            dt = dy @ w if dt is None else dt.addmm_(dy, w)
-            del w
+            if wanted:
+                w = p.weight(t.dtype)
+                dt = dy @ w if dt is None else dt.addmm_(dy, w)
+                del w
             a, b = p.lora_a, p.lora_b
             if a is None:
                 lora_grads += [None, None]
@@ -71,13 +73,15 @@ class _LoRAGroup(torch.autograd.Function):
             dxa = (dy @ b.to(t.dtype)).mul_(p.scale)
             da = dxa.t() @ flat if a.requires_grad else None
             db = (dy.t() @ xa).mul_(p.scale) if b.requires_grad else None
-            dt.addmm_(dxa, a.to(t.dtype))
+            if wanted:
+                dt.addmm_(dxa, a.to(t.dtype))
             lora_grads += [da, db]
-        wanted = [x for x in inputs if x.requires_grad]
-        if ctx.prologue is None:
-            found = iter([dt.view(t.shape)] if wanted else [])
+        if not wanted:
+            found = iter(())
+        elif ctx.prologue is None:
+            found = iter([dt.view(t.shape)])
         else:
-            found = iter(torch.autograd.grad(t, wanted, dt.view(t.shape)) if wanted else [])
+            found = iter(torch.autograd.grad(t, wanted, dt.view(t.shape)))
         input_grads = [next(found) if x.requires_grad else None for x in inputs]
         residual_grad = grads[0] if ctx.has_residual and ctx.needs_input_grad[3] else None
         return (None, None, None, residual_grad, *input_grads, *lora_grads)
