@@ -177,13 +177,14 @@ def test_lora_gemm_group_passes_gradcheck():
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
 
     d_in, d_out, r, n = 6, 5, 3, 7
-    projs = [Proj(torch.nn.Linear(d_in, d_out, bias=False).double().requires_grad_(False), None,
-                  rand(r, d_in, grad=True), rand(d_out, r, grad=True), 0.5),
-             Proj(torch.nn.Linear(d_in, 4, bias=True).double().requires_grad_(False), None),  # no LoRA
-             Proj(torch.nn.Linear(d_in, d_out, bias=True).double().requires_grad_(False), None,
-                  rand(r, d_in, grad=True), rand(d_out, r, grad=True), 2.0)]
-    for p in projs:
-        p.bias = p.base.bias
+
+    def proj(width: int, bias: bool, scale: float | None) -> Proj:  # scale None: no LoRA branch
+        base = torch.nn.Linear(d_in, width, bias=bias).double().requires_grad_(False)
+        if scale is None:
+            return Proj(base, base.bias)
+        return Proj(base, base.bias, rand(r, d_in, grad=True), rand(width, r, grad=True), scale)
+
+    projs = [proj(d_out, False, 0.5), proj(4, True, None), proj(d_out, True, 2.0)]
     ln = rand(d_in)
 
     def norm(t):  # in float64 throughout (the decoder's RMSNorm computes in float32)

@@ -87,11 +87,15 @@ class Layer:
     def projections(self) -> tuple[Proj, ...]:
         return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
 
+    def base_parts(self) -> list[torch.Tensor]:
+        """The norm weights, base weights and biases (frozen under LoRA; trainable in full fine-tuning)."""
+        return [self.ln1, self.ln2] + [t for p in self.projections() for t in (p.base.weight, p.bias)
+                                       if t is not None]
+
     def trainable(self) -> list[torch.Tensor]:
         """The layer's parameters that train (LoRA; everything in full fine-tuning)."""
-        found = [self.ln1, self.ln2] + [t for p in self.projections()
-                                        for t in (p.base.weight, p.bias, p.lora_a, p.lora_b)]
-        return [t for t in found if t is not None and t.requires_grad]
+        lora = [t for p in self.projections() for t in (p.lora_a, p.lora_b) if t is not None]
+        return [t for t in self.base_parts() + lora if t.requires_grad]
 
 
 def _proj(module) -> Proj:
@@ -286,7 +290,8 @@ class FastDecoder:
         # LoRA without dropout over frozen weights (the usual case): each group of projections is one autograd
         # node of GEMMs (fast.lora_gemm); otherwise compiled regions put the LoRA branches and dropout around
         # the frozen GEMMs
-        self.lora_gemms = self.dropout == 0 and not any(t.requires_grad for t in self._frozen_parts())
+        self.lora_gemms = self.dropout == 0 and not any(t.requires_grad for L in self.layers
+                                                        for t in L.base_parts())
         if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -298,11 +303,6 @@ class FastDecoder:
         self.gate_up: Callable = wrap(_gate_up)
         self.swiglu: Callable = wrap(_swiglu)
         self.mlp_residual: Callable = wrap(_mlp_residual)
-
-    def _frozen_parts(self) -> list[torch.Tensor]:
-        """Every norm weight, base weight and bias (frozen under LoRA; trainable in full fine-tuning)."""
-        return [t for L in self.layers for t in [L.ln1, L.ln2] + [w for p in L.projections()
-                                                                 for w in (p.base.weight, p.bias) if w is not None]]
 
     def keep_nf4_scales(self, keep: bool) -> None:
         """Whether NF4 projections keep their double-quantised block scales dequantised in fp32 (0.38 GiB
