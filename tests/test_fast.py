@@ -211,6 +211,41 @@ def test_lora_gemm_group_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda a, *w: project(None, (a,), projs[:1])[0], (a, *loras[:2]))
 
 
+@pytest.mark.parametrize("recomputed,offload,o_reads,down_reads", [(0, False, 2, 2), (-1, False, 3, 2),
+                                                                     (-1, True, 2, 2)])
+def test_recomputation_skips_the_gemms_whose_output_it_never_reads(tiny_llama, recomputed, offload, o_reads,
+                                                                   down_reads):
+    """A recomputed layer runs its forward again only for what backward needs: the down projection's output
+    (and, in an offloaded attention half, the o projection's) ends the unit and is not read again, so its
+    weight goes through two GEMMs (forward, backward), not three; q's through three whenever the layer is
+    recomputed (the first layer's input needs no gradient: one fewer). Counted per layer, on the GEMM-group
+    path, as the matrix products that read each weight."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = _lora_model(tiny_llama, _cfg(tiny_llama))
+    fast = FastDecoder(model, compile=False, checkpoint_layers=recomputed, offload=offload)
+    assert fast.lora_gemms
+    watched = {p.base.weight.untyped_storage().data_ptr(): (i, name) for i, L in enumerate(fast.layers)
+               for name, p in (("q", L.q), ("o", L.o), ("down", L.down))}
+    reads: dict[tuple, int] = {}
+    gemms = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_}
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in args if func.overloadpacket in gemms else ():
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in watched:
+                    key = watched[t.untyped_storage().data_ptr()]
+                    reads[key] = reads.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    batch = _batch(model.config.vocab_size, [[40, 25]])
+    with CountReads():
+        fast.token_losses(batch, torch.float32).sum().backward()
+    for i in range(len(fast.layers)):
+        assert reads[(i, "o")] == o_reads and reads[(i, "down")] == down_reads, reads
+        assert reads[(i, "q")] == (2 if recomputed == 0 else 3) - (i == 0), reads
+
+
 @pytest.mark.parametrize("trainable_head", [False, True])
 def test_chunked_loss_matches_cross_entropy(trainable_head):
     torch.manual_seed(0)

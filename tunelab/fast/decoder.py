@@ -20,6 +20,7 @@ What it does differently from the plain path, and why:
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.fast import nf4
 from tunelab.fast.attention import PackedLayout, attention, packed_layout
-from tunelab.fast.lora_gemm import project
+from tunelab.fast.lora_gemm import project, recomputing
 from tunelab.fast.loss import chunked_token_losses
 from tunelab.fast.offload import HostStash, offloaded
 
@@ -254,6 +255,12 @@ def _mlp_residual(x, g, u, yd, ad, bd, sd, dropout: float, training: bool):
     return x + yd + _lora(_recomputed(_swiglu, g, u), ad, bd, sd, dropout, training)
 
 
+def _marked_recomputation():
+    """A checkpoint's (forward, recomputation) contexts: the latter lets the GEMM groups skip what it need not
+    fill (lora_gemm.recomputing)."""
+    return nullcontext(), recomputing()
+
+
 class FastDecoder:
     """Per-token losses for a batch, computed the fast way over `model`'s own parameters."""
 
@@ -325,14 +332,15 @@ class FastDecoder:
     def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
         # the frozen GEMMs' inputs (h, m) are used in forward only (a frozen weight needs no input for its
         # backward); backward keeps x, g and u and recomputes h and m from them
-        return self._mlp_half(*self._attention_half(x, cos, sin, L, layout), L)
+        return self._mlp_half(*self._attention_half(x, cos, sin, L, layout, unit=False), L)
 
-    def _attention_half(self, x, cos, sin, L: Layer, layout: PackedLayout):
-        """x + attention(norm(x)), and its second norm (the MLP's input; None where the MLP half makes it)."""
+    def _attention_half(self, x, cos, sin, L: Layer, layout: PackedLayout, unit: bool):
+        """x + attention(norm(x)), and its second norm (the MLP's input; None where the MLP half makes it).
+        `unit`: this half is a recomputed unit of its own (offloaded), so its output is not needed again."""
         if self.lora_gemms:
             qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), (L.q, L.k, L.v))
             a = attention(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads), layout, self.scale).flatten(2)
-            return project(None, (a,), (L.o,), residual=x)[0], None
+            return project(None, (a,), (L.o,), residual=x, tail=unit)[0], None
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         h = self.norm(x, L.ln1, L.eps)
         q, k, v = self.qkv_rope(x, L.ln1, L.eps, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin,
@@ -344,7 +352,7 @@ class FastDecoder:
         """x + MLP(h), h = norm(x) (made here when None: an offloaded half starts from x alone)."""
         if self.lora_gemms:
             g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up))
-            return project(self.swiglu, (g, u), (L.down,), residual=x)[0]
+            return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True)[0]
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         if h is None:
             h = self.norm(x, L.ln2, L.eps)
@@ -374,7 +382,7 @@ class FastDecoder:
                 if self.stash is not None:
                     # two offloaded units per layer, attention (2i) and MLP (2i+1): a layer's backward then
                     # holds one half's activations at a time, not both (the MLP's input goes to the host too)
-                    attn = lambda t, L=L: self._attention_half(t, cos, sin, L, layout)[0]  # noqa: E731
+                    attn = lambda t, L=L: self._attention_half(t, cos, sin, L, layout, unit=True)[0]  # noqa: E731
                     mlp = lambda t, L=L: self._mlp_half(t, None, L)  # noqa: E731
                     below, params = (2 * i - 1 if i - 1 in self.checkpointed else None), L.trainable()
                     x = offloaded(self.stash, 2 * i, below, attn, x, params)
@@ -383,7 +391,7 @@ class FastDecoder:
                     # without dropout there is no random state to replay (and saving it is not allowed while a
                     # CUDA graph is captured)
                     x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False,
-                                   preserve_rng_state=self.dropout > 0)
+                                   preserve_rng_state=self.dropout > 0, context_fn=_marked_recomputation)
             else:
                 x = self._layer(x, cos, sin, L, layout)
         return _rms_norm(x, core.norm.weight, _eps(core.norm))

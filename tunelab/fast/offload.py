@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from tunelab.fast.lora_gemm import recomputing
+
 
 class HostStash:
     """The host copies of the recomputed units' inputs, and the copies back that are in flight."""
@@ -105,7 +107,7 @@ class _OffloadedUnit(torch.autograd.Function):
         if ctx.below is not None:
             stash.prefetch(ctx.below, ctx.like)  # the next unit down, while this one recomputes
         x = x.detach().requires_grad_(ctx.x_grad)
-        with torch.enable_grad():
+        with torch.enable_grad(), recomputing():
             y = ctx.run(x)
         torch.autograd.backward(y, grad)
         return (x.grad if ctx.x_grad else None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
