@@ -107,11 +107,13 @@ def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llam
     offloaded = accumulated(fast)
     for name, g in kept.items():
         torch.testing.assert_close(offloaded[name], g, atol=1e-6, rtol=1e-4, msg=name)
-    layers = len(fast.layers)  # two offloaded units per layer: attention, MLP
-    assert sorted(key[0] for key in fast.stash.buffers) == list(range(2 * layers))
-    assert not fast.stash.prefetched
+    layers = len(fast.layers)  # two offloaded units per layer: attention, MLP; the attention's output too
+    assert sorted(slot for slot, *_ in fast.stash.buffers if slot[1] == "x") == [(u, "x") for u in range(2 * layers)]
+    attention = {slot for slot, *_ in fast.stash.buffers if slot[1] != "x"}  # the output and its log-sum-exp
+    assert attention == {(u, f"attention{i}") for u in range(0, 2 * layers, 2) for i in (0, 1)}, attention
+    assert not fast.stash.prefetched and not fast.stash.pending
     embedded = model.get_input_embeddings()(batches[1]["input_ids"])
-    torch.testing.assert_close(fast.stash.buffers[(0, tuple(embedded.shape), torch.float32)], embedded)
+    torch.testing.assert_close(fast.stash.buffers[fast.stash.latest[0, "x"]], embedded)
     # dropout would need its random state replayed: offload is not used then
     dropout_model = _lora_model(tiny_llama, _cfg(tiny_llama, lora_dropout=0.1))
     assert FastDecoder(dropout_model, compile=False, offload=True).stash is None
@@ -211,16 +213,19 @@ def test_lora_gemm_group_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda a, *w: project(None, (a,), projs[:1])[0], (a, *loras[:2]))
 
 
-@pytest.mark.parametrize("recomputed,offload,o_reads,down_reads", [(0, False, 2, 2), (-1, False, 3, 2),
-                                                                     (-1, True, 2, 2)])
+@pytest.mark.parametrize("recomputed,offload,o_reads,down_reads,attentions", [
+    (0, False, 2, 2, 1), (-1, False, 3, 2, 2), (-1, True, 2, 2, 1)])
 def test_recomputation_skips_the_gemms_whose_output_it_never_reads(tiny_llama, recomputed, offload, o_reads,
-                                                                   down_reads):
+                                                                   down_reads, attentions):
     """A recomputed layer runs its forward again only for what backward needs: the down projection's output
     (and, in an offloaded attention half, the o projection's) ends the unit and is not read again, so its
     weight goes through two GEMMs (forward, backward), not three; q's through three whenever the layer is
     recomputed (the first layer's input needs no gradient: one fewer). Counted per layer, on the GEMM-group
-    path, as the matrix products that read each weight."""
+    path, as the matrix products that read each weight. An offloaded half fetches its attention output from
+    the host instead of running the attention kernel again."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tunelab.fast.offload import ATTENTION_OPS
 
     model = _lora_model(tiny_llama, _cfg(tiny_llama))
     fast = FastDecoder(model, compile=False, checkpoint_layers=recomputed, offload=offload)
@@ -232,6 +237,8 @@ def test_recomputation_skips_the_gemms_whose_output_it_never_reads(tiny_llama, r
 
     class CountReads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name() in ATTENTION_OPS:
+                reads["attention"] = reads.get("attention", 0) + 1
             for t in args if func.overloadpacket in gemms else ():
                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in watched:
                     key = watched[t.untyped_storage().data_ptr()]
@@ -244,6 +251,7 @@ def test_recomputation_skips_the_gemms_whose_output_it_never_reads(tiny_llama, r
     for i in range(len(fast.layers)):
         assert reads[(i, "o")] == o_reads and reads[(i, "down")] == down_reads, reads
         assert reads[(i, "q")] == (2 if recomputed == 0 else 3) - (i == 0), reads
+    assert reads["attention"] == attentions * len(fast.layers), reads
 
 
 @pytest.mark.parametrize("trainable_head", [False, True])
@@ -464,6 +472,8 @@ def test_gpu_offloaded_inputs_leave_the_device_and_match(tiny_llama):
     layer_input = rows * length * model.config.hidden_size * 2
     assert held_kept - held_host >= 0.9 * len(fast.layers) * layer_input, (held_kept, held_host)
     assert all(buf.is_pinned() for buf in fast.stash.buffers.values())
+    # the attention kernel's output went to the host as well (the kernel this GPU runs is one it knows)
+    assert {name for (_, name), *_ in fast.stash.buffers} >= {"x", "attention0", "attention1"}, fast.stash.buffers.keys()
     torch.testing.assert_close(loss_host, loss_kept, rtol=1e-3, atol=1e-3)
     # not bit-equal: an offloaded MLP half starts from the stored bf16 residual sum and takes its norm from
     # that, where the whole layer takes the norm in the kernel that makes the sum (on 2026-12-02, 6.7% of

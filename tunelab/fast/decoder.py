@@ -332,20 +332,26 @@ class FastDecoder:
     def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
         # the frozen GEMMs' inputs (h, m) are used in forward only (a frozen weight needs no input for its
         # backward); backward keeps x, g and u and recomputes h and m from them
-        return self._mlp_half(*self._attention_half(x, cos, sin, L, layout, unit=False), L)
+        return self._mlp_half(*self._attention_half(x, cos, sin, L, layout), L)
 
-    def _attention_half(self, x, cos, sin, L: Layer, layout: PackedLayout, unit: bool):
+    def _attention_half(self, x, cos, sin, L: Layer, layout: PackedLayout, unit: int | None = None):
         """x + attention(norm(x)), and its second norm (the MLP's input; None where the MLP half makes it).
-        `unit`: this half is a recomputed unit of its own (offloaded), so its output is not needed again."""
+        `unit`: the number of the offloaded unit this half is (None: part of a layer), whose attention
+        output waits on the host and whose own output is not needed again."""
+        def attend(q, k, v):
+            if unit is None:
+                return attention(q, k, v, layout, self.scale)
+            return self.stash.attention(unit, lambda *qkv: attention(*qkv, layout, self.scale), q, k, v)
+
         if self.lora_gemms:
             qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), (L.q, L.k, L.v))
-            a = attention(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads), layout, self.scale).flatten(2)
-            return project(None, (a,), (L.o,), residual=x, tail=unit)[0], None
+            a = attend(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads)).flatten(2)
+            return project(None, (a,), (L.o,), residual=x, tail=unit is not None)[0], None
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         h = self.norm(x, L.ln1, L.eps)
         q, k, v = self.qkv_rope(x, L.ln1, L.eps, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin,
                                 *lora(L.q), *lora(L.k), *lora(L.v), self.heads, self.kv_heads, drop, tr)
-        a = attention(q, k, v, layout, self.scale).flatten(2)
+        a = attend(q, k, v).flatten(2)
         return self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
 
     def _mlp_half(self, x, h, L: Layer):
@@ -382,7 +388,7 @@ class FastDecoder:
                 if self.stash is not None:
                     # two offloaded units per layer, attention (2i) and MLP (2i+1): a layer's backward then
                     # holds one half's activations at a time, not both (the MLP's input goes to the host too)
-                    attn = lambda t, L=L: self._attention_half(t, cos, sin, L, layout, unit=True)[0]  # noqa: E731
+                    attn = lambda t, L=L, u=2 * i: self._attention_half(t, cos, sin, L, layout, u)[0]  # noqa: E731
                     mlp = lambda t, L=L: self._mlp_half(t, None, L)  # noqa: E731
                     below, params = (2 * i - 1 if i - 1 in self.checkpointed else None), L.trainable()
                     x = offloaded(self.stash, 2 * i, below, attn, x, params)

@@ -6,7 +6,11 @@ in backward one unit ahead of its use, so the copies overlap the compute instead
 layer, not one, because a unit's backward holds its own recomputed activations only: the MLP's backward
 runs without the attention's q, k, v and output still held.
 
-The host buffers are allocated once per (unit, shape) and kept, so a captured CUDA graph (fast/graphs.py)
+The attention half sends its attention output (and log-sum-exp) to the host too (`HostStash.attention`): its
+recomputation then fetches them instead of running attention forward again, which at 8,192 tokens is the
+layer's costliest recomputed kernel, for one more tokens x hidden copy each way.
+
+The host buffers are allocated once per (slot, shape) and kept, so a captured CUDA graph (fast/graphs.py)
 copies to and from the same memory at every replay; the graphs' first, eager step of a shape allocates them,
 never a capture. On the CPU (the tests) the copies are plain."""
 from __future__ import annotations
@@ -14,32 +18,34 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunelab.fast.lora_gemm import recomputing
 
+# The attention kernels whose outputs (output, log-sum-exp, ...) the backward kernels take: what
+# scaled_dot_product_attention and varlen_attn dispatch to, on the GPU and on the CPU.
+ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
+                 "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "torch_attn::_varlen_attn"}
+
 
 class HostStash:
-    """The host copies of the recomputed units' inputs, and the copies back that are in flight."""
+    """The host copies of the recomputed units' inputs (and attention outputs), and the copies back that are
+    in flight. A slot is (unit, name)."""
 
     def __init__(self):
         self.buffers: dict[tuple, torch.Tensor] = {}
-        self.prefetched: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
+        self.latest: dict[tuple, tuple] = {}  # slot -> the key of the buffer its last put filled
+        self.prefetched: dict[tuple, tuple[torch.cuda.Event, torch.Tensor]] = {}
+        self.pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # copies out that forward must wait for
+        self.kept: dict[int, list] = {}  # unit -> its attention kernel's outputs (slot names, small tensors)
+        self.replaying = False  # inside a unit's recomputation
         self._stream: torch.cuda.Stream | None = None
 
     def _side(self, device: torch.device) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         return self._stream
-
-    @staticmethod
-    def _key(unit: int, x: torch.Tensor) -> tuple:
-        return unit, tuple(x.shape), x.dtype
-
-    def _buffer(self, unit: int, x: torch.Tensor) -> torch.Tensor:
-        key = self._key(unit, x)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
-        return self.buffers[key]
 
     def _copy_aside(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> torch.cuda.Event:
         """dst <- src on the side stream, after what the current stream has queued; returns the event that
@@ -52,36 +58,105 @@ class HostStash:
             done.record(side)
         return done
 
-    def put(self, unit: int, x: torch.Tensor) -> Callable[[], None]:
-        """Start copying `x` to the host; returns the call that makes the current stream wait for that copy
-        (made once the unit's own forward is queued, so the two overlap)."""
-        self.prefetched.pop(unit, None)  # a copy back left by a backward that did not finish
-        host = self._buffer(unit, x)
+    def put(self, unit: int, name: str, x: torch.Tensor) -> None:
+        """Start copying `x` to the host (its strides kept: a kernel's output comes back as it was made)."""
+        slot = unit, name
+        self.prefetched.pop(slot, None)  # a copy back left by a backward that did not finish
+        key = slot, tuple(x.shape), x.stride(), x.dtype
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, pin_memory=x.is_cuda)
+        self.latest[slot] = key
         if not x.is_cuda:
-            host.copy_(x)
-            return lambda: None
-        main = torch.cuda.current_stream(x.device)
-        done = self._copy_aside(host, x, x.device)
-        # x stays referenced (by the caller) until the wait below is queued, so its memory is not reused early
-        return lambda: main.wait_event(done)
-
-    def prefetch(self, unit: int, like: torch.Tensor) -> None:
-        """Start copying `unit`'s input back to the device (in backward, while the unit above runs)."""
-        host = self.buffers.get(self._key(unit, like))
-        if host is None or not like.is_cuda or unit in self.prefetched:
+            self.buffers[key].copy_(x)
             return
-        # allocated on the main stream, which frees it after its last use there (after it waited for the copy)
-        back = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        self.prefetched[unit] = (self._copy_aside(back, host, like.device), back)
+        # x stays referenced until settle() has queued the wait, so its memory is not reused early
+        self.pending.append((self._copy_aside(self.buffers[key], x, x.device), x))
 
-    def take(self, unit: int, like: torch.Tensor) -> torch.Tensor:
-        """`unit`'s input on the device again."""
-        if unit in self.prefetched:
-            done, back = self.prefetched.pop(unit)
+    def settle(self) -> None:
+        """Make the current stream wait for the copies out (queued after the unit's own forward, so the two
+        overlap), and let go of their sources."""
+        for done, _ in self.pending:
+            torch.cuda.current_stream().wait_event(done)
+        self.pending.clear()
+
+    def prefetch(self, unit: int, device: torch.device) -> None:
+        """Start copying `unit`'s slots back to the device (in backward, while the unit above runs)."""
+        if device.type != "cuda":
+            return
+        for slot, key in self.latest.items():
+            if slot[0] == unit and slot not in self.prefetched:
+                host = self.buffers[key]
+                # allocated on the main stream, which frees it after its last use there (after it waited for the copy)
+                back = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=device)
+                self.prefetched[slot] = (self._copy_aside(back, host, device), back)
+
+    def take(self, unit: int, name: str, device: torch.device) -> torch.Tensor:
+        """A slot's tensor on the device again."""
+        slot = unit, name
+        if slot in self.prefetched:
+            done, back = self.prefetched.pop(slot)
             torch.cuda.current_stream(back.device).wait_event(done)
             return back
-        host = self.buffers[self._key(unit, like)]
-        return host.to(like.device, non_blocking=True)
+        host = self.buffers[self.latest[slot]]
+        back = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=device)
+        return back.copy_(host, non_blocking=True)
+
+    def attention(self, unit: int, attend: Callable[..., torch.Tensor], *qkv: torch.Tensor) -> torch.Tensor:
+        """attend(*qkv) in an offloaded unit. In forward its kernel's outputs go to the host; in the unit's
+        recomputation they come back in place of running the kernel, and autograd records the kernel's node
+        from them as if it had run. Where attend dispatches to no kernel of ATTENTION_OPS (none of them runs
+        on this machine), it runs again as any recomputed op."""
+        if self.replaying:
+            kept = self.kept.get(unit)
+            if kept is None:
+                return attend(*qkv)
+            with _Replay(lambda: [self.take(unit, o, qkv[0].device) if isinstance(o, str) else o for o in kept]):
+                return attend(*qkv)
+        # the kernels make the log-sum-exp that backward needs only for inputs that require grad
+        with torch.enable_grad(), _Capture() as capture:
+            out = attend(*(t.detach().requires_grad_() for t in qkv))
+        self.kept.pop(unit, None)
+        if capture.outputs is not None:
+            kept = []
+            for i, o in enumerate(capture.outputs):
+                # the output and log-sum-exp go; a random state or seed (0-d, 1-d) stays on the device
+                if isinstance(o, torch.Tensor) and o.dim() >= 2 and o.numel() > 0:
+                    self.put(unit, f"attention{i}", o)
+                    o = f"attention{i}"
+                kept.append(o)
+            self.kept[unit] = kept
+        return out.detach()
+
+
+def _is_attention(func) -> bool:
+    return func.name() in ATTENTION_OPS
+
+
+class _Capture(TorchDispatchMode):
+    """Notes the outputs of the attention kernel that runs inside it (the first, should there be several)."""
+
+    outputs: tuple | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.outputs is None and _is_attention(func):
+            self.outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return out
+
+
+class _Replay(TorchDispatchMode):
+    """Answers the first attention kernel called inside it with `outputs()` instead of running it."""
+
+    def __init__(self, outputs: Callable[[], list]):
+        super().__init__()
+        self.outputs, self.done = outputs, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.done and _is_attention(func):
+            self.done = True
+            outputs = tuple(self.outputs())
+            return outputs if len(outputs) > 1 else outputs[0]
+        return func(*args, **(kwargs or {}))
 
 
 class _OffloadedUnit(torch.autograd.Function):
@@ -93,22 +168,25 @@ class _OffloadedUnit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, stash: HostStash, unit: int, below: int | None, run: Callable, *params):
         ctx.stash, ctx.unit, ctx.below, ctx.run, ctx.x_grad = stash, unit, below, run, x.requires_grad
-        ctx.like = torch.empty((1,), dtype=x.dtype, device=x.device).expand(x.shape)  # shape, dtype, device
-        settle = stash.put(unit, x)
+        stash.put(unit, "x", x)
         with torch.no_grad():
             y = run(x)
-        settle()
+        stash.settle()
         return y
 
     @staticmethod
     def backward(ctx, grad):
         stash = ctx.stash
-        x = stash.take(ctx.unit, ctx.like)
+        x = stash.take(ctx.unit, "x", grad.device)
         if ctx.below is not None:
-            stash.prefetch(ctx.below, ctx.like)  # the next unit down, while this one recomputes
+            stash.prefetch(ctx.below, grad.device)  # the next unit down, while this one recomputes
         x = x.detach().requires_grad_(ctx.x_grad)
-        with torch.enable_grad(), recomputing():
-            y = ctx.run(x)
+        stash.replaying = True
+        try:
+            with torch.enable_grad(), recomputing():
+                y = ctx.run(x)
+        finally:
+            stash.replaying = False
         torch.autograd.backward(y, grad)
         return (x.grad if ctx.x_grad else None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
 
