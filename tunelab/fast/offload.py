@@ -38,6 +38,7 @@ class HostStash:
         self.latest: dict[tuple, tuple] = {}  # slot -> the key of the buffer its last put filled
         self.prefetched: dict[tuple, tuple[torch.cuda.Event, torch.Tensor]] = {}
         self.pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # copies out that forward must wait for
+        self.deferred: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # ... at the end of the next unit
         self.kept: dict[int, list] = {}  # unit -> its attention kernel's outputs (slot names, small tensors)
         self.replaying = False  # inside a unit's recomputation
         self._stream: torch.cuda.Stream | None = None
@@ -58,7 +59,7 @@ class HostStash:
             done.record(side)
         return done
 
-    def put(self, unit: int, name: str, x: torch.Tensor) -> None:
+    def put(self, unit: int, name: str, x: torch.Tensor, late: bool = False) -> None:
         """Start copying `x` to the host (its strides kept: a kernel's output comes back as it was made)."""
         slot = unit, name
         self.prefetched.pop(slot, None)  # a copy back left by a backward that did not finish
@@ -70,14 +71,15 @@ class HostStash:
             self.buffers[key].copy_(x)
             return
         # x stays referenced until settle() has queued the wait, so its memory is not reused early
-        self.pending.append((self._copy_aside(self.buffers[key], x, x.device), x))
+        (self.deferred if late else self.pending).append((self._copy_aside(self.buffers[key], x, x.device), x))
 
     def settle(self) -> None:
         """Make the current stream wait for the copies out (queued after the unit's own forward, so the two
-        overlap), and let go of their sources."""
+        overlap), and let go of their sources. A copy started late in a unit (`put(late=True)`: the attention
+        output) is waited for at the end of the next unit instead, which it overlaps too."""
         for done, _ in self.pending:
             torch.cuda.current_stream().wait_event(done)
-        self.pending.clear()
+        self.pending, self.deferred = self.deferred, []
 
     def prefetch(self, unit: int, device: torch.device) -> None:
         """Start copying `unit`'s slots back to the device (in backward, while the unit above runs)."""
@@ -121,7 +123,7 @@ class HostStash:
             for i, o in enumerate(capture.outputs):
                 # the output and log-sum-exp go; a random state or seed (0-d, 1-d) stays on the device
                 if isinstance(o, torch.Tensor) and o.dim() >= 2 and o.numel() > 0:
-                    self.put(unit, f"attention{i}", o)
+                    self.put(unit, f"attention{i}", o, late=True)
                     o = f"attention{i}"
                 kept.append(o)
             self.kept[unit] = kept
