@@ -15,8 +15,9 @@ What it does differently from the plain path, and why:
   one projection's bf16 weight exists at a time, with or without recomputation;
 * the LM head and the loss run chunked (tunelab.fast.loss), never holding the full fp32 logits;
 * activation checkpointing is per layer and partial (checkpoint_layers): layers that fit in memory keep
-  their activations and skip the second forward; the recomputed layers' inputs may wait on the host
-  (offload_checkpoints, tunelab.fast.offload).
+  their activations and skip the second forward; the recomputed layers' inputs and attention outputs may
+  wait on the host (offload_checkpoints, tunelab.fast.offload); a recomputation skips the GEMMs whose output
+  it never reads.
 """
 from __future__ import annotations
 

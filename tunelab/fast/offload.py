@@ -7,8 +7,8 @@ layer, not one, because a unit's backward holds its own recomputed activations o
 runs without the attention's q, k, v and output still held.
 
 The attention half sends its attention output (and log-sum-exp) to the host too (`HostStash.attention`): its
-recomputation then fetches them instead of running attention forward again, which at 8,192 tokens is the
-layer's costliest recomputed kernel, for one more tokens x hidden copy each way.
+recomputation then fetches them instead of running attention forward again, for one more tokens x hidden
+copy each way (on an H200 the 8,192-token 7B QLoRA step fell from 717 to 692 ms, bench/RESULTS.md).
 
 The host buffers are allocated once per (slot, shape) and kept, so a captured CUDA graph (fast/graphs.py)
 copies to and from the same memory at every replay; the graphs' first, eager step of a shape allocates them,
@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tunelab.fast.lora_gemm import recomputing
+from tunelab.fast.lora_gemm import is_recomputing, recomputing
 
 # The attention kernels whose outputs (output, log-sum-exp, ...) the backward kernels take: what
 # scaled_dot_product_attention and varlen_attn dispatch to, on the GPU and on the CPU.
@@ -40,7 +40,6 @@ class HostStash:
         self.pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # copies out that forward must wait for
         self.deferred: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # ... at the end of the next unit
         self.kept: dict[int, list] = {}  # unit -> its attention kernel's outputs (slot names, small tensors)
-        self.replaying = False  # inside a unit's recomputation
         self._stream: torch.cuda.Stream | None = None
 
     def _side(self, device: torch.device) -> torch.cuda.Stream:
@@ -108,7 +107,7 @@ class HostStash:
         recomputation they come back in place of running the kernel, and autograd records the kernel's node
         from them as if it had run. Where attend dispatches to no kernel of ATTENTION_OPS (none of them runs
         on this machine), it runs again as any recomputed op."""
-        if self.replaying:
+        if is_recomputing():
             kept = self.kept.get(unit)
             if kept is None:
                 return attend(*qkv)
@@ -183,12 +182,8 @@ class _OffloadedUnit(torch.autograd.Function):
         if ctx.below is not None:
             stash.prefetch(ctx.below, grad.device)  # the next unit down, while this one recomputes
         x = x.detach().requires_grad_(ctx.x_grad)
-        stash.replaying = True
-        try:
-            with torch.enable_grad(), recomputing():
-                y = ctx.run(x)
-        finally:
-            stash.replaying = False
+        with torch.enable_grad(), recomputing():
+            y = ctx.run(x)
         torch.autograd.backward(y, grad)
         return (x.grad if ctx.x_grad else None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
 
