@@ -97,7 +97,8 @@ class Config:
     offload_checkpoints: bool = setting(
         False, "With gradient_checkpointing on the fast path: keep each recomputed layer's input in pinned host "
         "memory instead of on the GPU (copied while the layer computes), as Unsloth's offloaded checkpointing "
-        "does. Saves tokens x hidden_size x 2 bytes per recomputed layer; needs lora_dropout 0. With CUDA graphs, "
+        "does, and its attention output too, so that backward need not run attention forward again. Saves "
+        "tokens x hidden_size x 2 bytes per recomputed layer; needs lora_dropout 0. With CUDA graphs, "
         "QLoRA's block scales are then also dequantised at each GEMM, as bitsandbytes does, instead of kept in "
         "fp32 (0.38 GiB for a 7B model).", group="train")
     fast_compile: bool = setting(True, "torch.compile the fast path's layers (GPU only; compiles once, "
