@@ -55,11 +55,13 @@ class _LoRAGroup(torch.autograd.Function):
         t = inputs[0] if prologue is None else prologue(*inputs)
         lead, flat = t.shape[:-1], t.reshape(-1, t.shape[-1])
         outputs, products = [], []
+        skip = tail and _recomputing  # the outputs are not read: only the LoRA products are (by backward)
         for i, p in enumerate(projs):
-            if tail and _recomputing:  # only the LoRA products are needed (for backward); the output is not read
-                a = loras[2 * i]
-                if a is not None:
-                    products.append(flat @ a.to(t.dtype).t())
+            a, b = loras[2 * i], loras[2 * i + 1]
+            xa = None if a is None else flat @ a.to(t.dtype).t()
+            if xa is not None:
+                products.append(xa)
+            if skip:
                 outputs.append(t.new_empty(()).expand(*lead, p.base.out_features))
                 continue
             w = p.weight(t.dtype)
@@ -69,11 +71,8 @@ class _LoRAGroup(torch.autograd.Function):
                 add = bias if add is None else add + bias
             y = flat @ w.t() if add is None else torch.addmm(add.reshape(-1, w.shape[0]), flat, w.t())
             del w  # a dequantised NF4 weight lives only for its GEMM
-            a, b = loras[2 * i], loras[2 * i + 1]
-            if a is not None:
-                xa = flat @ a.to(t.dtype).t()
+            if xa is not None:
                 y.addmm_(xa, b.to(t.dtype).t(), alpha=p.scale)
-                products.append(xa)
             outputs.append(y.view(*lead, -1))
         ctx.prologue, ctx.projs, ctx.n_inputs, ctx.has_residual = prologue, projs, n_inputs, residual is not None
         ctx.save_for_backward(*inputs, *products)

@@ -47,6 +47,11 @@ class HostStash:
             self._stream = torch.cuda.Stream(device)
         return self._stream
 
+    @staticmethod
+    def _twin(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """An empty device tensor laid out as `host` (a kernel's output comes back with its own strides)."""
+        return torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=device)
+
     def _copy_aside(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> torch.cuda.Event:
         """dst <- src on the side stream, after what the current stream has queued; returns the event that
         marks the copy done (the current stream must wait on it before it touches dst or reuses src)."""
@@ -88,7 +93,7 @@ class HostStash:
             if slot[0] == unit and slot not in self.prefetched:
                 host = self.buffers[key]
                 # allocated on the main stream, which frees it after its last use there (after it waited for the copy)
-                back = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=device)
+                back = self._twin(host, device)
                 self.prefetched[slot] = (self._copy_aside(back, host, device), back)
 
     def take(self, unit: int, name: str, device: torch.device) -> torch.Tensor:
@@ -99,8 +104,7 @@ class HostStash:
             torch.cuda.current_stream(back.device).wait_event(done)
             return back
         host = self.buffers[self.latest[slot]]
-        back = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=device)
-        return back.copy_(host, non_blocking=True)
+        return self._twin(host, device).copy_(host, non_blocking=True)
 
     def attention(self, unit: int, attend: Callable[..., torch.Tensor], *qkv: torch.Tensor) -> torch.Tensor:
         """attend(*qkv) in an offloaded unit. In forward its kernel's outputs go to the host; in the unit's
