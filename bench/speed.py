@@ -13,7 +13,7 @@ BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the st
 the peak of every step and, for graphed sides, the GPU time of the replayed graph (graph_ms) next to the wall
 time of a step (step_ms).
 
-Every side: LoRA r=64, alpha=16, dropout 0 on q/k/v/o/gate/up/down, activation checkpointing (Unsloth: its
+Every side: LoRA r=64, alpha=16, dropout 0 (`--dropout P`: P) on q/k/v/o/gate/up/down, activation checkpointing (Unsloth: its
 own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one sequence per step, random token
 ids; tokens/s over the timed steps after warm-up (compilation happens in warm-up), peak = the most memory
 allocated by PyTorch during warm-up and timed steps. The tunelab side runs `tunelab.train._optimizer_step`,
@@ -31,6 +31,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def _dropout() -> float:
+    """LoRA dropout of every side (--dropout; the driver hands it to each side's process)."""
+    return float(os.environ.get("BENCH_DROPOUT", "0"))
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5)
@@ -82,7 +88,7 @@ def _hf_model(path: str, qlora: bool):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=_dropout(), target_modules=TARGETS,
                                              bias="none", task_type="CAUSAL_LM"))
     return model
 
@@ -94,7 +100,7 @@ def _unsloth_model(path: str, qlora: bool, tokens: int):
 
     model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=max(tokens, 2048), dtype=torch.bfloat16,
                                                  load_in_4bit=qlora, local_files_only=True)
-    model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0, bias="none",
+    model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=_dropout(), bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing="unsloth",
                                              random_state=0)
     return model
@@ -120,7 +126,7 @@ def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int, 
     from tunelab.train import build_model
 
     values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora", lora_r=64,
-                  lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, max_length=max(tokens, 2048),
+                  lora_alpha=16, lora_dropout=_dropout(), lora_target_modules=TARGETS, max_length=max(tokens, 2048),
                   batch_size=1, accumulative_counts=1, max_norm=1.0, gradient_checkpointing=True,
                   checkpoint_layers=checkpoint_layers, offload_checkpoints=offload,
                   # BENCH_GRAPHS=0 for kernel-by-kernel profiles (BENCH_PROFILE=1) of the eager fast path
@@ -312,7 +318,7 @@ def run_train(path: str, qlora: bool, checkpoint_layers: int, offload: bool, war
     values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora",
                   data_path=str(work / "data.json"), prompt_template="internlm2_chat", max_length=2048,
                   pack_to_max_length=True, batch_size=1, accumulative_counts=1, max_steps=warmup + steps, lr=1e-5,
-                  lora_r=64, lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, max_norm=1.0,
+                  lora_r=64, lora_alpha=16, lora_dropout=_dropout(), lora_target_modules=TARGETS, max_norm=1.0,
                   gradient_checkpointing=True, checkpoint_layers=checkpoint_layers, offload_checkpoints=offload,
                   torch_dtype="bf16",
                   evaluation_inputs=[], save_steps=10_000, log_interval=1)
@@ -352,7 +358,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=int, default=420)
+    ap.add_argument("--dropout", type=float, default=None, help="LoRA dropout of every side (default 0)")
     args = ap.parse_args()
+    if args.dropout is not None:
+        os.environ["BENCH_DROPOUT"] = str(args.dropout)
     if args.side:
         print("RESULT " + json.dumps(run_side(args.side, args.model_dir, args.tokens, args.warmup, args.steps)),
               flush=True)
@@ -385,7 +394,7 @@ def main() -> None:
             tail = "\n".join(out.strip().splitlines()[-25:])
             print(f"--- {case}/{side} failed:\n{tail}", flush=True)
             result = dict(side=side, tokens=tokens, error=out.strip().splitlines()[-1][:200] if out.strip() else "?")
-        result["case"] = case
+        result["case"] = case + (f" (dropout {_dropout():g})" if _dropout() else "")
         result["wall_s"] = round(time.time() - t)
         print(json.dumps(result), flush=True)
         rows.append(result)

@@ -114,16 +114,86 @@ def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llam
     assert not fast.stash.prefetched and not fast.stash.pending and not fast.stash.deferred
     embedded = model.get_input_embeddings()(batches[1]["input_ids"])
     torch.testing.assert_close(fast.stash.buffers[fast.stash.latest[0, "x"]], embedded)
-    # dropout would need its random state replayed: offload is not used then
-    dropout_model = _lora_model(tiny_llama, _cfg(tiny_llama, lora_dropout=0.1))
-    assert FastDecoder(dropout_model, compile=False, offload=True).stash is None
 
 
-def test_fast_path_with_lora_dropout_trains_the_same_parameters(tiny_llama):
+def test_dropout_masks_are_made_again_from_their_seed():
+    """A mask depends only on the seed and each element's place: the same seed drops the same elements (what
+    a recomputation and backward rely on), another seed others, independently of the first; about p of them,
+    the rest scaled as torch's dropout scales them; add_dropped joins a dropped gradient to a total."""
+    from tunelab.fast.dropout import add_dropped, dropped
+
+    x = torch.rand(256, 1000) + 1  # no zeros of its own
+    first, second = torch.tensor(12345), torch.tensor(12346)
+    a, b = dropped(x, first, 0.1), dropped(x, second, 0.1)
+    assert torch.equal(dropped(x.clone(), first.clone(), 0.1), a)
+    kept_a, kept_b = a != 0, b != 0
+    assert abs(kept_a.float().mean().item() - 0.9) < 0.005
+    assert abs((kept_a == kept_b).float().mean().item() - 0.82) < 0.01  # independent: 0.9**2 + 0.1**2
+    assert abs((kept_a[:-1] == kept_a[1:]).float().mean().item() - 0.82) < 0.01  # rows do not repeat
+    assert abs((kept_a[:, :-1] == kept_a[:, 1:]).float().mean().item() - 0.82) < 0.01  # nor columns
+    torch.testing.assert_close(a[kept_a], x[kept_a] / 0.9)
+    assert abs((dropped(x, first, 0.5) != 0).float().mean().item() - 0.5) < 0.005
+    total = torch.randn_like(x)
+    torch.testing.assert_close(add_dropped(total, x, first, 0.1), total + a)
+
+
+class _SeededDropout(torch.nn.Module):
+    """Stands in for PEFT's dropout of one projection: the fast path's mask for projection `uid`, from the seeds
+    the test draws as the fast path does (`seeds[0]`)."""
+
+    def __init__(self, uid: int, p: float, seeds: list):
+        super().__init__()
+        self.uid, self.p, self.seeds = uid, p, seeds
+
+    def forward(self, x):
+        from tunelab.fast.dropout import dropped
+        return dropped(x, self.seeds[0][self.uid], self.p) if self.training else x
+
+
+def test_fast_path_dropout_matches_plain_path_with_the_same_masks(tiny_llama):
+    """With lora_dropout the fast path runs as GEMM groups and drops what PEFT's own forward drops when PEFT's
+    dropout is given the same masks: per-token losses and LoRA gradients are equal whether the layers keep
+    their activations, are recomputed, or are recomputed from inputs on the host (a recomputation that drew
+    new masks would not match). Another draw drops other elements; evaluation drops none."""
+    from tunelab.fast.dropout import Masks
+
+    model = _lora_model(tiny_llama, _cfg(tiny_llama, lora_dropout=0.3))
+    seeds: list = []
+    peft_layers = {id(m.base_layer): m for m in model.modules() if hasattr(m, "lora_dropout")}
+    fast = FastDecoder(model, compile=False)
+    for p in (p for L in fast.layers for p in L.projections()):
+        m = peft_layers[id(p.base)]
+        m.lora_dropout[m.active_adapters[0]] = _SeededDropout(p.uid, p.dropout, seeds)
+    batch = _batch(model.config.vocab_size, [[40, 25, 30], [60, 20]])
+    torch.manual_seed(7)
+    seeds[:] = [Masks.draw(fast.n_projections, "cpu")]  # as the fast path draws them, first thing in forward
+    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
+    for recomputed, offload in ((0, False), (-1, False), (1, False), (-1, True)):
+        fast = FastDecoder(model, compile=False, checkpoint_layers=recomputed, offload=offload)
+        assert fast.lora_gemms and fast.dropout == 0.3 and (fast.stash is not None) == offload
+        torch.manual_seed(7)
+        quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
+        torch.testing.assert_close(quick, plain, atol=1e-5, rtol=0)
+        for name, g in plain_grads.items():
+            torch.testing.assert_close(quick_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    torch.manual_seed(8)
+    other, _ = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
+    assert (other - plain).abs().max() > 1e-3
+    model.eval()
+    with torch.no_grad():
+        kept = fast.token_losses(batch, torch.float32)
+        torch.testing.assert_close(kept, token_losses(model, batch, torch.float32), atol=1e-5, rtol=0)
+    assert (kept - plain).abs().max() > 1e-3
+
+
+def test_compiled_regions_with_lora_dropout_train_the_same_parameters(tiny_llama):
+    """A trainable base weight (here a norm) takes the compiled regions, where dropout is torch's own: its
+    random state is replayed in recomputation, so the layers keep their inputs on the GPU (no offload)."""
     cfg = _cfg(tiny_llama, lora_dropout=0.1)
     model = _lora_model(tiny_llama, cfg)
-    fast = FastDecoder(model, compile=False)
-    assert not fast.lora_gemms  # dropout runs in the compiled regions
+    model.get_base_model().model.layers[0].input_layernorm.weight.requires_grad_(True)
+    fast = FastDecoder(model, compile=False, offload=True)
+    assert not fast.lora_gemms and fast.replays_rng and fast.stash is None
     batch = _batch(model.config.vocab_size, [[50, 30]])
     torch.manual_seed(0)
     _, grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
@@ -211,6 +281,28 @@ def test_lora_gemm_group_passes_gradcheck():
     got = project(None, (a,), projs[:1])[0]
     torch.testing.assert_close(got, projs[0].base(a) + 0.5 * (a @ projs[0].lora_a.t()) @ projs[0].lora_b.t())
     assert torch.autograd.gradcheck(lambda a, *w: project(None, (a,), projs[:1])[0], (a, *loras[:2]))
+    # with LoRA dropout: each projection's branch reads its own mask of the input, made again in backward
+    from tunelab.fast.dropout import Masks, dropped
+
+    masks = Masks(torch.tensor([11, 22, 33]))
+    for uid, p in enumerate(projs):
+        p.uid, p.dropout = uid, 0.5
+
+    def dropping(x, residual, *_):
+        return project(norm, (x,), projs, residual=residual, masks=masks)
+
+    def dropping_reference(x, residual, *_):
+        h = norm(x)
+        outs = [p.base(h) if p.lora_a is None else
+                p.base(h) + p.scale * (dropped(h, masks.seeds[p.uid], 0.5) @ p.lora_a.t()) @ p.lora_b.t()
+                for p in projs]
+        return (outs[0] + residual, *outs[1:])
+
+    for got, want, undropped in zip(dropping(x, residual, *loras), dropping_reference(x, residual, *loras),
+                                    reference(x, residual, *loras)):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, undropped)
+    assert torch.autograd.gradcheck(dropping, (x, residual, *loras))
 
 
 @pytest.mark.parametrize("recomputed,offload,o_reads,down_reads,attentions", [
@@ -310,10 +402,10 @@ def test_train_with_fast_path_on_cpu_matches_plain_run(tiny_llama, tmp_path):
 
 # -- GPU: compiled bf16 kernels and varlen attention against the eager reference ----------------------------
 
-def _gpu_lora_model_and_batch(path, seed: int):
+def _gpu_lora_model_and_batch(path, seed: int, dropout: float = 0.0):
     """A bf16 LoRA model on the GPU (B non-zero) and a packed, padded batch there."""
     model = load_model(str(path), dtype=torch.bfloat16, device="cuda")
-    model = add_lora(model, _cfg(path), quantized=False).train()
+    model = add_lora(model, _cfg(path, lora_dropout=dropout), quantized=False).train()
     _wake_lora_b(model)
     batch = _batch(model.config.vocab_size, [[200, 150, 100], [300, 100]], seed=seed)
     return model, {k: t.cuda() for k, t in batch.items()}
@@ -344,6 +436,35 @@ def test_gpu_fast_path_matches_plain_path_bf16(tiny_llama):
         for name, g in plain_grads.items():
             assert torch.nn.functional.cosine_similarity(quick_grads[name].flatten().float(),
                                                          g.flatten().float(), dim=0) > 0.99, name
+
+
+@GPU
+def test_gpu_compiled_dropout_matches_plain_path_with_the_same_masks(tiny_llama):
+    """The compiled dropout kernel makes the very masks of the eager function (integer hashing: bit for bit),
+    and the compiled fast path with dropout, its layers recomputed from inputs on the host, matches PEFT's
+    forward given the same masks, in bf16."""
+    from tunelab.fast.dropout import Masks, dropped
+
+    model, batch = _gpu_lora_model_and_batch(tiny_llama, seed=4, dropout=0.2)
+    fast = FastDecoder(model, compile=True, offload=True)
+    assert fast.lora_gemms and fast.stash is not None
+    x, seed = torch.randn(777, 301, device="cuda", dtype=torch.bfloat16), torch.tensor(987654, device="cuda")
+    assert torch.equal(fast.dropped(x, seed, 0.2), dropped(x, seed, 0.2))
+    seeds: list = []
+    peft_layers = {id(m.base_layer): m for m in model.modules() if hasattr(m, "lora_dropout")}
+    for p in (p for L in fast.layers for p in L.projections()):
+        m = peft_layers[id(p.base)]
+        m.lora_dropout[m.active_adapters[0]] = _SeededDropout(p.uid, p.dropout, seeds)
+    torch.manual_seed(3)
+    seeds[:] = [Masks.draw(fast.n_projections, "cuda")]
+    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.bfloat16), batch)
+    for _ in range(2):  # the first run compiles
+        torch.manual_seed(3)
+        quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.bfloat16), batch)
+    assert abs(quick.sum().item() - plain.sum().item()) / plain.sum().item() < 1e-2
+    for name, g in plain_grads.items():
+        assert torch.nn.functional.cosine_similarity(quick_grads[name].flatten().float(),
+                                                     g.flatten().float(), dim=0) > 0.99, name
 
 
 @GPU
@@ -395,15 +516,18 @@ def _single_rows(vocab: int, rows: int, length: int, seed: int) -> dict[str, tor
 
 
 @GPU
-@pytest.mark.parametrize("recomputed,offload", [(-1, False), (0, False), (-1, True)])
-def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload):
+@pytest.mark.parametrize("recomputed,offload,dropout", [(-1, False, 0.0), (0, False, 0.0), (-1, True, 0.0),
+                                                       (-1, True, 0.1)])
+def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload, dropout):
     """A replayed graph gives the eager step's loss and LoRA gradients for new inputs of the same shape
     (single rows, and packed rows of the same width whose layouts differ but share a bucket: captured when
     first met, the layers being compiled for that width already; packed rows are padded to the width of the
-    single rows' graph), and adds into the gradients already there (gradient accumulation)."""
+    single rows' graph), and adds into the gradients already there (gradient accumulation). With LoRA
+    dropout a replay draws its masks' seeds from the generator as the eager step does: seeded alike, they
+    drop the same elements."""
     from tunelab.fast.graphs import GraphedSteps
 
-    model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=5)
+    model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=5, dropout=dropout)
     fast = FastDecoder(model, compile=True, checkpoint_layers=recomputed, offload=offload)
     params = [p for p in model.parameters() if p.requires_grad]
     graphs = GraphedSteps(fast, params)
@@ -415,6 +539,7 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload)
 
     def eager(batch):
         model.zero_grad(set_to_none=True)
+        torch.cuda.manual_seed(11)
         loss = fast.token_losses(batch, torch.bfloat16).sum() / 100
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in params]
@@ -429,6 +554,7 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload)
         for i, batch in enumerate(batches):
             ref_loss, ref_grads = eager(batch)
             model.zero_grad(set_to_none=True)
+            torch.cuda.manual_seed(11)
             loss = graphs.forward_backward(batch, torch.bfloat16, 100)
             # the first batch of a (rows, width) runs eagerly (compiling), later ones replay a graph
             assert loss is not None and not graphs.failed, (kind, graphs.failed)
@@ -439,12 +565,19 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload)
         # accumulation: the graph adds to what the gradients hold
         ref_loss, ref_grads = eager(batches[1])
         model.zero_grad(set_to_none=True)
-        graphs.forward_backward(batches[1], torch.bfloat16, 100)
-        graphs.forward_backward(batches[1], torch.bfloat16, 100)
+        for _ in range(2):
+            torch.cuda.manual_seed(11)
+            graphs.forward_backward(batches[1], torch.bfloat16, 100)
         close([p.grad / 2 for p in params], ref_grads, f"{kind} accumulated")
     # single rows: the first graph (overwriting the gradients) and its accumulating twin; packed: accumulating
     assert sorted(graphs.graphs) == [(2, 512, 0, False), (2, 512, 0, True), (2, 512, 8, False)], list(graphs.graphs)
     assert not graphs.failed
+    if dropout:  # seeded otherwise, a replay drops other elements (in fp32 on the CPU: cosine 0.90)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.manual_seed(12)
+        graphs.forward_backward(batches[1], torch.bfloat16, 100)
+        got, ref = (torch.cat([g.flatten().float() for g in grads]) for grads in ([p.grad for p in params], ref_grads))
+        assert torch.nn.functional.cosine_similarity(got, ref, dim=0) < 0.99
 
 
 @GPU
@@ -616,7 +749,7 @@ def test_compiled_layer_keeps_few_activations_for_backward(tiny_llama, lora_gemm
         cos, sin = fast.core.rotary_emb(x, torch.arange(n)[None])
         layout = packed_layout(torch.zeros(1, n, dtype=torch.long), use_varlen=False)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = fast._layer(x, cos.to(x.dtype), sin.to(x.dtype), fast.layers[0], layout)
+            y = fast._layer(x, cos.to(x.dtype), sin.to(x.dtype), fast.layers[0], layout, None)
         y.float().sum().backward()  # the compiled backward runs too
         return sum(kept.values()) / (n * hidden * 2)
 

@@ -98,14 +98,14 @@ class Config:
         False, "With gradient_checkpointing on the fast path: keep each recomputed layer's input in pinned host "
         "memory instead of on the GPU (copied while the layer computes), as Unsloth's offloaded checkpointing "
         "does, and its attention output too, so that backward need not run attention forward again. Saves "
-        "tokens x hidden_size x 2 bytes per recomputed layer; needs lora_dropout 0. With CUDA graphs, "
+        "tokens x hidden_size x 2 bytes per recomputed layer. With CUDA graphs, "
         "QLoRA's block scales are then also dequantised at each GEMM, as bitsandbytes does, instead of kept in "
         "fp32 (0.38 GiB for a 7B model).", group="train")
     fast_compile: bool = setting(True, "torch.compile the fast path's layers (GPU only; compiles once, "
                                  "in the first steps).", group="train")
     cuda_graphs: bool = setting(True, "Replay each micro-batch of the fast path as a CUDA graph (captured once "
                                 "per batch shape; cuts the CPU time of launching kernels). Used with "
-                                "fast_compile, and with lora_dropout 0 where layers are recomputed.", group="train")
+                                "fast_compile, with LoRA and QLoRA.", group="train")
     seed: int = setting(0, "Random seed (data order, LoRA init, dropout).", group="train", min=0)
 
     # --- LoRA ------------------------------------------------------------------------------

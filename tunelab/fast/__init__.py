@@ -38,17 +38,19 @@ def attach(model, cfg, device: str) -> None:
     fast = FastDecoder(model, compile=compiled, checkpointing=cfg.gradient_checkpointing,
                        checkpoint_layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints)
     model.tunelab_fast = fast
-    # graphs replay recorded kernels: a recomputed layer's dropout would not see its first masks again, and
-    # a trainable head (full fine-tuning) needs a GPU sync in the loss
+    # graphs replay recorded kernels: a recomputed layer's dropout in the compiled regions would not see its
+    # first masks again (the GEMM groups' masks come from seeds), and a trainable head (full fine-tuning)
+    # needs a GPU sync in the loss
     graphs = compiled and cfg.cuda_graphs and cfg.algorithm in ("lora", "qlora") and \
-        (fast.dropout == 0 or not fast.checkpointed)
+        not (fast.replays_rng and fast.checkpointed)
     if graphs:
         from tunelab.fast.graphs import GraphedSteps
         model.tunelab_graphs = GraphedSteps(fast, [p for p in model.parameters() if p.requires_grad])
         if fast.stash is not None:  # asked to be lean: the NF4 scales too (cheap to redo inside a graph)
             fast.keep_nf4_scales(False)
     if cfg.offload_checkpoints and fast.stash is None and fast.checkpointed:
-        log.info("offload_checkpoints ignored: lora_dropout > 0 (the recomputed layers keep their inputs)")
+        log.info("offload_checkpoints ignored: lora_dropout > 0 with trainable base weights (the recomputed "
+                 "layers keep their inputs)")
     log.info("fast path on (compiled: %s, CUDA graphs: %s, LoRA as %s, layers recomputed in backward: %d of %d%s)",
              compiled, graphs, "GEMM groups" if fast.lora_gemms else "compiled regions", len(fast.checkpointed),
              len(fast.layers), ", inputs on the host" if fast.stash else "")

@@ -2,11 +2,13 @@
 very parameters of the (PEFT-wrapped) Hugging Face model, so optimizer, checkpoints and export are unchanged.
 
 What it does differently from the plain path, and why:
-* LoRA without dropout over frozen weights (the usual case): each group of projections that reads one input
-  (q/k/v, o, gate/up, down) is one autograd node of GEMMs (tunelab.fast.lora_gemm): the LoRA product and the
-  residual join the frozen output in the GEMM's epilogue, and the input gradient is built in one buffer
-  instead of being summed by autograd; RMSNorm, RoPE and SwiGLU run compiled (torch.compile);
-* otherwise (LoRA dropout, a trainable base weight) the frozen GEMMs run as they are and everything between
+* LoRA over frozen weights (the usual case): each group of projections that reads one input (q/k/v, o,
+  gate/up, down) is one autograd node of GEMMs (tunelab.fast.lora_gemm): the LoRA product and the residual
+  join the frozen output in the GEMM's epilogue, and the input gradient is built in one buffer instead of
+  being summed by autograd; RMSNorm, RoPE and SwiGLU run compiled (torch.compile); LoRA dropout's masks are
+  made again from a seed per projection and forward (tunelab.fast.dropout), so recomputation, offload and
+  CUDA graphs run with dropout too;
+* otherwise (a trainable base weight: full fine-tuning) the frozen GEMMs run as they are and everything between
   them (RMSNorm, the LoRA branches, RoPE, SwiGLU, the residual adds) runs in compiled regions that
   torch.compile fuses into few kernels; weights are passed in as arguments, so all layers share one compiled
   graph per region;
@@ -31,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.fast import nf4
 from tunelab.fast.attention import PackedLayout, attention, packed_layout
+from tunelab.fast.dropout import Masks, add_dropped, dropped
 from tunelab.fast.lora_gemm import project, recomputing
 from tunelab.fast.loss import chunked_token_losses
 from tunelab.fast.offload import HostStash, offloaded
@@ -45,6 +48,7 @@ class Proj:
     lora_b: torch.Tensor | None = None
     scale: float = 1.0
     dropout: float = 0.0
+    uid: int = 0  # its number in the model (which of a forward's dropout seeds is its own)
 
     absmax: torch.Tensor | None = None  # NF4: the fp32 block scales, dequantised once (double quantisation)
     keep_scales: bool = True  # keep `absmax` (see FastDecoder.keep_nf4_scales)
@@ -286,20 +290,24 @@ class FastDecoder:
                                      _eps(layer.input_layernorm),
                                      _proj(sa.q_proj), _proj(sa.k_proj), _proj(sa.v_proj), _proj(sa.o_proj),
                                      _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj)))
+        projections = [p for L in self.layers for p in L.projections()]
+        for uid, p in enumerate(projections):
+            p.uid = uid
+        self.n_projections = len(projections)
         self.dropout = max(p.dropout for L in self.layers for p in L.projections())
         # layers recomputed in backward: all (-1) or the first N; the rest keep their activations, which is
         # faster (no second forward) where memory allows
         n = len(self.layers)
         self.checkpointed = set(range(n if checkpoint_layers < 0 else min(n, checkpoint_layers))) \
             if checkpointing else set()
-        # offloaded layers are recomputed from an input fetched back from the host; with dropout the random
-        # state would have to be replayed too, which this path does not do
-        self.stash = HostStash() if offload and self.checkpointed and self.dropout == 0 else None
-        # LoRA without dropout over frozen weights (the usual case): each group of projections is one autograd
-        # node of GEMMs (fast.lora_gemm); otherwise compiled regions put the LoRA branches and dropout around
-        # the frozen GEMMs
-        self.lora_gemms = self.dropout == 0 and not any(t.requires_grad for L in self.layers
-                                                        for t in L.base_parts())
+        # LoRA over frozen weights (the usual case): each group of projections is one autograd node of GEMMs
+        # (fast.lora_gemm); otherwise compiled regions put the LoRA branches and dropout around the frozen GEMMs
+        self.lora_gemms = not any(t.requires_grad for L in self.layers for t in L.base_parts())
+        # whether a recomputation needs torch's random state replayed: the compiled regions' dropout does (and
+        # then neither offload nor CUDA graphs can run); the GEMM groups make their masks again from seeds
+        self.replays_rng = self.dropout > 0 and not self.lora_gemms
+        # offloaded layers are recomputed from an input fetched back from the host
+        self.stash = HostStash() if offload and self.checkpointed and not self.replays_rng else None
         if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -311,6 +319,15 @@ class FastDecoder:
         self.gate_up: Callable = wrap(_gate_up)
         self.swiglu: Callable = wrap(_swiglu)
         self.mlp_residual: Callable = wrap(_mlp_residual)
+        self.dropped: Callable = wrap(dropped)
+        self.add_dropped: Callable = wrap(add_dropped)
+
+    def masks(self, device) -> Masks | None:
+        """This forward's LoRA dropout (new seeds), or None where nothing is dropped (no dropout, evaluation,
+        or the compiled regions, which use torch's dropout)."""
+        if not (self.dropout and self.lora_gemms and self.model.training):
+            return None
+        return Masks(Masks.draw(self.n_projections, device), self.dropped, self.add_dropped)
 
     def keep_nf4_scales(self, keep: bool) -> None:
         """Whether NF4 projections keep their double-quantised block scales dequantised in fp32 (0.38 GiB
@@ -330,24 +347,26 @@ class FastDecoder:
                         s2.code, s2.absmax, qs.offset = (t.to(device) for t in (s2.code, s2.absmax, qs.offset))
                         p.offset = float(qs.offset)  # read here, once: inside a captured graph it cannot be
 
-    def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout):
+    def _layer(self, x, cos, sin, L: Layer, layout: PackedLayout, masks: Masks | None):
         # the frozen GEMMs' inputs (h, m) are used in forward only (a frozen weight needs no input for its
         # backward); backward keeps x, g and u and recomputes h and m from them
-        return self._mlp_half(*self._attention_half(x, cos, sin, L, layout), L)
+        return self._mlp_half(*self._attention_half(x, cos, sin, L, layout, masks), L, masks)
 
-    def _attention_half(self, x, cos, sin, L: Layer, layout: PackedLayout, unit: int | None = None):
+    def _attention_half(self, x, cos, sin, L: Layer, layout: PackedLayout, masks: Masks | None,
+                        unit: int | None = None):
         """x + attention(norm(x)), and its second norm (the MLP's input; None where the MLP half makes it).
-        `unit`: the number of the offloaded unit this half is (None: part of a layer), whose attention
-        output waits on the host and whose own output is not needed again."""
+        `masks`: this forward's LoRA dropout (GEMM groups). `unit`: the number of the offloaded unit this half
+        is (None: part of a layer), whose attention output waits on the host and whose own output is not
+        needed again."""
         def attend(q, k, v):
             if unit is None:
                 return attention(q, k, v, layout, self.scale)
             return self.stash.attention(unit, lambda *qkv: attention(*qkv, layout, self.scale), q, k, v)
 
         if self.lora_gemms:
-            qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), (L.q, L.k, L.v))
+            qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), (L.q, L.k, L.v), masks=masks)
             a = attend(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads)).flatten(2)
-            return project(None, (a,), (L.o,), residual=x, tail=unit is not None)[0], None
+            return project(None, (a,), (L.o,), residual=x, tail=unit is not None, masks=masks)[0], None
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         h = self.norm(x, L.ln1, L.eps)
         q, k, v = self.qkv_rope(x, L.ln1, L.eps, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin,
@@ -355,11 +374,11 @@ class FastDecoder:
         a = attend(q, k, v).flatten(2)
         return self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
 
-    def _mlp_half(self, x, h, L: Layer):
+    def _mlp_half(self, x, h, L: Layer, masks: Masks | None):
         """x + MLP(h), h = norm(x) (made here when None: an offloaded half starts from x alone)."""
         if self.lora_gemms:
-            g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up))
-            return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True)[0]
+            g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up), masks=masks)
+            return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks)[0]
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         if h is None:
             h = self.norm(x, L.ln2, L.eps)
@@ -384,23 +403,24 @@ class FastDecoder:
         x = core.embed_tokens(input_ids).to(dtype)
         cos, sin = core.rotary_emb(x, position_ids)
         cos, sin = cos.to(dtype), sin.to(dtype)
+        masks = self.masks(x.device)  # given to each layer and to its recomputation alike
         for i, L in enumerate(self.layers):
             if i in self.checkpointed and torch.is_grad_enabled():
                 if self.stash is not None:
                     # two offloaded units per layer, attention (2i) and MLP (2i+1): a layer's backward then
                     # holds one half's activations at a time, not both (the MLP's input goes to the host too)
-                    attn = lambda t, L=L, u=2 * i: self._attention_half(t, cos, sin, L, layout, u)[0]  # noqa: E731
-                    mlp = lambda t, L=L: self._mlp_half(t, None, L)  # noqa: E731
+                    attn = lambda t, L=L, u=2 * i: self._attention_half(t, cos, sin, L, layout, masks, u)[0]  # noqa: E731
+                    mlp = lambda t, L=L: self._mlp_half(t, None, L, masks)  # noqa: E731
                     below, params = (2 * i - 1 if i - 1 in self.checkpointed else None), L.trainable()
                     x = offloaded(self.stash, 2 * i, below, attn, x, params)
                     x = offloaded(self.stash, 2 * i + 1, 2 * i, mlp, x, params)
                 else:
-                    # without dropout there is no random state to replay (and saving it is not allowed while a
-                    # CUDA graph is captured)
-                    x = checkpoint(self._layer, x, cos, sin, L, layout, use_reentrant=False,
-                                   preserve_rng_state=self.dropout > 0, context_fn=_marked_recomputation)
+                    # only the compiled regions' dropout has random state to replay (and saving it is not
+                    # allowed while a CUDA graph is captured)
+                    x = checkpoint(self._layer, x, cos, sin, L, layout, masks, use_reentrant=False,
+                                   preserve_rng_state=self.replays_rng, context_fn=_marked_recomputation)
             else:
-                x = self._layer(x, cos, sin, L, layout)
+                x = self._layer(x, cos, sin, L, layout, masks)
         return _rms_norm(x, core.norm.weight, _eps(core.norm))
 
     def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,

@@ -1,5 +1,5 @@
 """Frozen projections with their LoRA branches as GEMMs only, forward and backward (the fast path's layers
-when LoRA has no dropout).
+under LoRA over frozen weights).
 
 Several projections read one input (q/k/v read the normed residual, gate/up the other one). Left to autograd,
 each projection's input gradient is a tensor of its own and autograd sums them: two adds of a (tokens x hidden)
@@ -13,6 +13,8 @@ The group's input is made by a `prologue` (the RMSNorm, or SwiGLU for the down p
 the node and again in backward, so the normed tensor and the SwiGLU product are never kept: backward keeps
 the prologue's inputs (the residual stream, gate and up, which are kept anyway) and LoRA's rank-sized
 products. Frozen weights only: a trainable base weight, bias or norm weight takes the compiled-region path.
+LoRA dropout drops each projection's input with a mask made again from a seed (tunelab.fast.dropout) wherever
+it is needed: for the rank-sized product, for A's gradient, and for the input gradient's LoRA part.
 
 A recomputed layer runs its forward a second time in backward only for what its nodes save. The group that
 ends a recomputed unit (o with the residual, down with the residual) saves its input, not its output, and
@@ -27,6 +29,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
+
+from tunelab.fast.dropout import Masks
 
 _recomputing = 0  # depth of recomputing() contexts
 
@@ -50,7 +54,7 @@ def is_recomputing() -> bool:
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prologue, projs, n_inputs: int, residual, tail: bool, *args):
+    def forward(ctx, prologue, projs, n_inputs: int, residual, tail: bool, masks, *args):
         inputs, loras = args[:n_inputs], args[n_inputs:]
         t = inputs[0] if prologue is None else prologue(*inputs)
         lead, flat = t.shape[:-1], t.reshape(-1, t.shape[-1])
@@ -58,7 +62,7 @@ class _LoRAGroup(torch.autograd.Function):
         skip = tail and _recomputing  # the outputs are not read: only the LoRA products are (by backward)
         for i, p in enumerate(projs):
             a, b = loras[2 * i], loras[2 * i + 1]
-            xa = None if a is None else flat @ a.to(t.dtype).t()
+            xa = None if a is None else _dropped_input(flat, p, masks) @ a.to(t.dtype).t()
             if xa is not None:
                 products.append(xa)
             if skip:
@@ -74,15 +78,16 @@ class _LoRAGroup(torch.autograd.Function):
             if xa is not None:
                 y.addmm_(xa, b.to(t.dtype).t(), alpha=p.scale)
             outputs.append(y.view(*lead, -1))
-        ctx.prologue, ctx.projs, ctx.n_inputs, ctx.has_residual = prologue, projs, n_inputs, residual is not None
+        ctx.prologue, ctx.projs, ctx.n_inputs, ctx.masks = prologue, projs, n_inputs, masks
+        ctx.has_residual = residual is not None
         ctx.save_for_backward(*inputs, *products)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
-        n_in, projs = ctx.n_inputs, ctx.projs
-        input_grad = ctx.needs_input_grad[5: 5 + n_in]
+        n_in, projs, masks = ctx.n_inputs, ctx.projs, ctx.masks
+        input_grad = ctx.needs_input_grad[6: 6 + n_in]
         inputs = [x.detach().requires_grad_(g) for x, g in zip(saved[:n_in], input_grad)]
         products = iter(saved[n_in:])
         with torch.enable_grad():
@@ -103,9 +108,11 @@ class _LoRAGroup(torch.autograd.Function):
                 continue
             xa = next(products)
             dxa = (dy @ b.to(t.dtype)).mul_(p.scale)
-            da = dxa.t() @ flat if a.requires_grad else None
+            da = dxa.t() @ _dropped_input(flat, p, masks) if a.requires_grad else None
             db = (dy.t() @ xa).mul_(p.scale) if b.requires_grad else None
-            if wanted:
+            if wanted and _drops(p, masks):
+                dt = masks.add(dt, dxa @ a.to(t.dtype), p.uid, p.dropout)  # dropout's backward: the same mask
+            elif wanted:
                 dt.addmm_(dxa, a.to(t.dtype))
             lora_grads += [da, db]
         if not wanted:
@@ -116,15 +123,26 @@ class _LoRAGroup(torch.autograd.Function):
             found = iter(torch.autograd.grad(t, wanted, dt.view(t.shape)))
         input_grads = [next(found) if x.requires_grad else None for x in inputs]
         residual_grad = grads[0] if ctx.has_residual and ctx.needs_input_grad[3] else None
-        return (None, None, None, residual_grad, None, *input_grads, *lora_grads)
+        return (None, None, None, residual_grad, None, None, *input_grads, *lora_grads)
+
+
+def _drops(p, masks: Masks | None) -> bool:
+    return masks is not None and p.dropout > 0
+
+
+def _dropped_input(flat: torch.Tensor, p, masks: Masks | None) -> torch.Tensor:
+    """What projection p's LoRA branch reads: its input, dropped when this forward drops it."""
+    return masks.drop(flat, p.uid, p.dropout) if _drops(p, masks) else flat
 
 
 def project(prologue: Callable[..., torch.Tensor] | None, inputs: Sequence[torch.Tensor], projs: Sequence,
-            residual: torch.Tensor | None = None, tail: bool = False) -> tuple[torch.Tensor, ...]:
-    """For each projection p of `projs` (decoder.Proj: frozen weight, optional frozen bias, optional LoRA
-    without dropout): p(t) = t W^T + bias + scale * (t A^T) B^T, where t = prologue(*inputs) (or inputs[0]
-    when prologue is None); `residual`, when given, is added to the first projection's output. Gradients
-    reach the inputs, the residual and the LoRA weights. `tail`: the outputs end a recomputed unit, so a
-    recomputation need not fill them (see the module's docstring)."""
+            residual: torch.Tensor | None = None, tail: bool = False,
+            masks: Masks | None = None) -> tuple[torch.Tensor, ...]:
+    """For each projection p of `projs` (decoder.Proj: frozen weight, optional frozen bias, optional LoRA):
+    p(t) = t W^T + bias + scale * (drop(t) A^T) B^T, where t = prologue(*inputs) (or inputs[0] when prologue
+    is None) and drop is p's dropout with `masks` (none when masks is None: evaluation, or no dropout);
+    `residual`, when given, is added to the first projection's output. Gradients reach the inputs, the
+    residual and the LoRA weights. `tail`: the outputs end a recomputed unit, so a recomputation need not
+    fill them (see the module's docstring). A recomputation must be given the masks its forward was."""
     loras = [t for p in projs for t in (p.lora_a, p.lora_b)]
-    return _LoRAGroup.apply(prologue, tuple(projs), len(inputs), residual, tail, *inputs, *loras)
+    return _LoRAGroup.apply(prologue, tuple(projs), len(inputs), residual, tail, masks, *inputs, *loras)
