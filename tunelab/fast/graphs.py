@@ -13,8 +13,9 @@ A replayed graph launches the whole micro-batch at once. What that takes:
   gradient buffers for good, the graph overwrites them, and it is replayed whenever a step of its shape
   starts from no gradients. Every other graph (another shape, or adding to gradients already there:
   accumulation) adds into those buffers in place, and holds them through its whole step;
-* no random state to replay when layers are recomputed (the caller enables graphs only without dropout
-  there) and no GPU sync inside the step (the layout is worked out on the CPU);
+* no torch random state to replay in a recomputation (the caller enables graphs only where none is: LoRA
+  dropout in the GEMM groups makes its masks from seeds that the graph draws at every replay, see
+  fast/dropout.py) and no GPU sync inside the step (the layout is worked out on the CPU);
 * no eager autograd graph over the parameters still alive (a loss kept undetached): its gradient nodes
   remember the default stream, which a capture may not wait on, and the capture fails.
 Graphs share one memory pool: a step replays one graph and reads its loss before the next replays.
