@@ -294,7 +294,7 @@ class FastDecoder:
         for uid, p in enumerate(projections):
             p.uid = uid
         self.n_projections = len(projections)
-        self.dropout = max(p.dropout for L in self.layers for p in L.projections())
+        self.dropout = max(p.dropout for p in projections)
         # layers recomputed in backward: all (-1) or the first N; the rest keep their activations, which is
         # faster (no second forward) where memory allows
         n = len(self.layers)

@@ -1,4 +1,4 @@
-"""LoRA dropout whose masks are made again from a seed: never kept, never drawn twice.
+"""LoRA dropout whose masks are made again from a seed wherever they are needed, never kept.
 
 A layer recomputed in backward (checkpointing, offload_checkpoints) must drop the same elements as its
 forward did, and backward needs the same mask twice more: the dropped input makes LoRA A's gradient, and the
