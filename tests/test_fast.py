@@ -150,14 +150,17 @@ class _SeededDropout(torch.nn.Module):
         return dropped(x, self.seeds[0][self.uid], self.p) if self.training else x
 
 
-def test_fast_path_dropout_matches_plain_path_with_the_same_masks(tiny_llama):
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_fast_path_dropout_matches_plain_path_with_the_same_masks(tiny_llama, quantized):
     """With lora_dropout the fast path runs as GEMM groups and drops what PEFT's own forward drops when PEFT's
     dropout is given the same masks: per-token losses and LoRA gradients are equal whether the layers keep
     their activations, are recomputed, or are recomputed from inputs on the host (a recomputation that drew
-    new masks would not match). Another draw drops other elements; evaluation drops none."""
+    new masks would not match); with real NF4 weights too (the catalogue's QLoRA uses dropout 0.1). Another
+    draw drops other elements; evaluation drops none."""
     from tunelab.fast.dropout import Masks
 
-    model = _lora_model(tiny_llama, _cfg(tiny_llama, lora_dropout=0.3))
+    cfg = _cfg(tiny_llama, lora_dropout=0.3, algorithm="qlora" if quantized else "lora")
+    model = _lora_model(tiny_llama, cfg, quantized=quantized, prepare=not quantized)
     seeds: list = []
     peft_layers = {id(m.base_layer): m for m in model.modules() if hasattr(m, "lora_dropout")}
     fast = FastDecoder(model, compile=False)

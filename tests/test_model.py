@@ -38,3 +38,37 @@ def test_builtin_model_is_built_once(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="builtin:tiny-llama"):
         resolve_model_path("builtin:tiny-gpt5")
     assert stamp
+
+
+def test_qlora_training_is_unchanged_by_an_evaluation_forward(tiny_llama):
+    """A forward in eval mode without gradients (an evaluation during training) leaves a QLoRA model's 4-bit
+    weights as they were: bitsandbytes would repack them for its CPU inference kernel (on a CPU with
+    AVX512-BF16), after which its training forward gives other losses and wrong gradients, and the fast path
+    dequantises garbage. Losses and LoRA gradients after the evaluation equal those before, on both paths."""
+    from test_fast import _batch, _cfg, _losses_and_grads
+    from tunelab.fast.decoder import FastDecoder
+    from tunelab.model.load import add_lora, load_model
+    from tunelab.train import token_losses
+
+    cfg = _cfg(tiny_llama, algorithm="qlora")
+    model = add_lora(load_model(str(tiny_llama), dtype=torch.float32, bits=4, device="cpu"), cfg, quantized=True,
+                     prepare=False).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)  # PEFT starts B at zero
+    fast = FastDecoder(model, compile=False)
+    batch = _batch(model.config.vocab_size, [[40, 25, 30], [60, 20]])
+    paths = {"plain": lambda b: token_losses(model, b, torch.float32),
+             "fast": lambda b: fast.token_losses(b, torch.float32)}
+    before = {k: _losses_and_grads(model, fn, batch) for k, fn in paths.items()}
+    model.eval()
+    with torch.no_grad():
+        token_losses(model, batch, torch.float32)
+    model.train()
+    weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not getattr(weight.quant_state, "packing_format_for_cpu", False)
+    for k, fn in paths.items():
+        losses, grads = _losses_and_grads(model, fn, batch)
+        torch.testing.assert_close(losses, before[k][0], atol=1e-6, rtol=0, msg=k)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, before[k][1][name], atol=1e-7, rtol=1e-5, msg=f"{k} {name}")

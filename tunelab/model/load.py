@@ -101,6 +101,8 @@ def add_lora(model, cfg, quantized: bool, prepare: bool = True):
     (fp32 norms/embeddings, input gradients) on a quantized model, which the plain forward needs."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if quantized:
+        _keep_4bit_layout(model)
     if quantized and prepare:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -110,6 +112,16 @@ def add_lora(model, cfg, quantized: bool, prepare: bool = True):
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise UserError(f"lora_target_modules {cfg.lora_target_modules!r}: {exc}") from None
+
+
+def _keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking a 4-bit weight for its CPU inference kernel. On a CPU with AVX512-BF16
+    its Linear4bit does that, in place, at the first forward in eval mode without gradients (an evaluation
+    during training); from then on its training forward runs a kernel with no backward for the input (wrong
+    gradients, which it only warns about) and the fast path would dequantise the repacked bytes as NF4."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def read_metadata(folder: str | Path) -> dict:
