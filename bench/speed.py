@@ -13,9 +13,9 @@ BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the st
 the peak of every step and, for graphed sides, the GPU time of the replayed graph (graph_ms) next to the wall
 time of a step (step_ms).
 
-Every side: LoRA r=64, alpha=16, dropout 0 (`--dropout P`: P) on q/k/v/o/gate/up/down, activation checkpointing (Unsloth: its
-own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one sequence per step, random token
-ids; tokens/s over the timed steps after warm-up (compilation happens in warm-up), peak = the most memory
+Every side: LoRA r=64, alpha=16, dropout 0 (`--dropout P`: P) on q/k/v/o/gate/up/down, activation
+checkpointing (Unsloth: its own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one
+sequence per step, random token ids; tokens/s over the timed steps after warm-up (compilation happens in warm-up), peak = the most memory
 allocated by PyTorch during warm-up and timed steps. The tunelab side runs `tunelab.train._optimizer_step`,
 the very step `tunelab train` runs. The packed case draws real sample lengths (bench/sample_lengths.json):
 the HF baseline pads each batch of 4 samples, tunelab packs them; tokens/s counts real tokens only.
@@ -31,12 +31,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def _dropout() -> float:
-    """LoRA dropout of every side (--dropout; the driver hands it to each side's process)."""
-    return float(os.environ.get("BENCH_DROPOUT", "0"))
-
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5)
@@ -50,6 +44,11 @@ CASES = {
     # `tunelab train` itself (the CLI, in its own process) on packed 2,048-token rows: its logged tokens/s
     "train": (["tunelab_train", "tunelab_train_qlora"], 2048),
 }
+
+
+def _dropout() -> float:
+    """LoRA dropout of every side (--dropout; the driver hands it to each side's process)."""
+    return float(os.environ.get("BENCH_DROPOUT", "0"))
 
 
 def make_model(path: Path) -> None:

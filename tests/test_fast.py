@@ -150,6 +150,17 @@ class _SeededDropout(torch.nn.Module):
         return dropped(x, self.seeds[0][self.uid], self.p) if self.training else x
 
 
+def _peft_dropout_with_fast_masks(model, fast) -> list:
+    """Give every PEFT dropout module of `model` the mask that `fast` makes for its projection; returns the
+    list into which the test puts a forward's seeds (as element 0)."""
+    seeds: list = []
+    peft_layers = {id(m.base_layer): m for m in model.modules() if hasattr(m, "lora_dropout")}
+    for p in (p for L in fast.layers for p in L.projections()):
+        m = peft_layers[id(p.base)]
+        m.lora_dropout[m.active_adapters[0]] = _SeededDropout(p.uid, p.dropout, seeds)
+    return seeds
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 def test_fast_path_dropout_matches_plain_path_with_the_same_masks(tiny_llama, quantized):
     """With lora_dropout the fast path runs as GEMM groups and drops what PEFT's own forward drops when PEFT's
@@ -161,12 +172,8 @@ def test_fast_path_dropout_matches_plain_path_with_the_same_masks(tiny_llama, qu
 
     cfg = _cfg(tiny_llama, lora_dropout=0.3, algorithm="qlora" if quantized else "lora")
     model = _lora_model(tiny_llama, cfg, quantized=quantized, prepare=not quantized)
-    seeds: list = []
-    peft_layers = {id(m.base_layer): m for m in model.modules() if hasattr(m, "lora_dropout")}
     fast = FastDecoder(model, compile=False)
-    for p in (p for L in fast.layers for p in L.projections()):
-        m = peft_layers[id(p.base)]
-        m.lora_dropout[m.active_adapters[0]] = _SeededDropout(p.uid, p.dropout, seeds)
+    seeds = _peft_dropout_with_fast_masks(model, fast)
     batch = _batch(model.config.vocab_size, [[40, 25, 30], [60, 20]])
     torch.manual_seed(7)
     seeds[:] = [Masks.draw(fast.n_projections, "cpu")]  # as the fast path draws them, first thing in forward
@@ -453,11 +460,7 @@ def test_gpu_compiled_dropout_matches_plain_path_with_the_same_masks(tiny_llama)
     assert fast.lora_gemms and fast.stash is not None
     x, seed = torch.randn(777, 301, device="cuda", dtype=torch.bfloat16), torch.tensor(987654, device="cuda")
     assert torch.equal(fast.dropped(x, seed, 0.2), dropped(x, seed, 0.2))
-    seeds: list = []
-    peft_layers = {id(m.base_layer): m for m in model.modules() if hasattr(m, "lora_dropout")}
-    for p in (p for L in fast.layers for p in L.projections()):
-        m = peft_layers[id(p.base)]
-        m.lora_dropout[m.active_adapters[0]] = _SeededDropout(p.uid, p.dropout, seeds)
+    seeds = _peft_dropout_with_fast_masks(model, fast)
     torch.manual_seed(3)
     seeds[:] = [Masks.draw(fast.n_projections, "cuda")]
     plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.bfloat16), batch)
