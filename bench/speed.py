@@ -15,8 +15,8 @@ time of a step (step_ms).
 
 Every side: LoRA r=64, alpha=16, dropout 0 (`--dropout P`: P) on q/k/v/o/gate/up/down, activation
 checkpointing (Unsloth: its own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one
-sequence per step, random token ids; tokens/s over the timed steps after warm-up (compilation happens in warm-
-up), peak = the most memory allocated by PyTorch during warm-up and timed steps. The tunelab side runs
+sequence per step, random token ids; tokens/s over the timed steps after warm-up (compilation happens in
+warm-up), peak = the most memory allocated by PyTorch during warm-up and timed steps. The tunelab side runs
 `tunelab.train._optimizer_step`, the very step `tunelab train` runs. The packed case draws real sample lengths
 (bench/sample_lengths.json): the HF baseline pads each batch of 4 samples, tunelab packs them; tokens/s counts
 real tokens only.
