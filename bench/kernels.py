@@ -119,13 +119,52 @@ def gemm_rows(n: int) -> list[tuple[str, float, str]]:
     return rows
 
 
+def fusion_rows(n: int) -> list[tuple[str, float, str]]:
+    """Projections that read one input as one GEMM against one each (q/k/v and gate/up, frozen GEMMs and
+    LoRA's rank-64 A), forward and input gradient: what concatenating their weights would gain."""
+    rows = []
+    t = torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    for name, outs in [("q/k/v", [HIDDEN] * 3), ("gate/up", [INTER] * 2), ("LoRA A q/k/v", [64] * 3),
+                       ("LoRA A gate/up", [64] * 2)]:
+        ws = [torch.randn(o, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02 for o in outs]
+        gs = [torch.randn(n, o, device="cuda", dtype=torch.bfloat16) for o in outs]
+        w_all, g_all = torch.cat(ws), torch.cat(gs, 1)
+        flop = 2 * n * HIDDEN * sum(outs)
+
+        def fwd_each():
+            return [t @ w.t() for w in ws]
+
+        def dgrad_each():
+            dt = gs[0] @ ws[0]
+            for g, w in zip(gs[1:], ws[1:]):
+                dt.addmm_(g, w)
+            return dt
+
+        def wgrad_each():  # LoRA A's gradient: (rank x tokens) @ (tokens x hidden)
+            return [g.t() @ t for g in gs]
+
+        cases = [("fwd", fwd_each, lambda: t @ w_all.t()), ("dgrad", dgrad_each, lambda: g_all @ w_all)]
+        if name.startswith("LoRA"):
+            cases.append(("A grad", wgrad_each, lambda: g_all.t() @ t))
+        for what, each, fused in cases:
+            a, b = timed(each, 20), timed(fused, 20)
+            rows.append((f"{name} {what}: each / one GEMM", a, f"one {b:.3f} ms ({a / b:.2f}x); "
+                         f"each {flop / a / 1e9:.0f}, one {flop / b / 1e9:.0f} TFLOP/s"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="2048,8192,32768")
+    ap.add_argument("--fusion", action="store_true", help="only the rows of fusion_rows")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
     print("| tokens | op | ms | note |\n| --- | --- | --- | --- |")
     for n in (int(t) for t in args.tokens.split(",")):
+        if args.fusion:
+            for name, ms, note in fusion_rows(n):
+                print(f"| {n} | {name} | {ms:.3f} | {note} |", flush=True)
+            continue
         rows = attention_rows(n) + gemm_rows(n)
         for name, ms, note in rows:
             print(f"| {n} | {name} | {ms:.3f} | {note} |", flush=True)

@@ -8,10 +8,10 @@ same Llama-2-7B-shaped model (random weights), each side in its own process, in 
 
 tunelab sides take `@N` (recompute only the first N layers) and `@Nh` (and keep their inputs on the host:
 offload_checkpoints); bench/acceptance.sh runs the issue's acceptance in three device calls. Diagnostics, with
-$OUT set: BENCH_PROFILE=1 (a kernel table of one more step; with BENCH_GRAPHS=0 the eager step's kernels),
-BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the steps). Each result also holds
-the peak of every step and, for graphed sides, the GPU time of the replayed graph (graph_ms) next to the wall
-time of a step (step_ms).
+$OUT set: BENCH_PROFILE=1 (a kernel table and a gzipped timeline, for bench/trace_gaps.py, of one more step;
+with BENCH_GRAPHS=0 the eager step's kernels), BENCH_MEMTRACE=1 (the allocations live at the peak, by source
+line; slows the steps). Each result also holds the peak of every step and, for graphed sides, the GPU time of
+the replayed graph (graph_ms) next to the wall time of a step (step_ms).
 
 Every side: LoRA r=64, alpha=16, dropout 0 (`--dropout P`: P) on q/k/v/o/gate/up/down, activation
 checkpointing (Unsloth: its own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one
@@ -247,6 +247,9 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             step(n_steps - 1)
             torch.cuda.synchronize()
         averages = prof.key_averages()
+        trace = Path(out_dir, f"trace_{side}{ckpt}.json")  # the timeline, for bench/trace_gaps.py
+        prof.export_chrome_trace(str(trace))
+        subprocess.run(["gzip", "-f", str(trace)], check=False)
         Path(out_dir, f"profile_{side}{ckpt}.txt").write_text(
             averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60) + "\n\n" +
             averages.table(sort_by="self_cuda_time_total", row_limit=90, max_name_column_width=90))

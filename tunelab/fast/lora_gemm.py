@@ -13,6 +13,7 @@ The group's input is made by a `prologue` (the RMSNorm, or SwiGLU for the down p
 the node and again in backward, so the normed tensor and the SwiGLU product are never kept: backward keeps
 the prologue's inputs (the residual stream, gate and up, which are kept anyway) and LoRA's rank-sized
 products. Frozen weights only: a trainable base weight, bias or norm weight takes the compiled-region path.
+The LoRA branches that read the same undropped input run as one GEMM, their A matrices stacked (see _shared).
 LoRA dropout drops each projection's input with a mask made again from a seed (tunelab.fast.dropout) wherever
 it is needed: for the rank-sized product, for A's gradient, and for the input gradient's LoRA part.
 
@@ -58,13 +59,10 @@ class _LoRAGroup(torch.autograd.Function):
         inputs, loras = args[:n_inputs], args[n_inputs:]
         t = inputs[0] if prologue is None else prologue(*inputs)
         lead, flat = t.shape[:-1], t.reshape(-1, t.shape[-1])
-        outputs, products = [], []
+        products = _lora_products(flat, projs, loras, masks)
+        outputs = []
         skip = tail and _recomputing  # the outputs are not read: only the LoRA products are (by backward)
         for i, p in enumerate(projs):
-            a, b = loras[2 * i], loras[2 * i + 1]
-            xa = None if a is None else _dropped_input(flat, p, masks) @ a.to(t.dtype).t()
-            if xa is not None:
-                products.append(xa)
             if skip:
                 outputs.append(t.new_empty(()).expand(*lead, p.base.out_features))
                 continue
@@ -75,12 +73,12 @@ class _LoRAGroup(torch.autograd.Function):
                 add = bias if add is None else add + bias
             y = flat @ w.t() if add is None else torch.addmm(add.reshape(-1, w.shape[0]), flat, w.t())
             del w  # a dequantised NF4 weight lives only for its GEMM
-            if xa is not None:
-                y.addmm_(xa, b.to(t.dtype).t(), alpha=p.scale)
+            if products[i] is not None:
+                y.addmm_(products[i], loras[2 * i + 1].to(t.dtype).t(), alpha=p.scale)
             outputs.append(y.view(*lead, -1))
         ctx.prologue, ctx.projs, ctx.n_inputs, ctx.masks = prologue, projs, n_inputs, masks
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(*inputs, *products)
+        ctx.save_for_backward(*inputs, *(x for x in products if x is not None))
         return tuple(outputs)
 
     @staticmethod
@@ -95,26 +93,40 @@ class _LoRAGroup(torch.autograd.Function):
         flat = t.detach().reshape(-1, t.shape[-1])
         wanted = [x for x in inputs if x.requires_grad]  # none for the first layer (a frozen embedding's output)
         dt = None
-        lora_grads = []
+        dxas: dict[int, torch.Tensor] = {}  # projection -> d(loss)/d(its LoRA product), scaled
+        lora_grads: list[torch.Tensor | None] = [None] * (2 * len(projs))
         for i, p in enumerate(projs):
             dy = grads[i].reshape(-1, grads[i].shape[-1])
             if wanted:
                 w = p.weight(t.dtype)
                 dt = dy @ w if dt is None else dt.addmm_(dy, w)
                 del w
-            a, b = p.lora_a, p.lora_b
-            if a is None:
-                lora_grads += [None, None]
+            if p.lora_a is None:
                 continue
             xa = next(products)
-            dxa = (dy @ b.to(t.dtype)).mul_(p.scale)
-            da = dxa.t() @ _dropped_input(flat, p, masks) if a.requires_grad else None
-            db = (dy.t() @ xa).mul_(p.scale) if b.requires_grad else None
+            dxas[i] = (dy @ p.lora_b.to(t.dtype)).mul_(p.scale)
+            if p.lora_b.requires_grad:
+                lora_grads[2 * i + 1] = (dy.t() @ xa).mul_(p.scale)
+        # A's gradients and the LoRA part of the input gradient: one GEMM each for the projections that read the
+        # undropped input (their A stacked), one per projection for those that read their own dropped copy
+        shared = _shared(projs, masks)
+        if shared:
+            dxa, a = torch.cat([dxas[i] for i in shared], 1), _stacked_a(projs, shared, t.dtype)
+            if any(projs[i].lora_a.requires_grad for i in shared):
+                for i, da in zip(shared, (dxa.t() @ flat).split([projs[i].lora_a.shape[0] for i in shared])):
+                    lora_grads[2 * i] = da if projs[i].lora_a.requires_grad else None
+            if wanted:
+                dt.addmm_(dxa, a)
+        for i, dxa in dxas.items():
+            if i in shared:
+                continue
+            p = projs[i]
+            if p.lora_a.requires_grad:
+                lora_grads[2 * i] = dxa.t() @ _dropped_input(flat, p, masks)
             if wanted and _drops(p, masks):
-                dt = masks.add(dt, dxa @ a.to(t.dtype), p.uid, p.dropout)  # dropout's backward: the same mask
+                dt = masks.add(dt, dxa @ p.lora_a.to(t.dtype), p.uid, p.dropout)  # dropout's backward: the same mask
             elif wanted:
-                dt.addmm_(dxa, a.to(t.dtype))
-            lora_grads += [da, db]
+                dt.addmm_(dxa, p.lora_a.to(t.dtype))
         if not wanted:
             found = iter(())
         elif ctx.prologue is None:
@@ -133,6 +145,34 @@ def _drops(p, masks: Masks | None) -> bool:
 def _dropped_input(flat: torch.Tensor, p, masks: Masks | None) -> torch.Tensor:
     """What projection p's LoRA branch reads: its input, dropped when this forward drops it."""
     return masks.drop(flat, p.uid, p.dropout) if _drops(p, masks) else flat
+
+
+def _shared(projs: Sequence, masks: Masks | None) -> list[int]:
+    """The projections (two or more, else none) whose LoRA branches read the group's input undropped: their A
+    matrices are stacked into one GEMM. At rank 64 each A product is a thin GEMM that reads the whole
+    (tokens x hidden) input for little work: stacked, q/k/v's three took 1.8-3x less time (bench/kernels.py
+    --fusion, H200, 8,192 tokens; about 10 ms of a 7B step, bench/RESULTS.md)."""
+    shared = [i for i, p in enumerate(projs) if p.lora_a is not None and not _drops(p, masks)]
+    return shared if len(shared) > 1 else []
+
+
+def _stacked_a(projs: Sequence, shared: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([projs[i].lora_a for i in shared]).to(dtype)
+
+
+def _lora_products(flat: torch.Tensor, projs: Sequence, loras: Sequence, masks: Masks | None) -> list:
+    """Each projection's rank-sized LoRA product drop(t) A^T (None without LoRA), the shared ones from one
+    GEMM (views of its output)."""
+    shared = _shared(projs, masks)
+    products: list[torch.Tensor | None] = [None] * len(projs)
+    if shared:
+        stacked = flat @ _stacked_a(projs, shared, flat.dtype).t()
+        for i, xa in zip(shared, stacked.split([projs[i].lora_a.shape[0] for i in shared], 1)):
+            products[i] = xa
+    for i, p in enumerate(projs):
+        if loras[2 * i] is not None and products[i] is None:
+            products[i] = _dropped_input(flat, p, masks) @ loras[2 * i].to(flat.dtype).t()
+    return products
 
 
 def project(prologue: Callable[..., torch.Tensor] | None, inputs: Sequence[torch.Tensor], projs: Sequence,

@@ -1,0 +1,89 @@
+"""Where the GPU waits within one profiled step: reads the timeline that `BENCH_PROFILE=1 bench/speed.py`
+writes ($OUT/trace_<side>.json.gz, a torch.profiler Chrome trace) and prints, for the stream that runs the
+most kernel time, its busy time, its idle gaps (the largest with the kernels around them), and per twentieth
+of the step how busy it and the copies to and from the host were.
+
+    python bench/trace_gaps.py trace_tunelab_qlora32h.json.gz
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from collections import defaultdict
+
+
+def load(path: str) -> list[dict]:
+    """The trace's GPU events (kernels and copies), each with its stream, sorted by start."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    return sorted(gpu, key=lambda e: e["ts"])
+
+
+def union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Overlapping (start, end) spans merged."""
+    out: list[list[float]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def busy_in(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
+    return sum(max(0.0, min(e, hi) - max(s, lo)) for s, e in spans)
+
+
+def copy_kind(e: dict) -> str:
+    name = e["name"].lower()
+    return "d2h" if "dtoh" in name else "h2d" if "htod" in name else "d2d"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace")
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    events = load(args.trace)
+    by_stream: dict[int, list[dict]] = defaultdict(list)
+    for e in events:
+        if e["cat"] == "kernel":
+            by_stream[e["args"].get("stream", -1)].append(e)
+    main_stream = max(by_stream, key=lambda s: sum(e["dur"] for e in by_stream[s]))
+    kernels = by_stream[main_stream]
+    start, end = kernels[0]["ts"], max(e["ts"] + e["dur"] for e in kernels)
+    busy = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+    copies = {k: union([(e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] == "gpu_memcpy" and copy_kind(e) == k])
+              for k in ("d2h", "h2d")}
+    span = end - start
+    print(f"stream {main_stream}: {len(kernels)} kernels, {span / 1e3:.1f} ms from first to last, "
+          f"busy {busy_in(busy, start, end) / 1e3:.1f} ms; copies d2h {busy_in(copies['d2h'], start, end) / 1e3:.1f} ms, "
+          f"h2d {busy_in(copies['h2d'], start, end) / 1e3:.1f} ms; other streams' kernels "
+          f"{sum(e['dur'] for s, es in by_stream.items() if s != main_stream for e in es) / 1e3:.1f} ms")
+    gaps = []
+    for (s0, e0), (s1, _) in zip(busy, busy[1:]):
+        gaps.append((s1 - e0, e0))
+    buckets = [(0, 5), (5, 20), (20, 100), (100, 1000), (1000, float("inf"))]
+    print("idle gaps (us): " + ", ".join(
+        f"{lo}-{hi}: {sum(1 for g, _ in gaps if lo <= g < hi)} ({sum(g for g, _ in gaps if lo <= g < hi) / 1e3:.1f} ms)"
+        for lo, hi in buckets))
+    ends = {e["ts"] + e["dur"]: e for e in kernels}
+    starts = {e["ts"]: e for e in kernels}
+    print(f"\nlargest {args.top} gaps:\n| at ms | gap us | before | after |\n| --- | --- | --- | --- |")
+    for g, at in sorted(gaps, reverse=True)[:args.top]:
+        before = ends.get(at, {}).get("name", "?")[:60]
+        after = next((starts[t]["name"][:60] for t in sorted(starts) if t >= at + g - 1e-3), "?")
+        print(f"| {(at - start) / 1e3:.2f} | {g:.0f} | {before} | {after} |")
+    print("\n| twentieth | from ms | compute busy % | d2h busy % | h2d busy % |\n| --- | --- | --- | --- | --- |")
+    step = span / 20
+    for i in range(20):
+        lo, hi = start + i * step, start + (i + 1) * step
+        print(f"| {i} | {(lo - start) / 1e3:.0f} | {100 * busy_in(busy, lo, hi) / step:.0f} | "
+              f"{100 * busy_in(copies['d2h'], lo, hi) / step:.0f} | {100 * busy_in(copies['h2d'], lo, hi) / step:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
