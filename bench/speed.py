@@ -7,7 +7,8 @@ same Llama-2-7B-shaped model (random weights), each side in its own process, in 
     python bench/speed.py --sides "lora2k=unsloth,lora2k=tunelab@32h"   # exactly these case=side pairs
 
 tunelab sides take `@N` (recompute only the first N layers) and `@Nh` (and keep their inputs on the host:
-offload_checkpoints); bench/acceptance.sh runs the issue's acceptance in three device calls. Diagnostics, with
+offload_checkpoints), and `@Nh-unstacked` runs each LoRA A product as its own GEMM (the code before
+lora_gemm._shared, for an A/B in one call); bench/acceptance.sh runs the issue's acceptance in three device calls. Diagnostics, with
 $OUT set: BENCH_PROFILE=1 (a kernel table and a gzipped timeline, for bench/trace_gaps.py, of one more step;
 with BENCH_GRAPHS=0 the eager step's kernels), BENCH_MEMTRACE=1 (the allocations live at the peak, by source
 line; slows the steps). Each result also holds the peak of every step and, for graphed sides, the GPU time of
@@ -146,7 +147,12 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     torch.manual_seed(0)
     # tunelab@N: recompute only the first N layers; tunelab@Nh: and keep their inputs on the host (offload)
     side, _, ckpt = side.partition("@")
+    ckpt, _, variant = ckpt.partition("-")
     layers, offload = int(ckpt.rstrip("h") or -1), ckpt.endswith("h")
+    if variant == "unstacked":  # A/B within one call: LoRA A products one GEMM per projection, as before
+        import tunelab.fast.lora_gemm as lora_gemm
+        lora_gemm._shared = lambda projs, masks: []
+    ckpt += f"-{variant}" if variant else ""
     qlora = side.endswith("qlora")
     if side.startswith("tunelab_train"):
         return run_train(path, qlora, layers, offload, warmup, steps) | {"side": side + (f"@{ckpt}" if ckpt else "")}
@@ -272,9 +278,13 @@ def _memtrace(snapshot: dict) -> str:
     live: dict[int, tuple[int, str]] = {}
     total = peak = 0
     at_peak: dict[int, tuple[int, str]] = {}
+    freeing: set[int] = set()  # freed by PyTorch, not yet reusable (a block another stream used, a capture)
+    freeing_at_peak = 0
     for event in snapshot["device_traces"][0]:
         action, addr, size = event["action"], event["addr"], event["size"]
-        if action == "alloc":
+        if action == "free_requested" and addr in live:
+            freeing.add(addr)
+        elif action == "alloc":
             frames = event.get("frames") or []
             ours = next((f for f in frames if "/tunelab/" in f["filename"] or "/bench/" in f["filename"]), None)
             where = f"{Path(ours['filename']).name}:{ours['line']} {ours['name']}" if ours else "?"
@@ -283,15 +293,18 @@ def _memtrace(snapshot: dict) -> str:
             total += size
             if total > peak:
                 peak, at_peak = total, dict(live)
+                freeing_at_peak = sum(live[a][0] for a in freeing)
         elif action == "free_completed" and addr in live:
             total -= live.pop(addr)[0]
+            freeing.discard(addr)
     by_place: dict[str, list[int]] = {}
     for size, place in at_peak.values():
         entry = by_place.setdefault(place, [0, 0])
         entry[0] += size
         entry[1] += 1
     lines = [f"peak of traced allocations: {peak / 2**30:.3f} GiB (allocations made before the trace began "
-             f"are not in it)", "GiB | count | where"]
+             f"are not in it); of it {freeing_at_peak / 2**30:.3f} GiB freed but not yet reusable",
+             "GiB | count | where"]
     for place, (size, count) in sorted(by_place.items(), key=lambda kv: -kv[1][0])[:40]:
         lines.append(f"{size / 2**30:.4f} | {count} | {place}")
     return "\n".join(lines) + "\n"
