@@ -56,16 +56,14 @@ def main() -> None:
     kernels = by_stream[main_stream]
     start, end = kernels[0]["ts"], max(e["ts"] + e["dur"] for e in kernels)
     busy = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
-    copies = {k: union([(e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] == "gpu_memcpy" and copy_kind(e) == k])
-              for k in ("d2h", "h2d")}
+    copies = {k: union([(e["ts"], e["ts"] + e["dur"]) for e in events
+                        if e["cat"] == "gpu_memcpy" and copy_kind(e) == k]) for k in ("d2h", "h2d")}
     span = end - start
+    other = sum(e["dur"] for s, es in by_stream.items() if s != main_stream for e in es)
     print(f"stream {main_stream}: {len(kernels)} kernels, {span / 1e3:.1f} ms from first to last, "
-          f"busy {busy_in(busy, start, end) / 1e3:.1f} ms; copies d2h {busy_in(copies['d2h'], start, end) / 1e3:.1f} ms, "
-          f"h2d {busy_in(copies['h2d'], start, end) / 1e3:.1f} ms; other streams' kernels "
-          f"{sum(e['dur'] for s, es in by_stream.items() if s != main_stream for e in es) / 1e3:.1f} ms")
-    gaps = []
-    for (s0, e0), (s1, _) in zip(busy, busy[1:]):
-        gaps.append((s1 - e0, e0))
+          f"busy {busy_in(busy, start, end) / 1e3:.1f} ms; copies d2h {busy_in(copies['d2h'], start, end) / 1e3:.1f}"
+          f" ms, h2d {busy_in(copies['h2d'], start, end) / 1e3:.1f} ms; other streams' kernels {other / 1e3:.1f} ms")
+    gaps = [(s1 - e0, e0) for (_, e0), (s1, _) in zip(busy, busy[1:])]  # (idle us, where it starts)
     buckets = [(0, 5), (5, 20), (20, 100), (100, 1000), (1000, float("inf"))]
     print("idle gaps (us): " + ", ".join(
         f"{lo}-{hi}: {sum(1 for g, _ in gaps if lo <= g < hi)} ({sum(g for g, _ in gaps if lo <= g < hi) / 1e3:.1f} ms)"
@@ -81,8 +79,8 @@ def main() -> None:
     step = span / 20
     for i in range(20):
         lo, hi = start + i * step, start + (i + 1) * step
-        print(f"| {i} | {(lo - start) / 1e3:.0f} | {100 * busy_in(busy, lo, hi) / step:.0f} | "
-              f"{100 * busy_in(copies['d2h'], lo, hi) / step:.0f} | {100 * busy_in(copies['h2d'], lo, hi) / step:.0f} |")
+        shares = [100 * busy_in(spans, lo, hi) / step for spans in (busy, copies["d2h"], copies["h2d"])]
+        print(f"| {i} | {(lo - start) / 1e3:.0f} | " + " | ".join(f"{x:.0f}" for x in shares) + " |")
 
 
 if __name__ == "__main__":

@@ -56,10 +56,10 @@ def is_recomputing() -> bool:
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prologue, projs, n_inputs: int, residual, tail: bool, masks, *args):
-        inputs, loras = args[:n_inputs], args[n_inputs:]
+        inputs = args[:n_inputs]  # then the LoRA weights, read from projs (inputs here for their gradients)
         t = inputs[0] if prologue is None else prologue(*inputs)
         lead, flat = t.shape[:-1], t.reshape(-1, t.shape[-1])
-        products = _lora_products(flat, projs, loras, masks)
+        products = _lora_products(flat, projs, masks)
         outputs = []
         skip = tail and _recomputing  # the outputs are not read: only the LoRA products are (by backward)
         for i, p in enumerate(projs):
@@ -74,7 +74,7 @@ class _LoRAGroup(torch.autograd.Function):
             y = flat @ w.t() if add is None else torch.addmm(add.reshape(-1, w.shape[0]), flat, w.t())
             del w  # a dequantised NF4 weight lives only for its GEMM
             if products[i] is not None:
-                y.addmm_(products[i], loras[2 * i + 1].to(t.dtype).t(), alpha=p.scale)
+                y.addmm_(products[i], p.lora_b.to(t.dtype).t(), alpha=p.scale)
             outputs.append(y.view(*lead, -1))
         ctx.prologue, ctx.projs, ctx.n_inputs, ctx.masks = prologue, projs, n_inputs, masks
         ctx.has_residual = residual is not None
@@ -111,9 +111,9 @@ class _LoRAGroup(torch.autograd.Function):
         # undropped input (their A stacked), one per projection for those that read their own dropped copy
         shared = _shared(projs, masks)
         if shared:
-            dxa, a = torch.cat([dxas[i] for i in shared], 1), _stacked_a(projs, shared, t.dtype)
+            dxa, (a, ranks) = torch.cat([dxas[i] for i in shared], 1), _stacked_a(projs, shared, t.dtype)
             if any(projs[i].lora_a.requires_grad for i in shared):
-                for i, da in zip(shared, (dxa.t() @ flat).split([projs[i].lora_a.shape[0] for i in shared])):
+                for i, da in zip(shared, (dxa.t() @ flat).split(ranks)):
                     lora_grads[2 * i] = da if projs[i].lora_a.requires_grad else None
             if wanted:
                 dt.addmm_(dxa, a)
@@ -123,8 +123,8 @@ class _LoRAGroup(torch.autograd.Function):
             p = projs[i]
             if p.lora_a.requires_grad:
                 lora_grads[2 * i] = dxa.t() @ _dropped_input(flat, p, masks)
-            if wanted and _drops(p, masks):
-                dt = masks.add(dt, dxa @ p.lora_a.to(t.dtype), p.uid, p.dropout)  # dropout's backward: the same mask
+            if wanted and _drops(p, masks):  # dropout's backward: the same mask
+                dt = masks.add(dt, dxa @ p.lora_a.to(t.dtype), p.uid, p.dropout)
             elif wanted:
                 dt.addmm_(dxa, p.lora_a.to(t.dtype))
         if not wanted:
@@ -151,27 +151,28 @@ def _shared(projs: Sequence, masks: Masks | None) -> list[int]:
     """The projections (two or more, else none) whose LoRA branches read the group's input undropped: their A
     matrices are stacked into one GEMM. At rank 64 each A product is a thin GEMM that reads the whole
     (tokens x hidden) input for little work: stacked, q/k/v's three took 1.8-3x less time (bench/kernels.py
-    --fusion, H200, 8,192 tokens; about 10 ms of a 7B step, bench/RESULTS.md)."""
+    --fusion, H200, 8,192 tokens), and the 7B 8,192-token QLoRA step 6 ms less (bench/RESULTS.md)."""
     shared = [i for i, p in enumerate(projs) if p.lora_a is not None and not _drops(p, masks)]
     return shared if len(shared) > 1 else []
 
 
-def _stacked_a(projs: Sequence, shared: list[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([projs[i].lora_a for i in shared]).to(dtype)
+def _stacked_a(projs: Sequence, shared: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+    """The shared projections' A matrices as one (sum of ranks x in_features) matrix, and their ranks."""
+    return torch.cat([projs[i].lora_a for i in shared]).to(dtype), [projs[i].lora_a.shape[0] for i in shared]
 
 
-def _lora_products(flat: torch.Tensor, projs: Sequence, loras: Sequence, masks: Masks | None) -> list:
+def _lora_products(flat: torch.Tensor, projs: Sequence, masks: Masks | None) -> list:
     """Each projection's rank-sized LoRA product drop(t) A^T (None without LoRA), the shared ones from one
     GEMM (views of its output)."""
     shared = _shared(projs, masks)
     products: list[torch.Tensor | None] = [None] * len(projs)
     if shared:
-        stacked = flat @ _stacked_a(projs, shared, flat.dtype).t()
-        for i, xa in zip(shared, stacked.split([projs[i].lora_a.shape[0] for i in shared], 1)):
+        a, ranks = _stacked_a(projs, shared, flat.dtype)
+        for i, xa in zip(shared, (flat @ a.t()).split(ranks, 1)):
             products[i] = xa
     for i, p in enumerate(projs):
-        if loras[2 * i] is not None and products[i] is None:
-            products[i] = _dropped_input(flat, p, masks) @ loras[2 * i].to(flat.dtype).t()
+        if p.lora_a is not None and products[i] is None:
+            products[i] = _dropped_input(flat, p, masks) @ p.lora_a.to(flat.dtype).t()
     return products
 
 
