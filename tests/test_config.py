@@ -55,6 +55,11 @@ def test_override_applies_and_is_validated(tmp_path):
     assert name == "c" and cfg.lr == 3e-4 and cfg.lora_target_modules == ["q_proj"]
     with pytest.raises(ConfigError, match="'batch_size' must be an integer"):
         load_config(str(cfg_file), ["batch_size=1.5"])
+    # a key that takes a bool or 'auto' (the default) names both in its error
+    assert load_config(str(cfg_file))[0].offload_checkpoints == "auto"
+    assert load_config(str(cfg_file), ["offload_checkpoints=False"])[0].offload_checkpoints is False
+    with pytest.raises(ConfigError, match="'offload_checkpoints' must be True or False or one of 'auto', got 'yes'"):
+        load_config(str(cfg_file), ["offload_checkpoints='yes'"])
 
 
 def test_required_keys_and_case_insensitive_suggestion(tmp_path):

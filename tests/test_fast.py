@@ -3,6 +3,7 @@ packed, padded batches for every architecture (fp32 on CPU: tight), QLoRA with r
 chunked loss against F.cross_entropy, and (GPU only) the compiled bf16 kernels and varlen attention."""
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -396,18 +397,44 @@ def test_train_with_fast_path_on_cpu_matches_plain_run(tiny_llama, tmp_path):
     losses = {}
     for mode in ("on", "offload", "off"):
         values = dict(pretrained_model_name_or_path=str(tiny_llama), max_steps=6, save_steps=1000, lora_dropout=0.0,
-                      gradient_checkpointing=True,
-                      fast_path="off" if mode == "off" else "on", offload_checkpoints=mode == "offload",
+                      gradient_checkpointing=True, fast_path="off" if mode == "off" else "on",
                       evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
+        if mode == "offload":  # else the default, 'auto': off on a CPU
+            values["offload_checkpoints"] = True
         cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
         result = train(cfg, name, work_dir=str(tmp_path / mode))
         if mode == "offload":
             assert result.model.tunelab_fast.stash.buffers, "no layer input went to the host"
+        elif mode == "on":
+            assert cfg.offload_checkpoints == "auto" and result.model.tunelab_fast.stash is None
         losses[mode] = [loss for _, loss in sorted(run_losses(tmp_path / mode).items())]
     assert len(losses["on"]) == 6
     for fast in ("on", "offload"):
         for a, b in zip(losses[fast], losses["off"]):
             assert abs(a - b) < 1e-4 * max(1.0, abs(b)), (fast, losses[fast], losses["off"])
+
+
+def test_offload_auto_asks_for_a_gpu_and_room_on_the_host(tiny_llama, caplog):
+    """offload_checkpoints='auto' turns offload on only on a GPU, and only where the host buffers for the
+    largest batch fit in a quarter of the memory available, saying so when they do not. The estimate is what
+    a step fills: every recomputed layer's two inputs, attention output and log-sum-exp (single-sample rows,
+    whose CPU attention kernel the stash knows; fp32 here)."""
+    from tunelab.fast import HOST_SHARE, _host_has_room
+
+    cfg = _cfg(tiny_llama, batch_size=2, max_length=64)
+    model = _lora_model(tiny_llama, cfg)
+    fast = FastDecoder(model, compile=False, offload=True)
+    fast.token_losses(_single_rows(model.config.vocab_size, 2, 64, 0), torch.float32).sum().backward()
+    filled = sum(b.numel() * b.element_size() for b in fast.stash.buffers.values())
+    assert {name for (_, name), *_ in fast.stash.buffers} == {"x", "attention0", "attention1"}
+    assert filled == fast.host_bytes(2 * 64, element_size=4)
+    need = fast.host_bytes(2 * 64)
+    room = int(need / HOST_SHARE)
+    assert not _host_has_room(fast, cfg, "cpu", available=100 * room)
+    assert _host_has_room(fast, cfg, "cuda", available=room)
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        assert not _host_has_room(fast, cfg, "cuda", available=room - 8)
+    assert "offload_checkpoints auto: off" in caplog.text
 
 
 # -- GPU: compiled bf16 kernels and varlen attention against the eager reference ----------------------------

@@ -94,13 +94,15 @@ class Config:
         -1, "With gradient_checkpointing on the fast path: recompute only the first N layers in backward "
         "(-1: all). Fewer is faster and uses more memory: each layer not recomputed keeps its activations.",
         group="train", min=-1)
-    offload_checkpoints: bool = setting(
-        False, "With gradient_checkpointing on the fast path: keep each recomputed layer's input in pinned host "
+    offload_checkpoints: Union[bool, Literal["auto"]] = setting(
+        "auto", "With gradient_checkpointing on the fast path: keep each recomputed layer's input in pinned host "
         "memory instead of on the GPU (copied while the layer computes), as Unsloth's offloaded checkpointing "
         "does, and its attention output too, so that backward need not run attention forward again. Saves "
         "tokens x hidden_size x 2 bytes per recomputed layer. With CUDA graphs, "
         "QLoRA's block scales are then also dequantised at each GEMM, as bitsandbytes does, instead of kept in "
-        "fp32 (0.38 GiB for a 7B model).", group="train")
+        "fp32 (0.38 GiB for a 7B model). auto: on a GPU, where the host buffers for the largest batch "
+        "(about 3 x batch_size x max_length x hidden_size x 2 bytes per layer) take at most a quarter of the "
+        "host memory available.", group="train")
     fast_compile: bool = setting(True, "torch.compile the fast path's layers (GPU only; compiles once, "
                                  "in the first steps).", group="train")
     cuda_graphs: bool = setting(True, "Replay each micro-batch of the fast path as a CUDA graph (captured once "

@@ -36,7 +36,9 @@ def attach(model, cfg, device: str) -> None:
 
     compiled = device.startswith("cuda") and cfg.fast_compile
     fast = FastDecoder(model, compile=compiled, checkpointing=cfg.gradient_checkpointing,
-                       checkpoint_layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints)
+                       checkpoint_layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints is True)
+    if cfg.offload_checkpoints == "auto":
+        fast.use_host(_host_has_room(fast, cfg, device))
     model.tunelab_fast = fast
     # graphs replay recorded kernels: a recomputed layer's dropout in the compiled regions would not see its
     # first masks again (the GEMM groups' masks come from seeds), and a trainable head (full fine-tuning)
@@ -48,9 +50,30 @@ def attach(model, cfg, device: str) -> None:
         model.tunelab_graphs = GraphedSteps(fast, [p for p in model.parameters() if p.requires_grad])
         if fast.stash is not None:  # asked to be lean: the NF4 scales too (cheap to redo inside a graph)
             fast.keep_nf4_scales(False)
-    if cfg.offload_checkpoints and fast.stash is None and fast.checkpointed:
+    if cfg.offload_checkpoints is True and fast.stash is None and fast.checkpointed:
         log.info("offload_checkpoints ignored: lora_dropout > 0 with trainable base weights (the recomputed "
                  "layers keep their inputs)")
     log.info("fast path on (compiled: %s, CUDA graphs: %s, LoRA as %s, layers recomputed in backward: %d of %d%s)",
              compiled, graphs, "GEMM groups" if fast.lora_gemms else "compiled regions", len(fast.checkpointed),
              len(fast.layers), ", inputs on the host" if fast.stash else "")
+
+
+# offload_checkpoints='auto' turns on where the buffers for the largest batch take at most this share of the host
+# memory available: other batch shapes get buffers of their own, and the data loader and the rest need room
+HOST_SHARE = 0.25
+
+
+def _host_has_room(fast, cfg, device: str, available: int | None = None) -> bool:
+    """offload_checkpoints='auto': on a GPU, where the pinned buffers for the largest batch (batch_size x
+    max_length tokens) fit in HOST_SHARE of the host memory `available` (default: what is available now)."""
+    if not device.startswith("cuda"):
+        return False
+    if available is None:
+        import psutil
+        available = psutil.virtual_memory().available
+    need = fast.host_bytes(cfg.batch_size * cfg.max_length)
+    if need > HOST_SHARE * available:
+        log.info("offload_checkpoints auto: off (the recomputed layers' inputs would take %.1f GiB of pinned host "
+                 "memory, %.1f GiB is available); they stay on the GPU", need / 2**30, available / 2**30)
+        return False
+    return True

@@ -306,8 +306,8 @@ class FastDecoder:
         # whether a recomputation needs torch's random state replayed: the compiled regions' dropout does (and
         # then neither offload nor CUDA graphs can run); the GEMM groups make their masks again from seeds
         self.replays_rng = self.dropout > 0 and not self.lora_gemms
-        # offloaded layers are recomputed from an input fetched back from the host
-        self.stash = HostStash() if offload and self.checkpointed and not self.replays_rng else None
+        self.stash: HostStash | None = None
+        self.use_host(offload)
         if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -321,6 +321,18 @@ class FastDecoder:
         self.mlp_residual: Callable = wrap(_mlp_residual)
         self.dropped: Callable = wrap(dropped)
         self.add_dropped: Callable = wrap(add_dropped)
+
+    def use_host(self, offload: bool) -> None:
+        """Whether the recomputed layers are recomputed from inputs (and attention outputs) that waited on the
+        host (offload_checkpoints): only where layers are recomputed and no torch random state is replayed."""
+        self.stash = HostStash() if offload and self.checkpointed and not self.replays_rng else None
+
+    def host_bytes(self, tokens: int, element_size: int = 2) -> int:
+        """Pinned host memory that offload_checkpoints takes for a batch of `tokens` tokens (every batch shape
+        gets buffers of its own): per recomputed layer its two units' inputs and its attention output in the
+        compute dtype (`element_size` bytes: bf16), and the attention's log-sum-exp in fp32."""
+        width = 2 * self.core.config.hidden_size + self.heads * self.head_dim
+        return len(self.checkpointed) * tokens * (element_size * width + 4 * self.heads)
 
     def masks(self, device) -> Masks | None:
         """This forward's LoRA dropout (new seeds), or None where nothing is dropped (no dropout, evaluation,
