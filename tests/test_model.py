@@ -45,7 +45,7 @@ def test_qlora_training_is_unchanged_by_an_evaluation_forward(tiny_llama):
     weights as they were: bitsandbytes would repack them for its CPU inference kernel (on a CPU with
     AVX512-BF16), after which its training forward gives other losses and wrong gradients, and the fast path
     dequantises garbage. Losses and LoRA gradients after the evaluation equal those before, on both paths."""
-    from test_fast import _batch, _cfg, _losses_and_grads
+    from test_fast import _batch, _cfg, _losses_and_grads, _wake_lora_b
     from tunelab.fast.decoder import FastDecoder
     from tunelab.model.load import add_lora, load_model
     from tunelab.train import token_losses
@@ -53,9 +53,7 @@ def test_qlora_training_is_unchanged_by_an_evaluation_forward(tiny_llama):
     cfg = _cfg(tiny_llama, algorithm="qlora")
     model = add_lora(load_model(str(tiny_llama), dtype=torch.float32, bits=4, device="cpu"), cfg, quantized=True,
                      prepare=False).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)  # PEFT starts B at zero
+    _wake_lora_b(model)
     fast = FastDecoder(model, compile=False)
     batch = _batch(model.config.vocab_size, [[40, 25, 30], [60, 20]])
     paths = {"plain": lambda b: token_losses(model, b, torch.float32),
