@@ -7,8 +7,8 @@ same Llama-2-7B-shaped model (random weights), each side in its own process, in 
     python bench/speed.py --sides "lora2k=unsloth,lora2k=tunelab@32h"   # exactly these case=side pairs
 
 tunelab sides take `@N` (recompute only the first N layers) and `@Nh` (and keep their inputs on the host:
-offload_checkpoints); `@Nh-unstacked` runs each LoRA A product as its own GEMM (the code before
-lora_gemm._shared, for an A/B in one call). bench/acceptance.sh runs the issue's acceptance in three device
+offload_checkpoints, which also sends the gate/up outputs of the layers FastDecoder.output_layers_for picks);
+`@Nh-oK` sends those of K layers instead (`-o0`: none; for an A/B in one call). bench/acceptance.sh runs the issue's acceptance in three device
 calls. Diagnostics, with $OUT set: BENCH_PROFILE=1 (a kernel table and a gzipped timeline, for
 bench/trace_gaps.py, of one more step; with BENCH_GRAPHS=0 the eager step's kernels), BENCH_MEMTRACE=1 (the
 allocations live at the peak, by source line; slows the steps). Each result also holds the peak of every step
@@ -150,9 +150,10 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     side, _, ckpt = side.partition("@")
     ckpt, _, variant = ckpt.partition("-")
     layers, offload = int(ckpt.rstrip("h") or -1), ckpt.endswith("h")
-    if variant == "unstacked":  # A/B within one call: LoRA A products one GEMM per projection, as before
-        import tunelab.fast.lora_gemm as lora_gemm
-        lora_gemm._shared = lambda projs, masks: []
+    if variant.startswith("o"):  # A/B within one call: gate/up outputs of K layers on the host
+        from tunelab.fast.decoder import FastDecoder
+        pick = FastDecoder.output_layers_for
+        FastDecoder.output_layers_for = lambda self, tokens, count=None: pick(self, tokens, int(variant[1:]))
     ckpt += f"-{variant}" if variant else ""
     qlora = side.endswith("qlora")
     if side.startswith("tunelab_train"):
@@ -254,15 +255,16 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             step(n_steps - 1)
             torch.cuda.synchronize()
         averages = prof.key_averages()
-        trace = Path(out_dir, f"trace_{side}{ckpt}.json")  # the timeline, for bench/trace_gaps.py
+        name = side + ckpt + ("-eager" if os.environ.get("BENCH_GRAPHS", "1") == "0" else "")
+        trace = Path(out_dir, f"trace_{name}.json")  # the timeline, for bench/trace_gaps.py
         prof.export_chrome_trace(str(trace))
         subprocess.run(["gzip", "-f", str(trace)], check=False)
-        Path(out_dir, f"profile_{side}{ckpt}.txt").write_text(
+        Path(out_dir, f"profile_{name}.txt").write_text(
             averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60) + "\n\n" +
             averages.table(sort_by="self_cuda_time_total", row_limit=90, max_name_column_width=90))
-    graphs = getattr(model, "tunelab_graphs", None)
+    graphs, fast = getattr(model, "tunelab_graphs", None), getattr(model, "tunelab_fast", None)
     return dict(side=side + (f"@{ckpt}" if ckpt else ""), tokens=tokens, tok_s=counted / elapsed,
-                training=model.training,
+                training=model.training, output_layers=None if fast is None else fast.output_layers,
                 cuda_graphs=None if graphs is None else dict(
                     captured=len(graphs.graphs), failed={str(k): v for k, v in graphs.failed.items()}),
                 peak_gib=max(step_peaks), step_peaks_gib=[round(x, 3) for x in step_peaks],

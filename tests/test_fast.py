@@ -104,7 +104,7 @@ def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llam
 
     kept = accumulated(FastDecoder(model, compile=False, checkpoint_layers=-1))
     fast = FastDecoder(model, compile=False, checkpoint_layers=-1, offload=True)
-    assert fast.stash is not None
+    assert fast.stash is not None and not fast.output_layers
     offloaded = accumulated(fast)
     for name, g in kept.items():
         torch.testing.assert_close(offloaded[name], g, atol=1e-6, rtol=1e-4, msg=name)
@@ -115,6 +115,20 @@ def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llam
     assert not fast.stash.prefetched and not fast.stash.pending and not fast.stash.deferred
     embedded = model.get_input_embeddings()(batches[1]["input_ids"])
     torch.testing.assert_close(fast.stash.buffers[fast.stash.latest[0, "x"]], embedded)
+
+    # the first layer's gate/up outputs wait on the host too: its MLP half (unit 1) takes them back, fetched
+    # in the backward of the units above (the next layer's attention and MLP halves)
+    fast.use_host(True, [0])
+    with_outputs = accumulated(fast)
+    for name, g in kept.items():
+        torch.testing.assert_close(with_outputs[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    outputs = {slot for slot, *_ in fast.stash.buffers if slot[1].startswith("out")}
+    assert outputs == {(1, "out0"), (1, "out1")} and fast.stash.fetch_in == {(1, "out0"): 2, (1, "out1"): 3}
+    assert not fast.stash.prefetched and not fast.stash.outgoing
+    h = fast.norm(fast.stash.buffers[fast.stash.latest[1, "x"]], fast.layers[0].ln2, fast.layers[0].eps)
+    gate = fast.layers[0].gate
+    gate_out = h @ gate.base.weight.t() + gate.scale * (h @ gate.lora_a.t()) @ gate.lora_b.t()
+    torch.testing.assert_close(fast.stash.buffers[fast.stash.latest[1, "out0"]], gate_out, atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_masks_are_made_again_from_their_seed():
@@ -316,25 +330,27 @@ def test_lora_gemm_group_passes_gradcheck():
     assert torch.autograd.gradcheck(dropping, (x, residual, *loras))
 
 
-@pytest.mark.parametrize("recomputed,offload,o_reads,down_reads,attentions", [
-    (0, False, 2, 2, 1), (-1, False, 3, 2, 2), (-1, True, 2, 2, 1)])
+@pytest.mark.parametrize("recomputed,offload,o_reads,down_reads,attentions,output_layers", [
+    (0, False, 2, 2, 1, []), (-1, False, 3, 2, 2, []), (-1, True, 2, 2, 1, []), (-1, True, 2, 2, 1, [1])])
 def test_recomputation_skips_the_gemms_whose_output_it_never_reads(tiny_llama, recomputed, offload, o_reads,
-                                                                   down_reads, attentions):
+                                                                   down_reads, attentions, output_layers):
     """A recomputed layer runs its forward again only for what backward needs: the down projection's output
     (and, in an offloaded attention half, the o projection's) ends the unit and is not read again, so its
     weight goes through two GEMMs (forward, backward), not three; q's through three whenever the layer is
     recomputed (the first layer's input needs no gradient: one fewer). Counted per layer, on the GEMM-group
     path, as the matrix products that read each weight. An offloaded half fetches its attention output from
-    the host instead of running the attention kernel again."""
+    the host instead of running the attention kernel again, and a layer of output_layers its gate and up
+    outputs instead of running their GEMMs again."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from tunelab.fast.offload import ATTENTION_OPS
 
     model = _lora_model(tiny_llama, _cfg(tiny_llama))
     fast = FastDecoder(model, compile=False, checkpoint_layers=recomputed, offload=offload)
-    assert fast.lora_gemms
+    fast.use_host(offload, output_layers)
+    assert fast.lora_gemms and fast.output_layers == output_layers
     watched = {p.base.weight.untyped_storage().data_ptr(): (i, name) for i, L in enumerate(fast.layers)
-               for name, p in (("q", L.q), ("o", L.o), ("down", L.down))}
+               for name, p in (("q", L.q), ("o", L.o), ("up", L.up), ("down", L.down))}
     reads: dict[tuple, int] = {}
     gemms = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_}
 
@@ -354,6 +370,7 @@ def test_recomputation_skips_the_gemms_whose_output_it_never_reads(tiny_llama, r
     for i in range(len(fast.layers)):
         assert reads[(i, "o")] == o_reads and reads[(i, "down")] == down_reads, reads
         assert reads[(i, "q")] == (2 if recomputed == 0 else 3) - (i == 0), reads
+        assert reads[(i, "up")] == (2 if recomputed == 0 or i in output_layers else 3), reads
     assert reads["attention"] == attentions * len(fast.layers), reads
 
 
@@ -419,7 +436,7 @@ def test_offload_auto_asks_for_a_gpu_and_room_on_the_host(tiny_llama, caplog):
     largest batch fit in a quarter of the memory available, saying so when they do not. The estimate is what
     a step fills: every recomputed layer's two inputs, attention output and log-sum-exp (single-sample rows,
     whose CPU attention kernel the stash knows; fp32 here)."""
-    from tunelab.fast import HOST_SHARE, _host_has_room
+    from tunelab.fast import HOST_SHARE, _use_host
 
     cfg = _cfg(tiny_llama, batch_size=2, max_length=64)
     model = _lora_model(tiny_llama, cfg)
@@ -430,11 +447,54 @@ def test_offload_auto_asks_for_a_gpu_and_room_on_the_host(tiny_llama, caplog):
     assert filled == fast.host_bytes(2 * 64, element_size=4)
     need = fast.host_bytes(2 * 64)
     room = int(need / HOST_SHARE)
-    assert not _host_has_room(fast, cfg, "cpu", available=100 * room)
-    assert _host_has_room(fast, cfg, "cuda", available=room)
+    assert fast.output_layers_for(2 * 64) == []  # a tiny model's link has no room for outputs (see below)
+    _use_host(fast, cfg, "cpu", available=100 * room)
+    assert fast.stash is None
+    _use_host(fast, cfg, "cuda", available=room)
+    assert fast.stash is not None
     with caplog.at_level(logging.INFO, logger="tunelab"):
-        assert not _host_has_room(fast, cfg, "cuda", available=room - 8)
-    assert "offload_checkpoints auto: off" in caplog.text
+        _use_host(fast, cfg, "cuda", available=room - 8)
+    assert fast.stash is None and "offload_checkpoints auto: off" in caplog.text
+    explicit = _cfg(tiny_llama, batch_size=2, max_length=64, offload_checkpoints=True)
+    _use_host(fast, explicit, "cpu", available=room - 8)  # asked for: on, wherever it runs
+    assert fast.stash is not None
+
+    # gate/up outputs go too where output_layers_for picks layers and their buffers fit as well; else the
+    # inputs go alone
+    fast.output_layers_for = lambda tokens: [0]
+    _use_host(fast, cfg, "cuda", available=room)
+    assert fast.stash is not None and fast.output_layers == []
+    outputs = 2 * 64 * 2 * 2 * model.config.intermediate_size
+    _use_host(fast, cfg, "cuda", available=int((need + outputs) / HOST_SHARE))
+    assert fast.output_layers == [0] and fast.host_bytes(2 * 64) == need + outputs
+
+
+def test_output_layers_follow_the_links_room_and_the_peak():
+    """Which layers of a 7B model (built on the meta device: shapes only) send their gate/up outputs to the
+    host: as many as the forward's spare link time carries (more at 8,192 tokens than at 2,048, whose forward
+    has fewer attention FLOPs per token), spread out, never the top layer, and none whose up output, fetched
+    back early, would outweigh the LoRA gradients not yet made (fp32, 20 MB a layer): from layer 9 at 8,192
+    tokens (180 MB), none at 32,768."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(shape)
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    fast = FastDecoder(model, compile=False, checkpoint_layers=-1, offload=True)
+    at_8k, at_2k = fast.output_layers_for(8192), fast.output_layers_for(2048)
+    assert len(at_8k) == 13 and min(at_8k) == 9 and max(at_8k) < 31, at_8k
+    assert len(at_2k) == 9 and min(at_2k) >= 2 and max(at_2k) < 31, at_2k
+    assert max(b - a for a, b in zip(at_8k, at_8k[1:])) <= 2 and max(b - a for a, b in zip(at_2k, at_2k[1:])) <= 4
+    assert fast.output_layers_for(32768) == []
+    assert fast.output_layers_for(8192, count=99) == list(range(9, 31))
+    before = fast.host_bytes(8192)
+    fast.use_host(True, at_8k)
+    assert fast.host_bytes(8192) - before == 13 * 8192 * 2 * 11008 * 2
+    assert FastDecoder(model, compile=False, checkpoint_layers=0, offload=True).output_layers_for(8192) == []
 
 
 # -- GPU: compiled bf16 kernels and varlen attention against the eager reference ----------------------------
@@ -550,7 +610,7 @@ def _single_rows(vocab: int, rows: int, length: int, seed: int) -> dict[str, tor
 
 @GPU
 @pytest.mark.parametrize("recomputed,offload,dropout", [(-1, False, 0.0), (0, False, 0.0), (-1, True, 0.0),
-                                                       (-1, True, 0.1)])
+                                                       (-1, True, 0.1), (-1, "outputs", 0.1)])
 def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload, dropout):
     """A replayed graph gives the eager step's loss and LoRA gradients for new inputs of the same shape
     (single rows, and packed rows of the same width whose layouts differ but share a bucket: captured when
@@ -558,11 +618,14 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload,
     single rows' graph), and adds into the gradients already there (gradient accumulation). With LoRA
     dropout a replay draws its masks' seeds from the generator as the eager step does: seeded alike, they
     drop the same elements (of the same layout: a mask follows the flat index, so the eager step is given
-    the rows as the graph pads them)."""
+    the rows as the graph pads them). "outputs": the first layer's gate/up outputs wait on the host too, and
+    come back on their own stream inside the graph."""
     from tunelab.fast.graphs import GraphedSteps, _pad_width
 
     model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=5, dropout=dropout)
-    fast = FastDecoder(model, compile=True, checkpoint_layers=recomputed, offload=offload)
+    fast = FastDecoder(model, compile=True, checkpoint_layers=recomputed, offload=bool(offload))
+    if offload == "outputs":
+        fast.use_host(True, [0])
     params = [p for p in model.parameters() if p.requires_grad]
     graphs = GraphedSteps(fast, params)
     vocab = model.config.vocab_size
@@ -651,6 +714,15 @@ def test_gpu_offloaded_inputs_leave_the_device_and_match(tiny_llama):
     for g, r in zip(grads_host, grads_kept):
         assert torch.nn.functional.cosine_similarity(g.flatten().float(), r.flatten().float(), dim=0) > 0.999
         torch.testing.assert_close(g.norm(), r.norm(), rtol=1e-2, atol=1e-6)
+
+    # the first layer's gate/up outputs too: forward leaves no more on the GPU, and its recomputation takes
+    # forward's very outputs back (the GEMMs it skips would make them again from the same input)
+    fast.use_host(True, [0])
+    held_out, loss_out, grads_out = run(fast)
+    assert held_out <= held_host and {(1, "out0"), (1, "out1")} <= {slot for slot, *_ in fast.stash.buffers}
+    torch.testing.assert_close(loss_out, loss_host, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads_out, grads_host):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
 
 
 @GPU

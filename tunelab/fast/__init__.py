@@ -36,9 +36,8 @@ def attach(model, cfg, device: str) -> None:
 
     compiled = device.startswith("cuda") and cfg.fast_compile
     fast = FastDecoder(model, compile=compiled, checkpointing=cfg.gradient_checkpointing,
-                       checkpoint_layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints is True)
-    if cfg.offload_checkpoints == "auto":
-        fast.use_host(_host_has_room(fast, cfg, device))
+                       checkpoint_layers=cfg.checkpoint_layers)
+    _use_host(fast, cfg, device)
     model.tunelab_fast = fast
     # graphs replay recorded kernels: a recomputed layer's dropout in the compiled regions would not see its
     # first masks again (the GEMM groups' masks come from seeds), and a trainable head (full fine-tuning)
@@ -55,25 +54,41 @@ def attach(model, cfg, device: str) -> None:
                  "layers keep their inputs)")
     log.info("fast path on (compiled: %s, CUDA graphs: %s, LoRA as %s, layers recomputed in backward: %d of %d%s)",
              compiled, graphs, "GEMM groups" if fast.lora_gemms else "compiled regions", len(fast.checkpointed),
-             len(fast.layers), ", inputs on the host" if fast.stash else "")
+             len(fast.layers), _host_summary(fast))
 
 
-# offload_checkpoints='auto' turns on where the buffers for the largest batch take at most this share of the host
-# memory available: other batch shapes get buffers of their own, and the data loader and the rest need room
+def _host_summary(fast) -> str:
+    if fast.stash is None:
+        return ""
+    if not fast.output_layers:
+        return ", inputs on the host"
+    return f", inputs on the host, and gate/up outputs of {len(fast.output_layers)} layers"
+
+
+# The host buffers for the largest batch may take at most this share of the host memory available (other batch
+# shapes get buffers of their own, and the data loader and the rest need room): beyond it the gate/up outputs
+# stay on the GPU, and 'auto' keeps the inputs there too
 HOST_SHARE = 0.25
 
 
-def _host_has_room(fast, cfg, device: str, available: int | None = None) -> bool:
-    """offload_checkpoints='auto': on a GPU, where the pinned buffers for the largest batch (batch_size x
-    max_length tokens) fit in HOST_SHARE of the host memory `available` (default: what is available now)."""
-    if not device.startswith("cuda"):
-        return False
+def _use_host(fast, cfg, device: str, available: int | None = None) -> None:
+    """offload_checkpoints: what waits on the host. True: the recomputed layers' inputs; 'auto': the same, on
+    a GPU, where their pinned buffers for the largest batch (batch_size x max_length tokens) fit in HOST_SHARE
+    of the host memory `available` (default: what is available now). Either way, the gate/up outputs of the
+    layers that FastDecoder.output_layers_for picks, where those fit too."""
+    wanted = cfg.offload_checkpoints
+    if wanted is False or (wanted == "auto" and not device.startswith("cuda")):
+        fast.use_host(False)
+        return
     if available is None:
         import psutil
         available = psutil.virtual_memory().available
-    need = fast.host_bytes(cfg.batch_size * cfg.max_length)
-    if need > HOST_SHARE * available:
+    tokens = cfg.batch_size * cfg.max_length
+    fast.use_host(True, fast.output_layers_for(tokens))
+    if fast.output_layers and fast.host_bytes(tokens) > HOST_SHARE * available:
+        fast.use_host(True)  # the inputs only
+    need = fast.host_bytes(tokens)
+    if wanted == "auto" and need > HOST_SHARE * available:
         log.info("offload_checkpoints auto: off (the recomputed layers' inputs would take %.1f GiB of pinned host "
                  "memory, %.1f GiB is available); they stay on the GPU", need / 2**30, available / 2**30)
-        return False
-    return True
+        fast.use_host(False)

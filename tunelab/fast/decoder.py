@@ -36,7 +36,13 @@ from tunelab.fast.attention import PackedLayout, attention, packed_layout
 from tunelab.fast.dropout import Masks, add_dropped, dropped
 from tunelab.fast.lora_gemm import project, recomputing
 from tunelab.fast.loss import chunked_token_losses
-from tunelab.fast.offload import HostStash, offloaded
+from tunelab.fast.offload import HostStash, KeptOutputs, offloaded
+
+# The forward's link to the host carries the recomputed layers' inputs, and what room it has left carries the
+# gate/up outputs of some of them (FastDecoder.output_layers_for). Its room: the forward's FLOPs over this many
+# FLOPs per byte the link moves in the same time. H200, 7B QLoRA at 8,192 tokens: ~575 TFLOP/s of forward
+# against ~53 GB/s of pinned copies (bench/RESULTS.md); an H100 or A100 (half the FLOPs, a PCIe 4 link) is near.
+FLOP_PER_LINK_BYTE = 11_000
 
 
 @dataclass
@@ -307,6 +313,7 @@ class FastDecoder:
         # then neither offload nor CUDA graphs can run); the GEMM groups make their masks again from seeds
         self.replays_rng = self.dropout > 0 and not self.lora_gemms
         self.stash: HostStash | None = None
+        self.output_layers: list[int] = []
         self.use_host(offload)
         if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
             import torch._dynamo
@@ -322,17 +329,49 @@ class FastDecoder:
         self.dropped: Callable = wrap(dropped)
         self.add_dropped: Callable = wrap(add_dropped)
 
-    def use_host(self, offload: bool) -> None:
+    def use_host(self, offload: bool, output_layers=()) -> None:
         """Whether the recomputed layers are recomputed from inputs (and attention outputs) that waited on the
-        host (offload_checkpoints): only where layers are recomputed and no torch random state is replayed."""
+        host (offload_checkpoints): only where layers are recomputed and no torch random state is replayed.
+        `output_layers` (see output_layers_for): the layers whose gate/up outputs wait there too."""
         self.stash = HostStash() if offload and self.checkpointed and not self.replays_rng else None
+        self.output_layers = sorted(output_layers) if self.stash is not None and self.lora_gemms else []
+
+    def output_layers_for(self, tokens: int, count: int | None = None, element_size: int = 2) -> list[int]:
+        """The recomputed layers whose gate/up outputs go to the host too, for batches of `tokens` tokens: as
+        many as the link's room in forward carries (`count` overrides it), spread evenly so that their copies
+        do not pile up. Their recomputation then skips the layer's two largest GEMMs (and their NF4
+        dequantisation): about 2.4 of the 7B 8,192-token QLoRA step's 21 ms per layer on an H200.
+
+        Which layers may: not the top recomputed one, which has no unit above to fetch its outputs back early,
+        and none whose `up` output, fetched back while the layer above runs its backward, would raise the
+        step's peak: that lies at the end of backward, when every layer's LoRA gradients exist, so a layer
+        qualifies when the gradients of the layers below it, not made yet at that moment, outweigh its `up`."""
+        if not self.lora_gemms or not self.checkpointed:
+            return []
+        cfg = self.core.config
+        hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if count is None:  # per token and layer: forward FLOPs (causal attention), bytes already sent
+            flops = 2 * (hidden * (2 * q_out + 2 * kv_out) + 3 * hidden * inter) + 2 * tokens * q_out
+            sent = element_size * (2 * hidden + q_out) + 4 * self.heads
+            room = max(0.0, flops / FLOP_PER_LINK_BYTE - sent) * len(self.checkpointed)
+            count = int(room // (2 * element_size * inter))
+        grads = sum(t.numel() * t.element_size() for t in self.layers[0].trainable())
+        lowest = -(-tokens * inter * element_size // max(grads, 1)) - 1
+        top = max(self.checkpointed)
+        candidates = [i for i in sorted(self.checkpointed) if lowest <= i < top]
+        count = min(count, len(candidates))
+        return [candidates[(2 * j + 1) * len(candidates) // (2 * count)] for j in range(count)]
 
     def host_bytes(self, tokens: int, element_size: int = 2) -> int:
         """Pinned host memory that offload_checkpoints takes for a batch of `tokens` tokens (every batch shape
         gets buffers of its own): per recomputed layer its two units' inputs and its attention output in the
-        compute dtype (`element_size` bytes: bf16), and the attention's log-sum-exp in fp32."""
-        width = 2 * self.core.config.hidden_size + self.heads * self.head_dim
-        return len(self.checkpointed) * tokens * (element_size * width + 4 * self.heads)
+        compute dtype (`element_size` bytes: bf16), and the attention's log-sum-exp in fp32; per layer of
+        output_layers its gate and up outputs."""
+        cfg = self.core.config
+        width = 2 * cfg.hidden_size + self.heads * self.head_dim
+        return tokens * (len(self.checkpointed) * (element_size * width + 4 * self.heads)
+                         + len(self.output_layers) * element_size * 2 * cfg.intermediate_size)
 
     def masks(self, device) -> Masks | None:
         """This forward's LoRA dropout (new seeds), or None where nothing is dropped (no dropout, evaluation,
@@ -386,10 +425,13 @@ class FastDecoder:
         a = attend(q, k, v).flatten(2)
         return self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
 
-    def _mlp_half(self, x, h, L: Layer, masks: Masks | None):
-        """x + MLP(h), h = norm(x) (made here when None: an offloaded half starts from x alone)."""
+    def _mlp_half(self, x, h, L: Layer, masks: Masks | None, unit: int | None = None, kept: bool = False):
+        """x + MLP(h), h = norm(x) (made here when None: an offloaded half starts from x alone). `kept`: this
+        offloaded unit's gate/up outputs wait on the host (output_layers), fetched back one (gate) and two (up)
+        units early."""
         if self.lora_gemms:
-            g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up), masks=masks)
+            outputs = KeptOutputs(self.stash, unit, (unit + 1, unit + 2)) if kept else None
+            g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up), masks=masks, kept=outputs)
             return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks)[0]
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         if h is None:
@@ -422,7 +464,8 @@ class FastDecoder:
                     # two offloaded units per layer, attention (2i) and MLP (2i+1): a layer's backward then
                     # holds one half's activations at a time, not both (the MLP's input goes to the host too)
                     attn = lambda t, L=L, u=2 * i: self._attention_half(t, cos, sin, L, layout, masks, u)[0]  # noqa: E731
-                    mlp = lambda t, L=L: self._mlp_half(t, None, L, masks)  # noqa: E731
+                    mlp = lambda t, L=L, u=2 * i + 1, k=i in self.output_layers: self._mlp_half(  # noqa: E731
+                        t, None, L, masks, u, k)
                     below, params = (2 * i - 1 if i - 1 in self.checkpointed else None), L.trainable()
                     x = offloaded(self.stash, 2 * i, below, attn, x, params)
                     x = offloaded(self.stash, 2 * i + 1, 2 * i, mlp, x, params)

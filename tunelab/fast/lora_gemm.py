@@ -22,7 +22,7 @@ ends a recomputed unit (o with the residual, down with the residual) saves its i
 nothing reads that output again: marked `tail`, it skips its GEMMs inside `recomputing()` (a third of the
 recomputation's frozen FLOPs for a Llama layer; on an H200 the 8,192-token 7B QLoRA step fell from 784 to
 717 ms, bench/RESULTS.md) and returns an unfilled output of the right shape, through which autograd sends the
-gradient as before.
+gradient as before. A group whose outputs waited on the host (`kept`) takes them back instead of its GEMMs.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def is_recomputing() -> bool:
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prologue, projs, n_inputs: int, residual, tail: bool, masks, *args):
+    def forward(ctx, prologue, projs, n_inputs: int, residual, tail: bool, masks, kept, *args):
         inputs = args[:n_inputs]  # then the LoRA weights, read from projs (inputs here for their gradients)
         t = inputs[0] if prologue is None else prologue(*inputs)
         lead, flat = t.shape[:-1], t.reshape(-1, t.shape[-1])
@@ -63,6 +63,9 @@ class _LoRAGroup(torch.autograd.Function):
         outputs = []
         skip = tail and _recomputing  # the outputs are not read: only the LoRA products are (by backward)
         for i, p in enumerate(projs):
+            if kept is not None and _recomputing:  # forward's outputs, back from the host
+                outputs.append(kept.take(i, t.device))
+                continue
             if skip:
                 outputs.append(t.new_empty(()).expand(*lead, p.base.out_features))
                 continue
@@ -76,6 +79,8 @@ class _LoRAGroup(torch.autograd.Function):
             if products[i] is not None:
                 y.addmm_(products[i], p.lora_b.to(t.dtype).t(), alpha=p.scale)
             outputs.append(y.view(*lead, -1))
+            if kept is not None:
+                kept.put(i, outputs[-1])
         ctx.prologue, ctx.projs, ctx.n_inputs, ctx.masks = prologue, projs, n_inputs, masks
         ctx.has_residual = residual is not None
         ctx.save_for_backward(*inputs, *(x for x in products if x is not None))
@@ -85,7 +90,7 @@ class _LoRAGroup(torch.autograd.Function):
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         n_in, projs, masks = ctx.n_inputs, ctx.projs, ctx.masks
-        input_grad = ctx.needs_input_grad[6: 6 + n_in]
+        input_grad = ctx.needs_input_grad[7: 7 + n_in]
         inputs = [x.detach().requires_grad_(g) for x, g in zip(saved[:n_in], input_grad)]
         products = iter(saved[n_in:])
         with torch.enable_grad():
@@ -135,7 +140,7 @@ class _LoRAGroup(torch.autograd.Function):
             found = iter(torch.autograd.grad(t, wanted, dt.view(t.shape)))
         input_grads = [next(found) if x.requires_grad else None for x in inputs]
         residual_grad = grads[0] if ctx.has_residual and ctx.needs_input_grad[3] else None
-        return (None, None, None, residual_grad, None, None, *input_grads, *lora_grads)
+        return (None, None, None, residual_grad, None, None, None, *input_grads, *lora_grads)
 
 
 def _drops(p, masks: Masks | None) -> bool:
@@ -178,12 +183,14 @@ def _lora_products(flat: torch.Tensor, projs: Sequence, masks: Masks | None) -> 
 
 def project(prologue: Callable[..., torch.Tensor] | None, inputs: Sequence[torch.Tensor], projs: Sequence,
             residual: torch.Tensor | None = None, tail: bool = False,
-            masks: Masks | None = None) -> tuple[torch.Tensor, ...]:
+            masks: Masks | None = None, kept=None) -> tuple[torch.Tensor, ...]:
     """For each projection p of `projs` (decoder.Proj: frozen weight, optional frozen bias, optional LoRA):
     p(t) = t W^T + bias + scale * (drop(t) A^T) B^T, where t = prologue(*inputs) (or inputs[0] when prologue
     is None) and drop is p's dropout with `masks` (none when masks is None: evaluation, or no dropout);
     `residual`, when given, is added to the first projection's output. Gradients reach the inputs, the
     residual and the LoRA weights. `tail`: the outputs end a recomputed unit, so a recomputation need not
-    fill them (see the module's docstring). A recomputation must be given the masks its forward was."""
+    fill them (see the module's docstring). A recomputation must be given the masks its forward was. `kept`
+    (offload.KeptOutputs): forward hands each output i to kept.put(i, y), and a recomputation takes kept.take(i,
+    device) instead of running the frozen GEMMs (it still makes the LoRA products, which backward reads)."""
     loras = [t for p in projs for t in (p.lora_a, p.lora_b)]
-    return _LoRAGroup.apply(prologue, tuple(projs), len(inputs), residual, tail, masks, *inputs, *loras)
+    return _LoRAGroup.apply(prologue, tuple(projs), len(inputs), residual, tail, masks, kept, *inputs, *loras)

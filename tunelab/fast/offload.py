@@ -10,6 +10,12 @@ The attention half sends its attention output (and log-sum-exp) to the host too 
 recomputation then fetches them instead of running attention forward again, for one more tokens x hidden
 copy each way (on an H200 the 8,192-token 7B QLoRA step fell from 717 to 692 ms, bench/RESULTS.md).
 
+Where the link has room left in forward, some MLP halves send their gate and up outputs too (`KeptOutputs`,
+chosen by decoder.FastDecoder.output_layers_for): their recomputation takes them back instead of running the
+two largest GEMMs of the layer again. They travel on a stream of their own, so the inputs' copies, which the
+next unit waits for, do not queue behind them; and they come back one (gate) and two (up) units early, since
+their copy back takes longer than one unit's backward.
+
 The host buffers are allocated once per (slot, shape) and kept, so a captured CUDA graph (fast/graphs.py)
 copies to and from the same memory at every replay; the graphs' first, eager step of a shape allocates them,
 never a capture. On the CPU (the tests) the copies are plain."""
@@ -40,22 +46,25 @@ class HostStash:
         self.pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # copies out that forward must wait for
         self.deferred: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # ... at the end of the next unit
         self.kept: dict[int, list] = {}  # unit -> its attention kernel's outputs (slot names, small tensors)
-        self._stream: torch.cuda.Stream | None = None
+        self.outgoing: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # group outputs on their way out
+        self.fetch_in: dict[tuple, int] = {}  # a group output's slot -> the unit whose backward fetches it back
+        self._streams: dict[bool, torch.cuda.Stream] = {}  # the inputs' (False) and the outputs' (True)
 
-    def _side(self, device: torch.device) -> torch.cuda.Stream:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
-        return self._stream
+    def _side(self, device: torch.device, outputs: bool = False) -> torch.cuda.Stream:
+        if outputs not in self._streams:
+            self._streams[outputs] = torch.cuda.Stream(device)
+        return self._streams[outputs]
 
     @staticmethod
     def _twin(host: torch.Tensor, device: torch.device) -> torch.Tensor:
         """An empty device tensor laid out as `host` (a kernel's output comes back with its own strides)."""
         return torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=device)
 
-    def _copy_aside(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> torch.cuda.Event:
-        """dst <- src on the side stream, after what the current stream has queued; returns the event that
+    def _copy_aside(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device,
+                    outputs: bool = False) -> torch.cuda.Event:
+        """dst <- src on a side stream, after what the current stream has queued; returns the event that
         marks the copy done (the current stream must wait on it before it touches dst or reuses src)."""
-        side = self._side(device)
+        side = self._side(device, outputs)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             dst.copy_(src, non_blocking=True)
@@ -65,7 +74,17 @@ class HostStash:
 
     def put(self, unit: int, name: str, x: torch.Tensor, late: bool = False) -> None:
         """Start copying `x` to the host (its strides kept: a kernel's output comes back as it was made)."""
-        slot = unit, name
+        # x stays referenced until settle() has queued the wait, so its memory is not reused early
+        self._store((unit, name), x, self.deferred if late else self.pending)
+
+    def put_output(self, unit: int, name: str, x: torch.Tensor, fetch_in: int) -> None:
+        """Start copying a group output that `unit`'s recomputation takes instead of recomputing, on the
+        outputs' stream; unit `fetch_in`'s backward fetches it back (see prefetch_outputs)."""
+        self.flush()  # the outputs put before: long done by now, and their memory can go
+        self.fetch_in[unit, name] = fetch_in
+        self._store((unit, name), x, self.outgoing, outputs=True)
+
+    def _store(self, slot: tuple, x: torch.Tensor, queue: list, outputs: bool = False) -> None:
         self.prefetched.pop(slot, None)  # a copy back left by a backward that did not finish
         key = slot, tuple(x.shape), x.stride(), x.dtype
         if key not in self.buffers:
@@ -74,8 +93,14 @@ class HostStash:
         if not x.is_cuda:
             self.buffers[key].copy_(x)
             return
-        # x stays referenced until settle() has queued the wait, so its memory is not reused early
-        (self.deferred if late else self.pending).append((self._copy_aside(self.buffers[key], x, x.device), x))
+        queue.append((self._copy_aside(self.buffers[key], x, x.device, outputs), x))
+
+    def flush(self) -> None:
+        """Make the current stream wait for the group outputs' copies out, and let go of their sources (before
+        the next output goes, and when backward starts)."""
+        for done, _ in self.outgoing:
+            torch.cuda.current_stream().wait_event(done)
+        self.outgoing = []
 
     def settle(self) -> None:
         """Make the current stream wait for the copies out (queued after the unit's own forward, so the two
@@ -89,12 +114,21 @@ class HostStash:
         """Start copying `unit`'s slots back to the device (in backward, while the unit above runs)."""
         if device.type != "cuda":
             return
-        for slot, key in self.latest.items():
-            if slot[0] == unit and slot not in self.prefetched:
-                host = self.buffers[key]
-                # allocated on the main stream, which frees it after its last use there (after it waited for the copy)
-                back = self._twin(host, device)
-                self.prefetched[slot] = (self._copy_aside(back, host, device), back)
+        self._fetch([slot for slot in self.latest if slot[0] == unit and slot not in self.fetch_in], device)
+
+    def prefetch_outputs(self, unit: int, device: torch.device) -> None:
+        """Start copying back the group outputs that `unit`'s backward fetches (put_output's `fetch_in`)."""
+        if device.type == "cuda":
+            self._fetch([slot for slot, at in self.fetch_in.items() if at == unit], device, outputs=True)
+
+    def _fetch(self, slots: list, device: torch.device, outputs: bool = False) -> None:
+        for slot in slots:
+            if slot in self.prefetched:
+                continue
+            host = self.buffers[self.latest[slot]]
+            # allocated on the main stream, which frees it after its last use there (after it waited for the copy)
+            back = self._twin(host, device)
+            self.prefetched[slot] = (self._copy_aside(back, host, device, outputs), back)
 
     def take(self, unit: int, name: str, device: torch.device) -> torch.Tensor:
         """A slot's tensor on the device again."""
@@ -182,14 +216,31 @@ class _OffloadedUnit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         stash = ctx.stash
+        stash.flush()
         x = stash.take(ctx.unit, "x", grad.device)
         if ctx.below is not None:
             stash.prefetch(ctx.below, grad.device)  # the next unit down, while this one recomputes
+        stash.prefetch_outputs(ctx.unit, grad.device)  # group outputs of a unit further down
         x = x.detach().requires_grad_(ctx.x_grad)
         with torch.enable_grad(), recomputing():
             y = ctx.run(x)
         torch.autograd.backward(y, grad)
         return (x.grad if ctx.x_grad else None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+class KeptOutputs:
+    """A LoRA group's outputs (lora_gemm.project's `kept`) that go to the host in forward and that the unit's
+    recomputation takes back instead of running the group's frozen GEMMs; output i comes back during the
+    backward of unit `fetch_in[i]` (a unit above, whose backward runs earlier)."""
+
+    def __init__(self, stash: HostStash, unit: int, fetch_in: Sequence[int]):
+        self.stash, self.unit, self.fetch_in = stash, unit, fetch_in
+
+    def put(self, i: int, y: torch.Tensor) -> None:
+        self.stash.put_output(self.unit, f"out{i}", y, self.fetch_in[i])
+
+    def take(self, i: int, device: torch.device) -> torch.Tensor:
+        return self.stash.take(self.unit, f"out{i}", device)
 
 
 def offloaded(stash: HostStash, unit: int, below: int | None, run: Callable[[torch.Tensor], torch.Tensor],
