@@ -112,7 +112,7 @@ def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llam
     assert sorted(slot for slot, *_ in fast.stash.buffers if slot[1] == "x") == [(u, "x") for u in range(2 * layers)]
     attention = {slot for slot, *_ in fast.stash.buffers if slot[1] != "x"}  # the output and its log-sum-exp
     assert attention == {(u, f"attention{i}") for u in range(0, 2 * layers, 2) for i in (0, 1)}, attention
-    assert not fast.stash.prefetched and not fast.stash.pending and not fast.stash.deferred
+    assert not fast.stash.prefetched and not fast.stash.outgoing
     embedded = model.get_input_embeddings()(batches[1]["input_ids"])
     torch.testing.assert_close(fast.stash.buffers[fast.stash.latest[0, "x"]], embedded)
 

@@ -333,7 +333,10 @@ class FastDecoder:
         """Whether the recomputed layers are recomputed from inputs (and attention outputs) that waited on the
         host (offload_checkpoints): only where layers are recomputed and no torch random state is replayed.
         `output_layers` (see output_layers_for): the layers whose gate/up outputs wait there too."""
-        self.stash = HostStash() if offload and self.checkpointed and not self.replays_rng else None
+        # forward's copies out may hold as much device memory as the LoRA gradients, which do not exist yet then
+        # (without gradient accumulation) and which the step's peak, at the end of backward, holds
+        in_flight = sum(t.numel() * t.element_size() for L in self.layers for t in L.trainable())
+        self.stash = HostStash(in_flight) if offload and self.checkpointed and not self.replays_rng else None
         self.output_layers = sorted(output_layers) if self.stash is not None and self.lora_gemms else []
 
     def output_layers_for(self, tokens: int, count: int | None = None, element_size: int = 2) -> list[int]:

@@ -1,8 +1,9 @@
 """Recomputed layers whose inputs wait in pinned host memory instead of on the GPU (what Unsloth's offloaded
 checkpointing does). The decoder offloads two units per layer, its attention half and its MLP half. A unit
 keeps only its input for backward: tokens x hidden x 2 bytes, 16 MiB per 2,048 tokens of a 4096-wide model.
-Here that input goes to the host in forward, on a side stream while the unit itself computes, and comes back
-in backward one unit ahead of its use, so the copies overlap the compute instead of pacing it. Two units per
+Here that input goes to the host in forward, on a side stream while the unit itself computes (and the units
+after it: the compute waits only once too many bytes are on their way, see HostStash), and comes back in
+backward one unit ahead of its use, so the copies overlap the compute instead of pacing it. Two units per
 layer, not one, because a unit's backward holds its own recomputed activations only: the MLP's backward
 runs without the attention's q, k, v and output still held.
 
@@ -12,15 +13,15 @@ copy each way (on an H200 the 8,192-token 7B QLoRA step fell from 717 to 692 ms,
 
 Where the link has room left in forward, some MLP halves send their gate and up outputs too (`KeptOutputs`,
 chosen by decoder.FastDecoder.output_layers_for): their recomputation takes them back instead of running the
-two largest GEMMs of the layer again. They travel on a stream of their own, so the inputs' copies, which the
-next unit waits for, do not queue behind them; and they come back one (gate) and two (up) units early, since
-their copy back takes longer than one unit's backward.
+two largest GEMMs of the layer again. They come back one (gate) and two (up) units early, since their copy
+back takes longer than one unit's backward.
 
 The host buffers are allocated once per (slot, shape) and kept, so a captured CUDA graph (fast/graphs.py)
 copies to and from the same memory at every replay; the graphs' first, eager step of a shape allocates them,
 never a capture. On the CPU (the tests) the copies are plain."""
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Sequence
 
 import torch
@@ -36,35 +37,39 @@ ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot
 
 
 class HostStash:
-    """The host copies of the recomputed units' inputs (and attention outputs), and the copies back that are
-    in flight. A slot is (unit, name)."""
+    """The host copies of the recomputed units' inputs (and attention and group outputs), and the copies out and
+    back that are in flight. A slot is (unit, name).
 
-    def __init__(self):
+    Every copy runs on one side stream, in the order it was asked for. In forward the compute stream waits
+    for a copy out only once more than `in_flight` bytes are on their way (the oldest first): until then the
+    sources stay referenced, so their memory is not reused early, and a large group output delays the copies
+    queued behind it without holding up the compute. In backward the copies back queue in the order they are
+    needed: a unit's inputs before the group outputs that a unit further down takes."""
+
+    def __init__(self, in_flight: int = 1 << 30):
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.latest: dict[tuple, tuple] = {}  # slot -> the key of the buffer its last put filled
         self.prefetched: dict[tuple, tuple[torch.cuda.Event, torch.Tensor]] = {}
-        self.pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # copies out that forward must wait for
-        self.deferred: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # ... at the end of the next unit
+        self.outgoing: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()  # copies out not yet waited for
+        self.in_flight = in_flight  # bytes of sources that outgoing may hold on the device
         self.kept: dict[int, list] = {}  # unit -> its attention kernel's outputs (slot names, small tensors)
-        self.outgoing: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # group outputs on their way out
         self.fetch_in: dict[tuple, int] = {}  # a group output's slot -> the unit whose backward fetches it back
-        self._streams: dict[bool, torch.cuda.Stream] = {}  # the inputs' (False) and the outputs' (True)
+        self._stream: torch.cuda.Stream | None = None
 
-    def _side(self, device: torch.device, outputs: bool = False) -> torch.cuda.Stream:
-        if outputs not in self._streams:
-            self._streams[outputs] = torch.cuda.Stream(device)
-        return self._streams[outputs]
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
 
     @staticmethod
     def _twin(host: torch.Tensor, device: torch.device) -> torch.Tensor:
         """An empty device tensor laid out as `host` (a kernel's output comes back with its own strides)."""
         return torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=device)
 
-    def _copy_aside(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device,
-                    outputs: bool = False) -> torch.cuda.Event:
-        """dst <- src on a side stream, after what the current stream has queued; returns the event that
+    def _copy_aside(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> torch.cuda.Event:
+        """dst <- src on the side stream, after what the current stream has queued; returns the event that
         marks the copy done (the current stream must wait on it before it touches dst or reuses src)."""
-        side = self._side(device, outputs)
+        side = self._side(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             dst.copy_(src, non_blocking=True)
@@ -72,20 +77,14 @@ class HostStash:
             done.record(side)
         return done
 
-    def put(self, unit: int, name: str, x: torch.Tensor, late: bool = False) -> None:
-        """Start copying `x` to the host (its strides kept: a kernel's output comes back as it was made)."""
-        # x stays referenced until settle() has queued the wait, so its memory is not reused early
-        self._store((unit, name), x, self.deferred if late else self.pending)
-
-    def put_output(self, unit: int, name: str, x: torch.Tensor, fetch_in: int) -> None:
-        """Start copying a group output that `unit`'s recomputation takes instead of recomputing, on the
-        outputs' stream; unit `fetch_in`'s backward fetches it back (see prefetch_outputs)."""
-        self.flush()  # the outputs put before: long done by now, and their memory can go
-        self.fetch_in[unit, name] = fetch_in
-        self._store((unit, name), x, self.outgoing, outputs=True)
-
-    def _store(self, slot: tuple, x: torch.Tensor, queue: list, outputs: bool = False) -> None:
+    def put(self, unit: int, name: str, x: torch.Tensor, fetch_in: int | None = None) -> None:
+        """Start copying `x` to the host (its strides kept: a kernel's output comes back as it was made).
+        `fetch_in`: a group output that `unit`'s recomputation takes, which the backward of unit `fetch_in`
+        fetches back (prefetch_outputs); otherwise the slot comes back with its unit's other inputs (prefetch)."""
+        slot = unit, name
         self.prefetched.pop(slot, None)  # a copy back left by a backward that did not finish
+        if fetch_in is not None:
+            self.fetch_in[slot] = fetch_in
         key = slot, tuple(x.shape), x.stride(), x.dtype
         if key not in self.buffers:
             self.buffers[key] = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, pin_memory=x.is_cuda)
@@ -93,22 +92,19 @@ class HostStash:
         if not x.is_cuda:
             self.buffers[key].copy_(x)
             return
-        queue.append((self._copy_aside(self.buffers[key], x, x.device, outputs), x))
+        self.outgoing.append((self._copy_aside(self.buffers[key], x, x.device), x))
+        held = sum(src.numel() * src.element_size() for _, src in self.outgoing)
+        while held > self.in_flight and len(self.outgoing) > 1:  # the newest copy is never waited for at once
+            done, src = self.outgoing.popleft()
+            torch.cuda.current_stream(x.device).wait_event(done)
+            held -= src.numel() * src.element_size()
 
     def flush(self) -> None:
-        """Make the current stream wait for the group outputs' copies out, and let go of their sources (before
-        the next output goes, and when backward starts)."""
-        for done, _ in self.outgoing:
+        """Make the current stream wait for every copy out, and let go of their sources (when backward starts:
+        a slot fetched back without prefetch is copied on the current stream)."""
+        while self.outgoing:
+            done, _ = self.outgoing.popleft()
             torch.cuda.current_stream().wait_event(done)
-        self.outgoing = []
-
-    def settle(self) -> None:
-        """Make the current stream wait for the copies out (queued after the unit's own forward, so the two
-        overlap), and let go of their sources. A copy started late in a unit (`put(late=True)`: the attention
-        output) is waited for at the end of the next unit instead, which it overlaps too."""
-        for done, _ in self.pending:
-            torch.cuda.current_stream().wait_event(done)
-        self.pending, self.deferred = self.deferred, []
 
     def prefetch(self, unit: int, device: torch.device) -> None:
         """Start copying `unit`'s slots back to the device (in backward, while the unit above runs)."""
@@ -117,18 +113,18 @@ class HostStash:
         self._fetch([slot for slot in self.latest if slot[0] == unit and slot not in self.fetch_in], device)
 
     def prefetch_outputs(self, unit: int, device: torch.device) -> None:
-        """Start copying back the group outputs that `unit`'s backward fetches (put_output's `fetch_in`)."""
+        """Start copying back the group outputs that `unit`'s backward fetches (put's `fetch_in`)."""
         if device.type == "cuda":
-            self._fetch([slot for slot, at in self.fetch_in.items() if at == unit], device, outputs=True)
+            self._fetch([slot for slot, at in self.fetch_in.items() if at == unit], device)
 
-    def _fetch(self, slots: list, device: torch.device, outputs: bool = False) -> None:
+    def _fetch(self, slots: list, device: torch.device) -> None:
         for slot in slots:
             if slot in self.prefetched:
                 continue
             host = self.buffers[self.latest[slot]]
             # allocated on the main stream, which frees it after its last use there (after it waited for the copy)
             back = self._twin(host, device)
-            self.prefetched[slot] = (self._copy_aside(back, host, device, outputs), back)
+            self.prefetched[slot] = (self._copy_aside(back, host, device), back)
 
     def take(self, unit: int, name: str, device: torch.device) -> torch.Tensor:
         """A slot's tensor on the device again."""
@@ -160,7 +156,7 @@ class HostStash:
             for i, o in enumerate(capture.outputs):
                 # the output and log-sum-exp go; a random state or seed (0-d, 1-d) stays on the device
                 if isinstance(o, torch.Tensor) and o.dim() >= 2 and o.numel() > 0:
-                    self.put(unit, f"attention{i}", o, late=True)
+                    self.put(unit, f"attention{i}", o)
                     o = f"attention{i}"
                 kept.append(o)
             self.kept[unit] = kept
@@ -210,7 +206,6 @@ class _OffloadedUnit(torch.autograd.Function):
         stash.put(unit, "x", x)
         with torch.no_grad():
             y = run(x)
-        stash.settle()
         return y
 
     @staticmethod
@@ -237,7 +232,7 @@ class KeptOutputs:
         self.stash, self.unit, self.fetch_in = stash, unit, fetch_in
 
     def put(self, i: int, y: torch.Tensor) -> None:
-        self.stash.put_output(self.unit, f"out{i}", y, self.fetch_in[i])
+        self.stash.put(self.unit, f"out{i}", y, self.fetch_in[i])
 
     def take(self, i: int, device: torch.device) -> torch.Tensor:
         return self.stash.take(self.unit, f"out{i}", device)
