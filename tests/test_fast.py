@@ -694,6 +694,11 @@ def test_gpu_offloaded_inputs_leave_the_device_and_match(tiny_llama):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         loss = fast.token_losses(batch, torch.bfloat16).sum() / 1000
+        if fast.stash is not None:  # copies still on their way out hold their sources, up to the budget
+            sending = torch.cuda.memory_allocated()
+            newest = fast.stash.outgoing[-1][1]
+            fast.stash.flush()
+            assert sending - torch.cuda.memory_allocated() <= fast.stash.in_flight + newest.nbytes
         held = torch.cuda.memory_allocated() - before
         loss.backward()
         return held, loss.detach(), [p.grad.clone() for p in params]
