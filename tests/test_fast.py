@@ -486,14 +486,16 @@ def test_output_layers_follow_the_links_room_and_the_peak():
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     fast = FastDecoder(model, compile=False, checkpoint_layers=-1, offload=True)
     at_8k, at_2k = fast.output_layers_for(8192), fast.output_layers_for(2048)
-    assert len(at_8k) == 13 and min(at_8k) == 9 and max(at_8k) < 31, at_8k
-    assert len(at_2k) == 9 and min(at_2k) >= 2 and max(at_2k) < 31, at_2k
-    assert max(b - a for a, b in zip(at_8k, at_8k[1:])) <= 2 and max(b - a for a, b in zip(at_2k, at_2k[1:])) <= 4
+    assert len(at_8k) == 8 and min(at_8k) >= 9 and max(at_8k) < 31, at_8k
+    assert len(at_2k) == 5 and min(at_2k) >= 2 and max(at_2k) < 31, at_2k
+    for picked in (at_8k, at_2k):
+        gaps = [b - a for a, b in zip(picked, picked[1:])]
+        assert max(gaps) - min(gaps) <= 1, picked
     assert fast.output_layers_for(32768) == []
     assert fast.output_layers_for(8192, count=99) == list(range(9, 31))
     before = fast.host_bytes(8192)
     fast.use_host(True, at_8k)
-    assert fast.host_bytes(8192) - before == 13 * 8192 * 2 * 11008 * 2
+    assert fast.host_bytes(8192) - before == 8 * 8192 * 2 * 11008 * 2
     assert FastDecoder(model, compile=False, checkpoint_layers=0, offload=True).output_layers_for(8192) == []
 
 
@@ -694,11 +696,7 @@ def test_gpu_offloaded_inputs_leave_the_device_and_match(tiny_llama):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         loss = fast.token_losses(batch, torch.bfloat16).sum() / 1000
-        if fast.stash is not None:  # copies still on their way out hold their sources, up to the budget
-            sending = torch.cuda.memory_allocated()
-            newest = fast.stash.outgoing[-1][1]
-            fast.stash.flush()
-            assert sending - torch.cuda.memory_allocated() <= fast.stash.in_flight + newest.nbytes
+        assert fast.stash is None or not fast.stash.outgoing  # forward waited for its copies out at its end
         held = torch.cuda.memory_allocated() - before
         loss.backward()
         return held, loss.detach(), [p.grad.clone() for p in params]

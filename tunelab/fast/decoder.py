@@ -41,8 +41,10 @@ from tunelab.fast.offload import HostStash, KeptOutputs, offloaded
 # The forward's link to the host carries the recomputed layers' inputs, and what room it has left carries the
 # gate/up outputs of some of them (FastDecoder.output_layers_for). Its room: the forward's FLOPs over this many
 # FLOPs per byte the link moves in the same time. H200, 7B QLoRA at 8,192 tokens: ~575 TFLOP/s of forward
-# against ~53 GB/s of pinned copies (bench/RESULTS.md); an H100 or A100 (half the FLOPs, a PCIe 4 link) is near.
-FLOP_PER_LINK_BYTE = 11_000
+# against ~53 GB/s of pinned copies, 11,000; 13,000 leaves room for the copies' uneven pace: it picks 8 layers
+# there, which took 20 ms off the step where 13 took 8 (bench/RESULTS.md). An H100 or A100 (half the FLOPs, a
+# PCIe 4 link) is near.
+FLOP_PER_LINK_BYTE = 13_000
 
 
 @dataclass
@@ -334,7 +336,8 @@ class FastDecoder:
         host (offload_checkpoints): only where layers are recomputed and no torch random state is replayed.
         `output_layers` (see output_layers_for): the layers whose gate/up outputs wait there too."""
         # forward's copies out may hold as much device memory as the LoRA gradients, which do not exist yet then
-        # (without gradient accumulation) and which the step's peak, at the end of backward, holds
+        # (without gradient accumulation) and which the step's peak, at the end of backward, holds; at the end of
+        # forward they are all waited for (the loss and backward need the room)
         in_flight = sum(t.numel() * t.element_size() for L in self.layers for t in L.trainable())
         self.stash = HostStash(in_flight) if offload and self.checkpointed and not self.replays_rng else None
         self.output_layers = sorted(output_layers) if self.stash is not None and self.lora_gemms else []
@@ -479,6 +482,8 @@ class FastDecoder:
                                    preserve_rng_state=self.replays_rng, context_fn=_marked_recomputation)
             else:
                 x = self._layer(x, cos, sin, L, layout, masks)
+        if self.stash is not None:  # the copies still on their way out: their sources go before the loss's memory comes
+            self.stash.flush()
         return _rms_norm(x, core.norm.weight, _eps(core.norm))
 
     def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,

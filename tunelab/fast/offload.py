@@ -100,8 +100,8 @@ class HostStash:
             held -= src.numel() * src.element_size()
 
     def flush(self) -> None:
-        """Make the current stream wait for every copy out, and let go of their sources (when backward starts:
-        a slot fetched back without prefetch is copied on the current stream)."""
+        """Make the current stream wait for every copy out, and let go of their sources (at the end of forward,
+        and when backward starts: a slot fetched back without prefetch is copied on the current stream)."""
         while self.outgoing:
             done, _ = self.outgoing.popleft()
             torch.cuda.current_stream().wait_event(done)
