@@ -335,11 +335,7 @@ class FastDecoder:
         """Whether the recomputed layers are recomputed from inputs (and attention outputs) that waited on the
         host (offload_checkpoints): only where layers are recomputed and no torch random state is replayed.
         `output_layers` (see output_layers_for): the layers whose gate/up outputs wait there too."""
-        # forward's copies out may hold as much device memory as the LoRA gradients, which do not exist yet then
-        # (without gradient accumulation) and which the step's peak, at the end of backward, holds; at the end of
-        # forward they are all waited for (the loss and backward need the room)
-        in_flight = sum(t.numel() * t.element_size() for L in self.layers for t in L.trainable())
-        self.stash = HostStash(in_flight) if offload and self.checkpointed and not self.replays_rng else None
+        self.stash = HostStash() if offload and self.checkpointed and not self.replays_rng else None
         self.output_layers = sorted(output_layers) if self.stash is not None and self.lora_gemms else []
 
     def output_layers_for(self, tokens: int, count: int | None = None, element_size: int = 2) -> list[int]:
@@ -354,13 +350,10 @@ class FastDecoder:
         qualifies when the gradients of the layers below it, not made yet at that moment, outweigh its `up`."""
         if not self.lora_gemms or not self.checkpointed:
             return []
-        cfg = self.core.config
-        hidden, inter = cfg.hidden_size, cfg.intermediate_size
-        q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        if count is None:  # per token and layer: forward FLOPs (causal attention), bytes already sent
-            flops = 2 * (hidden * (2 * q_out + 2 * kv_out) + 3 * hidden * inter) + 2 * tokens * q_out
-            sent = element_size * (2 * hidden + q_out) + 4 * self.heads
-            room = max(0.0, flops / FLOP_PER_LINK_BYTE - sent) * len(self.checkpointed)
+        hidden, inter = self.core.config.hidden_size, self.core.config.intermediate_size
+        if count is None:  # per token and layer: what the link moves while forward runs, less what it sends already
+            sent = element_size * (2 * hidden + self.heads * self.head_dim) + 4 * self.heads
+            room = max(0.0, self._link_bytes(tokens) - sent) * len(self.checkpointed)
             count = int(room // (2 * element_size * inter))
         grads = sum(t.numel() * t.element_size() for t in self.layers[0].trainable())
         lowest = -(-tokens * inter * element_size // max(grads, 1)) - 1
@@ -368,6 +361,14 @@ class FastDecoder:
         candidates = [i for i in sorted(self.checkpointed) if lowest <= i < top]
         count = min(count, len(candidates))
         return [candidates[(2 * j + 1) * len(candidates) // (2 * count)] for j in range(count)]
+
+    def _link_bytes(self, tokens: int) -> float:
+        """Bytes per token that the link to the host moves while one layer's forward runs, for sequences of
+        `tokens` tokens: the layer's forward FLOPs per token (causal attention) over FLOP_PER_LINK_BYTE."""
+        hidden, inter = self.core.config.hidden_size, self.core.config.intermediate_size
+        q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        flops = 2 * (hidden * (2 * q_out + 2 * kv_out) + 3 * hidden * inter) + 2 * tokens * q_out
+        return flops / FLOP_PER_LINK_BYTE
 
     def host_bytes(self, tokens: int, element_size: int = 2) -> int:
         """Pinned host memory that offload_checkpoints takes for a batch of `tokens` tokens (every batch shape
@@ -464,6 +465,11 @@ class FastDecoder:
         cos, sin = core.rotary_emb(x, position_ids)
         cos, sin = cos.to(dtype), sin.to(dtype)
         masks = self.masks(x.device)  # given to each layer and to its recomputation alike
+        if self.stash is not None:
+            # forward's copies out may hold what the link moves in two layers' forward (on an H200: 0.6 GiB for
+            # a 7B model at 8,192 tokens, 0.12 at 2,048); 0.6 GiB at 2,048 tokens raised the step's peak
+            tokens = x.shape[0] * x.shape[1]
+            self.stash.in_flight = int(2 * tokens * self._link_bytes(x.shape[1]))
         for i, L in enumerate(self.layers):
             if i in self.checkpointed and torch.is_grad_enabled():
                 if self.stash is not None:

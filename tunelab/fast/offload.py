@@ -46,12 +46,12 @@ class HostStash:
     queued behind it without holding up the compute. In backward the copies back queue in the order they are
     needed: a unit's inputs before the group outputs that a unit further down takes."""
 
-    def __init__(self, in_flight: int = 1 << 30):
+    def __init__(self, in_flight: int = 0):
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.latest: dict[tuple, tuple] = {}  # slot -> the key of the buffer its last put filled
         self.prefetched: dict[tuple, tuple[torch.cuda.Event, torch.Tensor]] = {}
         self.outgoing: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()  # copies out not yet waited for
-        self.in_flight = in_flight  # bytes of sources that outgoing may hold on the device
+        self.in_flight = in_flight  # bytes of sources that outgoing may hold on the device (the decoder sets it)
         self.kept: dict[int, list] = {}  # unit -> its attention kernel's outputs (slot names, small tensors)
         self.fetch_in: dict[tuple, int] = {}  # a group output's slot -> the unit whose backward fetches it back
         self._stream: torch.cuda.Stream | None = None
