@@ -466,8 +466,8 @@ class FastDecoder:
         cos, sin = cos.to(dtype), sin.to(dtype)
         masks = self.masks(x.device)  # given to each layer and to its recomputation alike
         if self.stash is not None:
-            # forward's copies out may hold what the link moves in two layers' forward (on an H200: 0.6 GiB for
-            # a 7B model at 8,192 tokens, 0.12 at 2,048); 0.6 GiB at 2,048 tokens raised the step's peak
+            # forward's copies out may hold what the link moves in two layers' forward (7B: 0.55 GiB at 8,192
+            # tokens, 0.12 at 2,048); 0.6 GiB at 2,048 raised the step's peak over Unsloth's (bench/RESULTS.md)
             tokens = x.shape[0] * x.shape[1]
             self.stash.in_flight = int(2 * tokens * self._link_bytes(x.shape[1]))
         for i, L in enumerate(self.layers):
