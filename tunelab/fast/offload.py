@@ -100,8 +100,9 @@ class HostStash:
             held -= src.numel() * src.element_size()
 
     def flush(self) -> None:
-        """Make the current stream wait for every copy out, and let go of their sources (at the end of forward,
-        and when backward starts: a slot fetched back without prefetch is copied on the current stream)."""
+        """Make the current stream wait for every copy out, and let go of their sources (at the end of forward:
+        the loss and backward need the room, and a slot fetched back without prefetch is copied on the current
+        stream)."""
         while self.outgoing:
             done, _ = self.outgoing.popleft()
             torch.cuda.current_stream().wait_event(done)
@@ -211,7 +212,6 @@ class _OffloadedUnit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         stash = ctx.stash
-        stash.flush()
         x = stash.take(ctx.unit, "x", grad.device)
         if ctx.below is not None:
             stash.prefetch(ctx.below, grad.device)  # the next unit down, while this one recomputes
