@@ -8,12 +8,12 @@ same Llama-2-7B-shaped model (random weights), each side in its own process, in 
 
 tunelab sides take `@N` (recompute only the first N layers) and `@Nh` (and keep their inputs on the host:
 offload_checkpoints, which also sends the gate/up outputs of the layers FastDecoder.output_layers_for picks);
-`@Nh-oK` sends those of K layers instead (`-o0`: none; for an A/B in one call). bench/acceptance.sh runs the issue's acceptance in three device
-calls. Diagnostics, with $OUT set: BENCH_PROFILE=1 (a kernel table and a gzipped timeline, for
-bench/trace_gaps.py, of one more step; with BENCH_GRAPHS=0 the eager step's kernels), BENCH_MEMTRACE=1 (the
-allocations live at the peak, by source line; slows the steps). Each result also holds the peak of every step
-and, for graphed sides, the GPU time of the replayed graph (graph_ms) next to the wall time of a step
-(step_ms).
+`@Nh-oK` sends those of K layers instead (`-o0`: none; for an A/B in one call). bench/acceptance.sh runs the
+issue's acceptance in three device calls. Diagnostics, with $OUT set: BENCH_PROFILE=1 (a kernel table and a
+gzipped timeline, for bench/trace_gaps.py, of one more step; with BENCH_GRAPHS=0 the eager step's kernels, in
+files named `-eager`), BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the steps).
+Each result also holds the peak of every step, the layers whose gate/up outputs went to the host, and, for
+graphed sides, the GPU time of the replayed graph (graph_ms) next to the wall time of a step (step_ms).
 
 Every side: LoRA r=64, alpha=16, dropout 0 (`--dropout P`: P) on q/k/v/o/gate/up/down, activation
 checkpointing (Unsloth: its own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one
