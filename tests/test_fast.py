@@ -474,7 +474,7 @@ def test_output_layers_follow_the_links_room_and_the_peak():
     host: as many as the forward's spare link time carries (more at 8,192 tokens than at 2,048, whose forward
     has fewer attention FLOPs per token), spread out, never the top layer, and none whose up output, fetched
     back early, would outweigh the LoRA gradients not yet made (fp32, 20 MB a layer): from layer 9 at 8,192
-    tokens (180 MB), none at 32,768."""
+    tokens (180 MB), none at 32,768. And how many bytes of copies out forward may leave in flight."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -493,9 +493,15 @@ def test_output_layers_follow_the_links_room_and_the_peak():
         assert max(gaps) - min(gaps) <= 1, picked
     assert fast.output_layers_for(32768) == []
     assert fast.output_layers_for(8192, count=99) == list(range(9, 31))
+    # forward's copies in flight: at 32k the compute outpaces the link's need, so two layers' inputs and
+    # attention outputs (bf16) and log-sum-exps (fp32) bound them, not the link's 3.2 GiB of room
+    assert fast.in_flight_bytes(32768, 32768) == 2 * 32768 * (2 * 3 * 4096 + 4 * 32)
     before = fast.host_bytes(8192)
     fast.use_host(True, at_8k)
     assert fast.host_bytes(8192) - before == 8 * 8192 * 2 * 11008 * 2
+    # with gate/up outputs going too, the link is the slower: what it moves in two layers' forward
+    assert abs(fast.in_flight_bytes(8192, 8192) / 2**30 - 0.55) < 0.01
+    assert abs(fast.in_flight_bytes(2048, 2048) / 2**30 - 0.12) < 0.01
     assert FastDecoder(model, compile=False, checkpoint_layers=0, offload=True).output_layers_for(8192) == []
 
 

@@ -350,10 +350,9 @@ class FastDecoder:
         qualifies when the gradients of the layers below it, not made yet at that moment, outweigh its `up`."""
         if not self.lora_gemms or not self.checkpointed:
             return []
-        hidden, inter = self.core.config.hidden_size, self.core.config.intermediate_size
+        inter = self.core.config.intermediate_size
         if count is None:  # per token and layer: what the link moves while forward runs, less what it sends already
-            sent = element_size * (2 * hidden + self.heads * self.head_dim) + 4 * self.heads
-            room = max(0.0, self._link_bytes(tokens) - sent) * len(self.checkpointed)
+            room = max(0.0, self._link_bytes(tokens) - self._sent_bytes(element_size)) * len(self.checkpointed)
             count = int(room // (2 * element_size * inter))
         grads = sum(t.numel() * t.element_size() for t in self.layers[0].trainable())
         lowest = -(-tokens * inter * element_size // max(grads, 1)) - 1
@@ -370,15 +369,29 @@ class FastDecoder:
         flops = 2 * (hidden * (2 * q_out + 2 * kv_out) + 3 * hidden * inter) + 2 * tokens * q_out
         return flops / FLOP_PER_LINK_BYTE
 
+    def _sent_bytes(self, element_size: int = 2, outputs: bool = False) -> int:
+        """Bytes per token that one recomputed layer sends to the host: its two units' inputs and its attention
+        output in the compute dtype (`element_size` bytes: bf16), the attention's log-sum-exp in fp32, and with
+        `outputs` its gate and up outputs."""
+        cfg = self.core.config
+        inputs = element_size * (2 * cfg.hidden_size + self.heads * self.head_dim) + 4 * self.heads
+        return inputs + (element_size * 2 * cfg.intermediate_size if outputs else 0)
+
     def host_bytes(self, tokens: int, element_size: int = 2) -> int:
         """Pinned host memory that offload_checkpoints takes for a batch of `tokens` tokens (every batch shape
-        gets buffers of its own): per recomputed layer its two units' inputs and its attention output in the
-        compute dtype (`element_size` bytes: bf16), and the attention's log-sum-exp in fp32; per layer of
-        output_layers its gate and up outputs."""
-        cfg = self.core.config
-        width = 2 * cfg.hidden_size + self.heads * self.head_dim
-        return tokens * (len(self.checkpointed) * (element_size * width + 4 * self.heads)
-                         + len(self.output_layers) * element_size * 2 * cfg.intermediate_size)
+        gets buffers of its own): what each recomputed layer sends (_sent_bytes), with the gate and up outputs
+        of output_layers."""
+        outputs = self._sent_bytes(element_size, True) - self._sent_bytes(element_size)
+        return tokens * (len(self.checkpointed) * self._sent_bytes(element_size) + len(self.output_layers) * outputs)
+
+    def in_flight_bytes(self, tokens: int, seq: int, element_size: int = 2) -> int:
+        """The sources of copies out that forward may leave in flight (HostStash.in_flight), for a batch of
+        `tokens` tokens in sequences of `seq`: two layers' worth, counted in what the link moves in their
+        forward where it is the slower (7B: 0.55 GiB at 8,192 tokens, 0.12 at 2,048), in what they send where
+        the compute is (1.5 GiB at 32,768, where the link's room is 4 GiB). Held longer, they only raise the
+        step's peak: 0.6 GiB at 2,048 tokens put it over Unsloth's (bench/RESULTS.md)."""
+        sent = self._sent_bytes(element_size, outputs=bool(self.output_layers))
+        return int(2 * tokens * min(self._link_bytes(seq), sent))
 
     def masks(self, device) -> Masks | None:
         """This forward's LoRA dropout (new seeds), or None where nothing is dropped (no dropout, evaluation,
@@ -466,10 +479,7 @@ class FastDecoder:
         cos, sin = cos.to(dtype), sin.to(dtype)
         masks = self.masks(x.device)  # given to each layer and to its recomputation alike
         if self.stash is not None:
-            # forward's copies out may hold what the link moves in two layers' forward (7B: 0.55 GiB at 8,192
-            # tokens, 0.12 at 2,048); 0.6 GiB at 2,048 raised the step's peak over Unsloth's (bench/RESULTS.md)
-            tokens = x.shape[0] * x.shape[1]
-            self.stash.in_flight = int(2 * tokens * self._link_bytes(x.shape[1]))
+            self.stash.in_flight = self.in_flight_bytes(x.shape[0] * x.shape[1], x.shape[1], x.element_size())
         for i, L in enumerate(self.layers):
             if i in self.checkpointed and torch.is_grad_enabled():
                 if self.stash is not None:
