@@ -13,7 +13,8 @@ issue's acceptance in three device calls. Diagnostics, with $OUT set: BENCH_PROF
 gzipped timeline, for bench/trace_gaps.py, of one more step; with BENCH_GRAPHS=0 the eager step's kernels, in
 files named `-eager`), BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the steps).
 Each result also holds the peak of every step, the layers whose gate/up outputs went to the host, and, for
-graphed sides, the GPU time of the replayed graph (graph_ms) next to the wall time of a step (step_ms).
+graphed sides, the GPU time of the replayed graph (graph_ms) next to the wall time of a step (step_ms); the
+table's last column is the host's time to launch one small kernel (launch_us), which eager sides' speed follows.
 
 Every side: LoRA r=64, alpha=16, dropout 0 (`--dropout P`: P) on q/k/v/o/gate/up/down, activation
 checkpointing (Unsloth: its own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one
@@ -140,12 +141,31 @@ def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int, 
     return cfg, model, params, optimizer, load_tokenizer(path)
 
 
+def launch_us() -> float:
+    """The host's time to launch one tiny kernel (median of three rounds), in microseconds. Eager sides at
+    2,048 tokens wait on the host's launches (Unsloth's GPU work is less than half its step on some hosts),
+    so their tokens/s follow this figure; graphed sides replay one launch per step and do not."""
+    import torch
+
+    x = torch.zeros(16, device="cuda")
+    rounds = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5000):
+            x.add_(1)
+        torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - t) / 5000 * 1e6)
+    return round(sorted(rounds)[1], 2)
+
+
 def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict:
     import torch
 
     from tunelab.data.dataset import Sequence, pack
 
     torch.manual_seed(0)
+    host_launch_us = launch_us()
     # tunelab@N: recompute only the first N layers; tunelab@Nh: and keep their inputs on the host (offload)
     side, _, ckpt = side.partition("@")
     ckpt, _, variant = ckpt.partition("-")
@@ -157,7 +177,8 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     ckpt += f"-{variant}" if variant else ""
     qlora = side.endswith("qlora")
     if side.startswith("tunelab_train"):
-        return run_train(path, qlora, layers, offload, warmup, steps) | {"side": side + (f"@{ckpt}" if ckpt else "")}
+        return run_train(path, qlora, layers, offload, warmup, steps) | {
+            "side": side + (f"@{ckpt}" if ckpt else ""), "launch_us": host_launch_us}
     g = torch.Generator().manual_seed(0)
     batches_of_ids = [torch.randint(3, SHAPE["vocab_size"], (1, tokens), generator=g) for _ in range(warmup + steps)] \
         if tokens else []
@@ -269,7 +290,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
                     captured=len(graphs.graphs), failed={str(k): v for k, v in graphs.failed.items()}),
                 peak_gib=max(step_peaks), step_peaks_gib=[round(x, 3) for x in step_peaks],
                 reserved_gib=torch.cuda.max_memory_reserved() / 2**30, steps=n_steps - warm,
-                load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1],
+                load_s=round(load_s, 1), launch_us=host_launch_us, first_loss=losses[0], last_loss=losses[-1],
                 step_ms=round(1000 * elapsed / (n_steps - warm), 1),
                 graph_ms=round(sum(a.elapsed_time(b) for a, b in timed_replays) / len(timed_replays), 1)
                 if timed_replays else None)
@@ -423,8 +444,8 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | side | tokens | tokens/s | peak GiB | reserved GiB | vs HF | vs Unsloth | loss first->last |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| case | side | tokens | tokens/s | peak GiB | reserved GiB | vs HF | vs Unsloth | loss first->last "
+             "| launch us |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by_case: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_case.setdefault(r["case"], {})[r["side"]] = r
@@ -433,12 +454,13 @@ def table(rows: list[dict]) -> str:
         ref_us = next((r for s, r in sides.items() if s.startswith("unsloth") and "tok_s" in r), None)
         for side, r in sides.items():
             if "tok_s" not in r:
-                lines.append(f"| {case} | {side} | {r['tokens']} | failed: {r.get('error', '')} | | | | | |")
+                lines.append(f"| {case} | {side} | {r['tokens']} | failed: {r.get('error', '')} | | | | | | |")
                 continue
             vs = lambda ref: f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"  # noqa: E731
             reserved = f"{r['reserved_gib']:.2f}" if "reserved_gib" in r else "-"
             lines.append(f"| {case} | {side} | {r['tokens'] or 'real'} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | "
-                         f"{reserved} | {vs(ref_hf)} | {vs(ref_us)} | {r['first_loss']:.3f}->{r['last_loss']:.3f} |")
+                         f"{reserved} | {vs(ref_hf)} | {vs(ref_us)} | {r['first_loss']:.3f}->{r['last_loss']:.3f} | "
+                         f"{r.get('launch_us', '-')} |")
     return "\n".join(lines)
 
 
