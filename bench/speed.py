@@ -14,7 +14,8 @@ gzipped timeline, for bench/trace_gaps.py, of one more step; with BENCH_GRAPHS=0
 files named `-eager`), BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the steps).
 Each result also holds the peak of every step, the layers whose gate/up outputs went to the host, and, for
 graphed sides, the GPU time of the replayed graph (graph_ms) next to the wall time of a step (step_ms); the
-table's last column is the host's time to launch one small kernel (launch_us), which eager sides' speed follows.
+table's last column is the host's time to launch one small kernel (launch_us), a rough gauge of the host that
+eager sides' speed at 2,048 tokens depends on.
 
 Every side: LoRA r=64, alpha=16, dropout 0 (`--dropout P`: P) on q/k/v/o/gate/up/down, activation
 checkpointing (Unsloth: its own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one
@@ -143,8 +144,9 @@ def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int, 
 
 def launch_us() -> float:
     """The host's time to launch one tiny kernel (median of three rounds), in microseconds. Eager sides at
-    2,048 tokens wait on the host's launches (Unsloth's GPU work is less than half its step on some hosts),
-    so their tokens/s follow this figure; graphed sides replay one launch per step and do not."""
+    2,048 tokens wait on the host's launches (Unsloth's GPU work was under half its step on one host), so
+    their tokens/s depend on the host, which this figure gauges roughly; graphed sides replay one launch per
+    step and do not."""
     import torch
 
     x = torch.zeros(16, device="cuda")
