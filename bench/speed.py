@@ -167,7 +167,6 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     from tunelab.data.dataset import Sequence, pack
 
     torch.manual_seed(0)
-    host_launch_us = launch_us()
     # tunelab@N: recompute only the first N layers; tunelab@Nh: and keep their inputs on the host (offload)
     side, _, ckpt = side.partition("@")
     ckpt, _, variant = ckpt.partition("-")
@@ -179,8 +178,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     ckpt += f"-{variant}" if variant else ""
     qlora = side.endswith("qlora")
     if side.startswith("tunelab_train"):
-        return run_train(path, qlora, layers, offload, warmup, steps) | {
-            "side": side + (f"@{ckpt}" if ckpt else ""), "launch_us": host_launch_us}
+        return run_train(path, qlora, layers, offload, warmup, steps) | {"side": side + (f"@{ckpt}" if ckpt else "")}
     g = torch.Generator().manual_seed(0)
     batches_of_ids = [torch.randint(3, SHAPE["vocab_size"], (1, tokens), generator=g) for _ in range(warmup + steps)] \
         if tokens else []
@@ -292,7 +290,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
                     captured=len(graphs.graphs), failed={str(k): v for k, v in graphs.failed.items()}),
                 peak_gib=max(step_peaks), step_peaks_gib=[round(x, 3) for x in step_peaks],
                 reserved_gib=torch.cuda.max_memory_reserved() / 2**30, steps=n_steps - warm,
-                load_s=round(load_s, 1), launch_us=host_launch_us, first_loss=losses[0], last_loss=losses[-1],
+                load_s=round(load_s, 1), first_loss=losses[0], last_loss=losses[-1],
                 step_ms=round(1000 * elapsed / (n_steps - warm), 1),
                 graph_ms=round(sum(a.elapsed_time(b) for a, b in timed_replays) / len(timed_replays), 1)
                 if timed_replays else None)
@@ -405,8 +403,9 @@ def main() -> None:
     if args.dropout is not None:
         os.environ["BENCH_DROPOUT"] = str(args.dropout)
     if args.side:
-        print("RESULT " + json.dumps(run_side(args.side, args.model_dir, args.tokens, args.warmup, args.steps)),
-              flush=True)
+        host = {"launch_us": launch_us()}  # measured before the side loads its model
+        result = run_side(args.side, args.model_dir, args.tokens, args.warmup, args.steps) | host
+        print("RESULT " + json.dumps(result), flush=True)
         return
     path = Path(args.model_dir)
     if not (path / "config.json").is_file():
