@@ -4,7 +4,10 @@ chunked loss against F.cross_entropy, and (GPU only) the compiled bf16 kernels a
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -820,6 +823,69 @@ def test_gpu_train_with_cuda_graphs_matches_without(tiny_llama, tmp_path):
     assert len(losses[True]) == 8
     for a, b in zip(losses[True], losses[False]):
         assert abs(a - b) < 2e-2 * max(1.0, abs(b)), losses
+
+
+def test_lean_cublas_is_only_for_the_fast_path_on_one_gpu(tiny_llama, monkeypatch):
+    """cuBLAS loses its workspace only for LoRA/QLoRA on the fast path on one CUDA device, and never where the
+    user chose a workspace (or deterministic algorithms)."""
+    from tunelab import fast as fast_mod
+
+    for name in fast_mod.LEAN_CUBLAS:
+        monkeypatch.delenv(name, raising=False)
+    assert not fast_mod.lean_cublas(_cfg(tiny_llama), "cpu")
+    assert not fast_mod.lean_cublas(_cfg(tiny_llama, fast_path="off"), "cuda")
+    assert not fast_mod.lean_cublas(_cfg(tiny_llama, algorithm="full"), "cuda")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not fast_mod.lean_cublas(_cfg(tiny_llama), "cuda")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert not fast_mod.lean_cublas(_cfg(tiny_llama), "cuda")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert "TORCH_CUBLASLT_UNIFIED_WORKSPACE" not in os.environ
+
+
+_WORKSPACE_PROBE = """
+import sys, os, torch
+from tunelab.config.loader import load_config
+from tunelab.train import build_model
+path = sys.argv[1]
+cfg = load_config("demo", [f"pretrained_model_name_or_path={path!r}", "lora_r=8", "lora_dropout=0.0",
+                           "cuda_graphs=False"])[0]
+model = build_model(cfg, path, "cuda", torch.bfloat16)
+a = torch.ones(512, 512, device="cuda", dtype=torch.bfloat16)
+out = torch.empty_like(a)
+torch.cuda.synchronize()
+before = torch.cuda.memory_allocated()
+with torch.cuda.stream(torch.cuda.Stream()):  # a stream cuBLAS has not seen: its workspace is made now
+    torch.mm(a, a, out=out)
+torch.cuda.synchronize()
+workspace = torch.cuda.memory_allocated() - before
+ids = torch.arange(3, 19, device="cuda")[None]
+loss = model(input_ids=ids, labels=ids).loss  # the plain forward: q/k/v with biases, through cuBLASLt
+loss.backward()
+print(os.environ.get("CUBLAS_WORKSPACE_CONFIG"), workspace, float(loss), float(out[0, 0]))
+"""
+
+
+@GPU
+def test_gpu_lean_cublas_takes_no_workspace_and_keeps_bias_gemms(tiny_models):
+    """A fresh process that builds a LoRA model for the fast path gives cuBLAS no workspace (a GEMM on a new
+    stream allocates nothing), and GEMMs with a bias (Qwen2's q/k/v, through cuBLASLt) still run; a workspace
+    the user set is kept."""
+    results = {}
+    for user in (None, ":4096:8"):
+        env = {k: v for k, v in os.environ.items() if k not in ("CUBLAS_WORKSPACE_CONFIG",
+                                                                "TORCH_CUBLASLT_UNIFIED_WORKSPACE")}
+        if user:
+            env["CUBLAS_WORKSPACE_CONFIG"] = user
+        run = subprocess.run([sys.executable, "-c", _WORKSPACE_PROBE, str(tiny_models["qwen2"])], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        setting, workspace, loss, value = run.stdout.split()[-4:]
+        assert float(value) == 512.0 and 0 < float(loss) < 100, run.stdout
+        results[user] = (setting, int(workspace))
+    assert results[None] == (":0:0", 0), results
+    assert results[":4096:8"][0] == ":4096:8" and results[":4096:8"][1] >= 4 * 2**20, results
 
 
 def test_cuda_graphs_are_not_attached_on_cpu(tiny_llama):

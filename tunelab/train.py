@@ -101,6 +101,7 @@ def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
     from tunelab import fast
 
     bits = 4 if cfg.algorithm == "qlora" else None
+    fast.lean_cublas(cfg, device)  # before anything runs on the GPU
     weights_dtype = torch.float32 if cfg.algorithm == "full" or device == "cpu" else dtype
     model = load_model(model_path, dtype=weights_dtype, bits=bits, device=device,
                        trust_remote_code=cfg.trust_remote_code)
