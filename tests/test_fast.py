@@ -733,8 +733,10 @@ def test_gpu_offloaded_inputs_leave_the_device_and_match(tiny_llama):
     held_out, loss_out, grads_out = run(fast)
     assert held_out <= held_host and {(1, "out0"), (1, "out1")} <= {slot for slot, *_ in fast.stash.buffers}
     torch.testing.assert_close(loss_out, loss_host, rtol=1e-4, atol=1e-4)
+    # to a bf16 bit or two: the attention's backward sums dQ with atomics (cuDNN), so two backward passes are
+    # not bit-equal (on 2026-12-03 one element of 1,024 differed by 1.5e-5, 0.7%)
     for g, r in zip(grads_out, grads_host):
-        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-5)
 
 
 @GPU

@@ -39,15 +39,16 @@ LEAN_CUBLAS = {"CUBLAS_WORKSPACE_CONFIG": ":0:0", "TORCH_CUBLASLT_UNIFIED_WORKSP
 
 def lean_cublas(cfg, device: str) -> bool:
     """Run cuBLAS without its workspace in this process when it is about to train on the fast path (LoRA or
-    QLoRA on one CUDA device): fewer GPU stalls and less memory (see LEAN_CUBLAS). Called before the model
-    loads, as PyTorch may read the setting only once. Left alone where the user set either variable, or asked
-    for deterministic algorithms (which want cuBLAS's workspace). Checked at once with a GEMM through
-    cuBLASLt: should this process have fixed the setting earlier, it is put back. Returns whether it holds."""
+    QLoRA on one CUDA device): fewer GPU stalls and less memory (see LEAN_CUBLAS). Only while nothing is on
+    that GPU yet (the model is about to load), so no cuBLAS workspace exists and every one made later follows
+    the setting: a process that used the GPU before keeps one behaviour. Left alone where the user set either
+    variable, or asked for deterministic algorithms (which want cuBLAS's workspace). Checked at once with a
+    GEMM through cuBLASLt, and put back should that fail. Returns whether it holds."""
     import torch
 
     if cfg.fast_path == "off" or not device.startswith("cuda") or cfg.algorithm not in ("lora", "qlora") \
             or int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.are_deterministic_algorithms_enabled() \
-            or any(name in os.environ for name in LEAN_CUBLAS):
+            or any(name in os.environ for name in LEAN_CUBLAS) or torch.cuda.memory_allocated(device) > 0:
         return False
     os.environ.update(LEAN_CUBLAS)
     try:
