@@ -43,7 +43,7 @@ def lean_cublas(cfg, device: str) -> bool:
     that GPU yet (the model is about to load), so no cuBLAS workspace exists and every one made later follows
     the setting: a process that used the GPU before keeps one behaviour. Left alone where the user set either
     variable, or asked for deterministic algorithms (which want cuBLAS's workspace). Checked at once with a
-    GEMM through cuBLASLt, and put back should that fail. Returns whether it holds."""
+    GEMM through cuBLASLt, and put back should that fail. Returns whether this call set it."""
     import torch
 
     if cfg.fast_path == "off" or not device.startswith("cuda") or cfg.algorithm not in ("lora", "qlora") \
