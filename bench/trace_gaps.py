@@ -1,7 +1,8 @@
-"""Where the GPU waits within one profiled step: reads the timeline that `BENCH_PROFILE=1 bench/speed.py`
-writes ($OUT/trace_<side>.json.gz, a torch.profiler Chrome trace) and prints, for the stream that runs the
-most kernel time, its busy time, its idle gaps (the largest with the kernels around them), and per twentieth
-of the step how busy it and the copies to and from the host were.
+"""Where the GPU's time goes within one profiled step: reads the timeline that `BENCH_PROFILE=1 bench/speed.py`
+writes ($OUT/trace_<side>.json.gz, a torch.profiler Chrome trace) and prints the kernels' busy time (over all
+streams: a replayed CUDA graph spreads its kernels over many), kernel time by kind, the memsets and the wait
+around them, the idle gaps (the largest with the kernels around them), and per twentieth of the step how busy
+the kernels and the copies to and from the host were.
 
     python bench/trace_gaps.py trace_tunelab_qlora32h.json.gz
 """
@@ -42,27 +43,61 @@ def copy_kind(e: dict) -> str:
     return "d2h" if "dtoh" in name else "h2d" if "htod" in name else "d2d"
 
 
+def kind(name: str) -> str:
+    """A kernel's kind, from its name."""
+    low = name.lower()
+    for key, label in (("nvjet", "GEMM (cuBLAS)"), ("gemm", "GEMM (cuBLAS)"), ("splitkreduce", "GEMM (cuBLAS)"),
+                       ("sdpa", "attention"), ("cudnn", "attention"), ("flash", "attention"),
+                       ("nf4", "NF4 dequantisation"), ("triton", "Triton (compiled)"), ("adam", "optimizer"),
+                       ("multi_tensor", "optimizer"), ("copy", "casts and copies"), ("cat", "casts and copies")):
+        if key in low:
+            return label
+    return "other"
+
+
+def memset_waits(events: list[dict]) -> tuple[int, int, float]:
+    """Memsets on the kernels' streams: how many, how many come right before a GEMM, and the microseconds from
+    the end of the kernel before each to the start of the kernel after it, summed."""
+    ordered = [e for e in events if e["cat"] in ("kernel", "gpu_memset")]
+    count = before_gemm = 0
+    waited = 0.0
+    for prev, cur, nxt in zip(ordered, ordered[1:], ordered[2:]):
+        if cur["cat"] != "gpu_memset" or prev["cat"] != "kernel" or nxt["cat"] != "kernel":
+            continue
+        count += 1
+        before_gemm += kind(nxt["name"]).startswith("GEMM")
+        waited += max(0.0, nxt["ts"] - (prev["ts"] + prev["dur"]))
+    return count, before_gemm, waited
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
     events = load(args.trace)
-    by_stream: dict[int, list[dict]] = defaultdict(list)
-    for e in events:
-        if e["cat"] == "kernel":
-            by_stream[e["args"].get("stream", -1)].append(e)
-    main_stream = max(by_stream, key=lambda s: sum(e["dur"] for e in by_stream[s]))
-    kernels = by_stream[main_stream]
+    kernels = [e for e in events if e["cat"] == "kernel"]
+    streams = {e["args"].get("stream", -1) for e in kernels}
     start, end = kernels[0]["ts"], max(e["ts"] + e["dur"] for e in kernels)
     busy = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     copies = {k: union([(e["ts"], e["ts"] + e["dur"]) for e in events
                         if e["cat"] == "gpu_memcpy" and copy_kind(e) == k]) for k in ("d2h", "h2d")}
     span = end - start
-    other = sum(e["dur"] for s, es in by_stream.items() if s != main_stream for e in es)
-    print(f"stream {main_stream}: {len(kernels)} kernels, {span / 1e3:.1f} ms from first to last, "
-          f"busy {busy_in(busy, start, end) / 1e3:.1f} ms; copies d2h {busy_in(copies['d2h'], start, end) / 1e3:.1f}"
-          f" ms, h2d {busy_in(copies['h2d'], start, end) / 1e3:.1f} ms; other streams' kernels {other / 1e3:.1f} ms")
+    print(f"{len(kernels)} kernels on {len(streams)} streams, {span / 1e3:.1f} ms from first to last, busy "
+          f"{busy_in(busy, start, end) / 1e3:.1f} ms; copies d2h {busy_in(copies['d2h'], start, end) / 1e3:.1f}"
+          f" ms, h2d {busy_in(copies['h2d'], start, end) / 1e3:.1f} ms")
+    by_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        row = by_kind[kind(e["name"])]
+        row[0] += 1
+        row[1] += e["dur"]
+    print("\n| kernels | count | ms |\n| --- | --- | --- |")
+    for label, (n, us) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {label} | {n} | {us / 1e3:.1f} |")
+    count, before_gemm, waited = memset_waits(events)
+    if count:
+        print(f"\nmemsets between kernels: {count} ({before_gemm} right before a GEMM); from the kernel before to "
+              f"the kernel after: {waited / 1e3:.1f} ms, {waited / count:.1f} us each")
     gaps = [(s1 - e0, e0) for (_, e0), (s1, _) in zip(busy, busy[1:])]  # (idle us, where it starts)
     buckets = [(0, 5), (5, 20), (20, 100), (100, 1000), (1000, float("inf"))]
     print("idle gaps (us): " + ", ".join(
