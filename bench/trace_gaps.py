@@ -56,8 +56,9 @@ def kind(name: str) -> str:
 
 
 def memset_waits(events: list[dict]) -> tuple[int, int, float]:
-    """Memsets on the kernels' streams: how many, how many come right before a GEMM, and the microseconds from
-    the end of the kernel before each to the start of the kernel after it, summed."""
+    """Memsets that sit between two kernels in the timeline (all streams, in time order): how many, how many
+    come right before a GEMM, and the microseconds from the end of the kernel before each to the start of the
+    kernel after it, summed."""
     ordered = [e for e in events if e["cat"] in ("kernel", "gpu_memset")]
     count = before_gemm = 0
     waited = 0.0
