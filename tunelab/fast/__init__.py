@@ -9,19 +9,26 @@ import os
 log = logging.getLogger("tunelab")
 
 
+def _asked_for(cfg, device: str, say_why: bool = False) -> bool:
+    """Whether the config and the device ask for the fast path in this process ('auto': LoRA/QLoRA on CUDA),
+    whatever the model."""
+    if cfg.fast_path == "off":
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the engines (DDP, FSDP2, DeepSpeed) hook the model's own forward; the fast path bypasses it
+        if say_why:
+            log.info("fast path off: several processes (the engines need the model's own forward)")
+        return False
+    return cfg.fast_path == "on" or (device.startswith("cuda") and cfg.algorithm in ("lora", "qlora"))
+
+
 def use_fast_path(cfg, device: str, model) -> bool:
     """Whether the fast path runs: the config and the device ask for it ('auto': LoRA/QLoRA on CUDA) and
     the (not yet LoRA-wrapped) model is one it supports. Decided before LoRA is added, because the plain
     path needs PEFT's k-bit preparation and transformers' own checkpointing, which the fast path does not."""
     from tunelab.fast.decoder import unsupported_reason
 
-    if cfg.fast_path == "off":
-        return False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the engines (DDP, FSDP2, DeepSpeed) hook the model's own forward; the fast path bypasses it
-        log.info("fast path off: several processes (the engines need the model's own forward)")
-        return False
-    if cfg.fast_path != "on" and not (device.startswith("cuda") and cfg.algorithm in ("lora", "qlora")):
+    if not _asked_for(cfg, device, say_why=True):
         return False
     reason = unsupported_reason(model)
     if reason is not None:
@@ -46,9 +53,9 @@ def lean_cublas(cfg, device: str) -> bool:
     GEMM through cuBLASLt, and put back should that fail. Returns whether this call set it."""
     import torch
 
-    if cfg.fast_path == "off" or not device.startswith("cuda") or cfg.algorithm not in ("lora", "qlora") \
-            or int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.are_deterministic_algorithms_enabled() \
-            or any(name in os.environ for name in LEAN_CUBLAS) or torch.cuda.memory_allocated(device) > 0:
+    if not (_asked_for(cfg, device) and device.startswith("cuda") and cfg.algorithm in ("lora", "qlora")) \
+            or torch.are_deterministic_algorithms_enabled() or any(name in os.environ for name in LEAN_CUBLAS) \
+            or torch.cuda.memory_allocated(device) > 0:
         return False
     os.environ.update(LEAN_CUBLAS)
     try:
