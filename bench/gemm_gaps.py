@@ -31,8 +31,11 @@ import torch
 HIDDEN, RANK, N = 4096, 64, 32
 
 
-def per_replay_ms(fn, reps: int = 20) -> float:
-    """Mean milliseconds of one replay of fn captured in a CUDA graph."""
+def replayed(fn, reps: int = 20) -> tuple[float, int]:
+    """fn captured in one CUDA graph: the mean milliseconds of a replay, and how many memset nodes a replay runs
+    (cuBLAS zeroes a 4-byte flag before some GEMMs)."""
+    from torch.profiler import ProfilerActivity, profile
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -50,21 +53,10 @@ def per_replay_ms(fn, reps: int = 20) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-def memsets_per_replay(fn) -> int:
-    """How many memset nodes one replay of fn runs (cuBLAS zeroes a 4-byte flag before some GEMMs)."""
-    from torch.profiler import ProfilerActivity, profile
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if "memset" in e.name.lower())
+    return start.elapsed_time(end) / reps, sum(1 for e in prof.events() if "memset" in e.name.lower())
 
 
 def rows(tokens: int) -> list[tuple[str, float, float | None, int]]:
@@ -120,11 +112,12 @@ def rows(tokens: int) -> list[tuple[str, float, float | None, int]]:
     fns = [("gemm", gemm), ("prep", prep), ("small", small), ("prep>gemm", prep_gemm),
            ("prep>a>gemm", prep_small_gemm), ("prep4>gemm4", prep4_gemm4), ("residual", residual),
            ("gemm>cast>add", gemm_cast_add), ("gemm>add", gemm_add)]
-    t = {name: per_replay_ms(fn) for name, fn in fns}
+    measured = {name: replayed(fn) for name, fn in fns}
+    t = {name: ms for name, (ms, _) in measured.items()}
     parts = {"prep>gemm": t["gemm"] + t["prep"], "prep>a>gemm": t["gemm"] + t["prep"] + t["small"],
              "prep4>gemm4": t["gemm"] + t["prep"]}
-    return [(name, t[name], (t[name] - parts[name]) * 1000 / N if name in parts else None,
-             memsets_per_replay(fn)) for name, fn in fns]
+    return [(name, ms, (ms - parts[name]) * 1000 / N if name in parts else None, memsets)
+            for name, (ms, memsets) in measured.items()]
 
 
 def main() -> None:
