@@ -12,7 +12,6 @@ offload_checkpoints, which also sends the gate/up outputs of the layers FastDeco
 issue's acceptance in three device calls. Diagnostics, with $OUT set: BENCH_PROFILE=1 (a kernel table and a
 gzipped timeline, for bench/trace_gaps.py, of one more step; with BENCH_GRAPHS=0 the eager step's kernels, in
 files named `-eager`), BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the steps).
-BENCH_FOLD=0 runs tunelab sides with the LoRA branches added after their frozen GEMMs (lora_gemm._folded).
 Each result also holds the peak of every step, the layers whose gate/up outputs went to the host, and, for
 graphed sides, the GPU time of the replayed graph (graph_ms) next to the wall time of a step (step_ms); the
 table's last column is the host's time to launch one small kernel (launch_us), a rough gauge of the host that
@@ -137,9 +136,6 @@ def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int, 
                   # BENCH_GRAPHS=0 for kernel-by-kernel profiles (BENCH_PROFILE=1) of the eager fast path
                   cuda_graphs=os.environ.get("BENCH_GRAPHS", "1") != "0")
     cfg = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])[0]
-    if os.environ.get("BENCH_FOLD") == "0":  # for an A/B: LoRA branches added after their GEMMs, not inside
-        from tunelab.fast import lora_gemm
-        lora_gemm.FOLD_LORA_B = False
     model = build_model(cfg, path, "cuda", torch.bfloat16).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)

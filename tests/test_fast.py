@@ -264,50 +264,10 @@ def test_fast_path_qlora_matches_plain_qlora(tiny_llama):
         assert all((p.absmax is not None) == keep_scales for p in (fast.layers[0].q, fast.layers[-1].down))
 
 
-@pytest.mark.parametrize("recomputed", [-1, 0])
-def test_folded_lora_branches_match_plain_path(tiny_llama, recomputed, monkeypatch):
-    """Rows with more tokens (420) than every projection's input features (128, 320): each plain weight is
-    copied wider and its LoRA branch rides inside the frozen GEMM (lora_gemm._folded). Losses and every LoRA
-    gradient equal the plain path's; in forward only o's branch (its input comes from attention, not from a
-    prologue that could be widened) is still added after its GEMM, where unfolded all seven are."""
-    from tunelab.fast import lora_gemm
-
-    model = _lora_model(tiny_llama, _cfg(tiny_llama))
-    batch = _batch(model.config.vocab_size, [[150, 60], [200, 10]], seed=5)
-    assert batch["input_ids"].numel() > model.config.intermediate_size
-    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
-    fast = FastDecoder(model, compile=False, checkpoint_layers=recomputed)
-    n_layers = len(fast.layers)
-    for fold, adds_after in ((True, 1), (False, 7)):
-        monkeypatch.setattr(lora_gemm, "FOLD_LORA_B", fold)
-        model.zero_grad(set_to_none=True)
-        with _CountOps() as ops:
-            losses = fast.token_losses(batch, torch.float32)
-        assert ops.get("aten::addmm_", 0) == adds_after * n_layers, (fold, ops)
-        (losses.sum() / (batch["targets"] != IGNORE).sum()).backward()
-        torch.testing.assert_close(losses.detach(), plain, atol=1e-5, rtol=0)
-        for name, g in plain_grads.items():
-            p = dict(model.named_parameters())[name]
-            torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4, msg=name)
-
-
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten ops run inside it, by name (a dict)."""
-
-    def __enter__(self):
-        self.counts: dict[str, int] = {}
-        super().__enter__()
-        return self.counts
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.name()] = self.counts.get(func.name(), 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_lora_gemm_group_passes_gradcheck():
     """One autograd node for a group of frozen projections with LoRA branches, a bias, a projection without
     LoRA, a prologue and a residual: its gradients for the inputs, the residual and A/B against finite
-    differences (float64), with the LoRA branches folded into the frozen GEMMs and without."""
+    differences (float64)."""
     from tunelab.fast.decoder import Proj
     from tunelab.fast.lora_gemm import project
 
@@ -333,23 +293,8 @@ def test_lora_gemm_group_passes_gradcheck():
     x, residual = rand(2, n, d_in, grad=True), rand(2, n, d_out, grad=True)
     loras = [t for p in projs if p.lora_a is not None for t in (p.lora_a, p.lora_b)]
 
-    def widened(t, pad):  # more rows (14) than input features (6): the LoRA branches fold into the GEMMs
-        return F.pad(norm(t), (0, pad))
-
     def grouped(x, residual, *_):
-        return project(norm, (x,), projs, residual=residual, widened=widened)
-
-    def unfolded(x, residual, *_):
         return project(norm, (x,), projs, residual=residual)
-
-    with _CountOps() as folded_ops:
-        folded_outs = grouped(x, residual, *loras)
-    with _CountOps() as unfolded_ops:
-        for got, want in zip(folded_outs, unfolded(x, residual, *loras)):
-            torch.testing.assert_close(got, want)
-    # unfolded, each LoRA product is added to its output by a GEMM of its own; folded, it is inside the frozen one
-    assert unfolded_ops.get("aten::addmm_", 0) == 2 and "aten::addmm_" not in folded_ops, (folded_ops, unfolded_ops)
-    assert torch.autograd.gradcheck(unfolded, (x, residual, *loras))
 
     def reference(x, residual, *_):
         h = norm(x)
@@ -1022,7 +967,7 @@ _NF4_CASES = [((128, 96), True), ((128, 96), False), ((33, 64), True), ((512, 13
 
 def _nf4_check(device: str) -> list[str]:
     """tunelab.fast.nf4 against bitsandbytes on fresh random weights, on `device`: both levels of scales in
-    the kernel, fp32 scales given, and written into wider rows. Returns what differed (empty when all matched). Triton's CPU
+    the kernel, and fp32 scales given. Returns what differed (empty when all matched). Triton's CPU
     interpreter (3.6) rounds fp32 -> bf16 toward zero where a GPU rounds to nearest even, so on the CPU bf16
     may also equal the fp32 result truncated; fp32 output must match exactly everywhere."""
     import bitsandbytes.functional as bnbf
@@ -1043,14 +988,9 @@ def _nf4_check(device: str) -> list[str]:
         if device == "cpu":  # the interpreter's rounding, see above
             refs16.append((ref32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16))
         offset = float(qs.offset) if nested else None
-        # written wider (rows of shape[1] + 40, the weight in the first columns), then the other columns kept
-        wide = nf4.dequantize(packed, qs, torch.bfloat16, scales=scales, width=shape[1] + 40)
-        if wide.shape != (shape[0], shape[1] + 40):
-            wrong.append(f"{shape} wide: shape {tuple(wide.shape)}")
         for label, got, refs in [
             ("bf16, scales in the kernel", nf4.dequantize(packed, qs, torch.bfloat16, offset=offset), refs16),
             ("bf16, fp32 scales", nf4.dequantize(packed, qs, torch.bfloat16, scales=scales), refs16),
-            ("bf16, fp32 scales, written wider", wide[:, :shape[1]], refs16),
             ("fp32, scales in the kernel", nf4.dequantize(packed, qs, torch.float32, offset=offset), [ref32])]:
             if not any(torch.equal(got, ref) for ref in refs):
                 ref = refs[0]

@@ -62,20 +62,14 @@ class Proj:
     keep_scales: bool = True  # keep `absmax` (see FastDecoder.keep_nf4_scales)
     offset: float | None = None  # NF4, scales not kept: the double quantisation's offset, read once
 
-    def weight(self, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
-        """The base weight in `dtype` (NF4 dequantised). `width` (only where widens() says so): a (out_features x
-        width) tensor with the weight in its first in_features columns and the rest unfilled."""
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.base.weight
         qs = getattr(w, "quant_state", None)
         if qs is None:
-            if width is None:
-                return w if w.dtype == dtype else w.to(dtype)
-            wide = torch.empty(w.shape[0], width, dtype=dtype, device=w.device)
-            wide[:, :w.shape[1]].copy_(w)
-            return wide
-        own_kernel = self._own_kernel()
-        if own_kernel and self.absmax is None and self.offset is not None:  # both levels of scales in one pass
-            return nf4.dequantize(w.data, qs, dtype, offset=self.offset, width=width)
+            return w if w.dtype == dtype else w.to(dtype)
+        own_kernel = w.is_cuda and qs.quant_type == "nf4" and nf4.usable(w.device)
+        if own_kernel and self.absmax is None and self.offset is not None:
+            return nf4.dequantize(w.data, qs, dtype, offset=self.offset)  # both levels of scales in one pass
         absmax = self.absmax
         if absmax is None:
             absmax = qs.absmax
@@ -86,25 +80,9 @@ class Proj:
             if self.keep_scales:
                 self.absmax = absmax
         if own_kernel:
-            return nf4.dequantize(w.data, qs, dtype, scales=absmax, width=width)
-        if width is not None:
-            raise ValueError("bitsandbytes' dequantisation writes no wider weight")
+            return nf4.dequantize(w.data, qs, dtype, scales=absmax)
         return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax, qs.blocksize, qs.quant_type,
                                                               qs.shape, dtype)
-
-    def _own_kernel(self) -> bool:
-        w = self.base.weight
-        qs = getattr(w, "quant_state", None)
-        return qs is not None and w.is_cuda and qs.quant_type == "nf4" and nf4.usable(w.device)
-
-    def widens(self, rows: int) -> bool:
-        """Whether weight(dtype, width) pays for a GEMM over `rows` input rows: an NF4 weight is written anew
-        for every GEMM anyway (by tunelab's kernel); a plain one is copied, which reads and writes less than
-        the GEMM's output only when there are more rows than input features (lora_gemm's folded LoRA)."""
-        w = self.base.weight
-        if getattr(w, "quant_state", None) is not None:
-            return self._own_kernel()
-        return rows > w.shape[1]
 
 
 @dataclass
@@ -254,16 +232,6 @@ def _swiglu(g, u):
     return F.silu(g) * u
 
 
-def _rms_norm_padded(x, weight, eps, pad: int):
-    """_rms_norm with `pad` more (zero) columns, written in one pass (lora_gemm's folded LoRA fills them)."""
-    return F.pad(_rms_norm(x, weight, eps), (0, pad))
-
-
-def _swiglu_padded(g, u, pad: int):
-    """_swiglu with `pad` more (zero) columns (see _rms_norm_padded)."""
-    return F.pad(_swiglu(g, u), (0, pad))
-
-
 # The compiled regions: everything between the frozen GEMMs (which run as they are, or dequantise NF4).
 def _qkv_rope(x, ln1, eps, yq, yk, yv, cos, sin, aq, bq, sq, ak, bk, sk, av, bv, sv, heads: int, kv_heads: int,
               dropout: float, training: bool):
@@ -359,8 +327,6 @@ class FastDecoder:
         self.attn_residual_norm: Callable = wrap(_attn_residual_norm)
         self.gate_up: Callable = wrap(_gate_up)
         self.swiglu: Callable = wrap(_swiglu)
-        self.norm_padded: Callable = wrap(_rms_norm_padded)
-        self.swiglu_padded: Callable = wrap(_swiglu_padded)
         self.mlp_residual: Callable = wrap(_mlp_residual)
         self.dropped: Callable = wrap(dropped)
         self.add_dropped: Callable = wrap(add_dropped)
@@ -469,8 +435,7 @@ class FastDecoder:
             return self.stash.attention(unit, lambda *qkv: attention(*qkv, layout, self.scale), q, k, v)
 
         if self.lora_gemms:
-            qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), (L.q, L.k, L.v), masks=masks,
-                          widened=lambda t, pad: self.norm_padded(t, L.ln1, L.eps, pad))
+            qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), (L.q, L.k, L.v), masks=masks)
             a = attend(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads)).flatten(2)
             return project(None, (a,), (L.o,), residual=x, tail=unit is not None, masks=masks)[0], None
         tr, drop, lora = self.model.training, self.dropout, _lora_args
@@ -486,10 +451,8 @@ class FastDecoder:
         units early."""
         if self.lora_gemms:
             outputs = KeptOutputs(self.stash, unit, (unit + 1, unit + 2)) if kept else None
-            g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up), masks=masks, kept=outputs,
-                           widened=lambda t, pad: self.norm_padded(t, L.ln2, L.eps, pad))
-            return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks,
-                           widened=self.swiglu_padded)[0]
+            g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up), masks=masks, kept=outputs)
+            return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks)[0]
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         if h is None:
             h = self.norm(x, L.ln2, L.eps)

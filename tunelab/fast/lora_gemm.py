@@ -7,10 +7,7 @@ tensor for q/k/v, one for gate/up, and the LoRA branches add their own, plus the
 gradients of gate and up, which reach SwiGLU from both the frozen down projection and its LoRA branch. Those
 sums took 8 ms of a 190 ms 7B step (bench/RESULTS.md). Here one autograd node covers a group of projections
 and builds the input gradient in one buffer: the first GEMM writes it, every other frozen and LoRA GEMM adds
-into it in its epilogue (addmm, beta 1). In forward a residual joins the frozen GEMM's epilogue the same way,
-and the LoRA branch joins the GEMM itself where it can: its rank-sized product as r more columns of the
-input and s B as r more columns of the weight ([t | tA^T] [W | s B]^T, see _folded), so the output is written
-once; where it cannot (dropout, a weight that bitsandbytes dequantises, few rows) it is added afterwards.
+into it in its epilogue (addmm, beta 1). The LoRA product and a residual are added the same way in forward.
 
 The group's input is made by a `prologue` (the RMSNorm, or SwiGLU for the down projection) that runs inside
 the node and again in backward, so the normed tensor and the SwiGLU product are never kept: backward keeps
@@ -37,7 +34,6 @@ import torch
 from tunelab.fast.dropout import Masks
 
 _recomputing = 0  # depth of recomputing() contexts
-FOLD_LORA_B = True  # see _folded; False only to measure the difference (bench/speed.py, BENCH_FOLD=0)
 
 
 @contextmanager
@@ -59,32 +55,32 @@ def is_recomputing() -> bool:
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prologue, widened, projs, n_inputs: int, residual, tail: bool, masks, kept, *args):
+    def forward(ctx, prologue, projs, n_inputs: int, residual, tail: bool, masks, kept, *args):
         inputs = args[:n_inputs]  # then the LoRA weights, read from projs (inputs here for their gradients)
+        t = inputs[0] if prologue is None else prologue(*inputs)
+        lead, flat = t.shape[:-1], t.reshape(-1, t.shape[-1])
+        products = _lora_products(flat, projs, masks)
+        outputs = []
         skip = tail and _recomputing  # the outputs are not read: only the LoRA products are (by backward)
-        fetched = kept is not None and _recomputing  # forward's outputs, back from the host
-        rows = inputs[0].numel() // inputs[0].shape[-1]
-        if widened is not None and not (skip or fetched) and _folds(projs, masks, rows):
-            products, outputs = _folded(widened, inputs, projs, residual, kept)
-        else:
-            t = inputs[0] if prologue is None else prologue(*inputs)
-            lead, flat = t.shape[:-1], t.reshape(-1, t.shape[-1])
-            products = _lora_products(flat, projs, masks)
-            outputs = []
-            for i, p in enumerate(projs):
-                if fetched:
-                    outputs.append(kept.take(i, t.device))
-                elif skip:
-                    outputs.append(t.new_empty(()).expand(*lead, p.base.out_features))
-                else:
-                    w = p.weight(t.dtype)
-                    y = _gemm(flat, w, _addend(p, residual if i == 0 else None, t.dtype))
-                    del w  # a dequantised NF4 weight lives only for its GEMM
-                    if products[i] is not None:
-                        y.addmm_(products[i], p.lora_b.to(t.dtype).t(), alpha=p.scale)
-                    outputs.append(y.view(*lead, -1))
-                    if kept is not None:
-                        kept.put(i, outputs[-1])
+        for i, p in enumerate(projs):
+            if kept is not None and _recomputing:  # forward's outputs, back from the host
+                outputs.append(kept.take(i, t.device))
+                continue
+            if skip:
+                outputs.append(t.new_empty(()).expand(*lead, p.base.out_features))
+                continue
+            w = p.weight(t.dtype)
+            add = residual if i == 0 else None  # the residual joins the first projection's output
+            if p.bias is not None:
+                bias = p.bias.to(t.dtype)
+                add = bias if add is None else add + bias
+            y = flat @ w.t() if add is None else torch.addmm(add.reshape(-1, w.shape[0]), flat, w.t())
+            del w  # a dequantised NF4 weight lives only for its GEMM
+            if products[i] is not None:
+                y.addmm_(products[i], p.lora_b.to(t.dtype).t(), alpha=p.scale)
+            outputs.append(y.view(*lead, -1))
+            if kept is not None:
+                kept.put(i, outputs[-1])
         ctx.prologue, ctx.projs, ctx.n_inputs, ctx.masks = prologue, projs, n_inputs, masks
         ctx.has_residual = residual is not None
         ctx.save_for_backward(*inputs, *(x for x in products if x is not None))
@@ -94,7 +90,7 @@ class _LoRAGroup(torch.autograd.Function):
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         n_in, projs, masks = ctx.n_inputs, ctx.projs, ctx.masks
-        input_grad = ctx.needs_input_grad[8: 8 + n_in]
+        input_grad = ctx.needs_input_grad[7: 7 + n_in]
         inputs = [x.detach().requires_grad_(g) for x, g in zip(saved[:n_in], input_grad)]
         products = iter(saved[n_in:])
         with torch.enable_grad():
@@ -143,70 +139,8 @@ class _LoRAGroup(torch.autograd.Function):
         else:
             found = iter(torch.autograd.grad(t, wanted, dt.view(t.shape)))
         input_grads = [next(found) if x.requires_grad else None for x in inputs]
-        residual_grad = grads[0] if ctx.has_residual and ctx.needs_input_grad[4] else None
-        return (None, None, None, None, residual_grad, None, None, None, *input_grads, *lora_grads)
-
-
-def _addend(p, residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """What joins projection p's frozen output in its GEMM's epilogue: the residual and p's bias, or None."""
-    if p.bias is None:
-        return residual
-    bias = p.bias.to(dtype)
-    return bias if residual is None else residual + bias
-
-
-def _gemm(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
-    """x W^T (+ add, in the epilogue)."""
-    return x @ w.t() if add is None else torch.addmm(add.reshape(-1, w.shape[0]), x, w.t())
-
-
-def _folds(projs: Sequence, masks: Masks | None, rows: int) -> bool:
-    """Whether the group's forward joins each LoRA product to its frozen GEMM along K (see _folded): with
-    LoRA, none dropping its input (a dropped input is no column of the shared one) and every LoRA projection's
-    weight cheap to write wider (decoder.Proj.widens)."""
-    loras = [p for p in projs if p.lora_a is not None]
-    return FOLD_LORA_B and bool(loras) and not any(_drops(p, masks) for p in loras) \
-        and all(p.widens(rows) for p in loras)
-
-
-def _folded(widened: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], projs: Sequence,
-            residual: torch.Tensor | None, kept) -> tuple[list, list]:
-    """The group's LoRA products and outputs, each LoRA branch inside its frozen GEMM: the prologue writes t
-    into a buffer with room for the products [t | tA_1^T | tA_2^T ...] (one GEMM makes them), and projection i
-    multiplies [t | ... | tA_i^T] by [W | 0 | s_i B_i] (its weight written wider, decoder.Proj.weight), so
-    its output is read and written once (r more columns of K: ~1.6% more FLOPs at r=64 over 4,096), where
-    adding the branch after the GEMM read and wrote it again (bench/RESULTS.md, twelfth session). Each output
-    goes to kept.put as soon as it is made, as in the unfolded forward."""
-    loras = [i for i, p in enumerate(projs) if p.lora_a is not None]
-    ranks = [projs[i].lora_a.shape[0] for i in loras]
-    wide = widened(*inputs, sum(ranks))
-    n_in, lead = wide.shape[-1] - sum(ranks), wide.shape[:-1]
-    flat_wide = wide.view(-1, wide.shape[-1])
-    a, _ = _stacked_a(projs, loras, wide.dtype)
-    stacked = flat_wide[:, :n_in] @ a.t()  # kept for backward: not the wide buffer, which holds t
-    flat_wide[:, n_in:].copy_(stacked)
-    products: list[torch.Tensor | None] = [None] * len(projs)
-    ends: dict[int, int] = {}  # projection -> the column after its product
-    end = n_in
-    for i, xa in zip(loras, stacked.split(ranks, 1)):
-        products[i], end = xa, end + xa.shape[1]
-        ends[i] = end
-    outputs = []
-    for i, p in enumerate(projs):
-        k = ends.get(i, n_in)
-        if i in ends:
-            w = p.weight(wide.dtype, width=k)
-            r = p.lora_a.shape[0]
-            w[:, n_in:k - r].zero_()  # the other projections' products
-            torch.mul(p.lora_b, p.scale, out=w[:, k - r:])
-        else:
-            w = p.weight(wide.dtype)
-        y = _gemm(flat_wide[:, :k], w, _addend(p, residual if i == 0 else None, wide.dtype))
-        del w
-        outputs.append(y.view(*lead, -1))
-        if kept is not None:
-            kept.put(i, outputs[-1])
-    return products, outputs
+        residual_grad = grads[0] if ctx.has_residual and ctx.needs_input_grad[3] else None
+        return (None, None, None, residual_grad, None, None, None, *input_grads, *lora_grads)
 
 
 def _drops(p, masks: Masks | None) -> bool:
@@ -249,8 +183,7 @@ def _lora_products(flat: torch.Tensor, projs: Sequence, masks: Masks | None) -> 
 
 def project(prologue: Callable[..., torch.Tensor] | None, inputs: Sequence[torch.Tensor], projs: Sequence,
             residual: torch.Tensor | None = None, tail: bool = False,
-            masks: Masks | None = None, kept=None,
-            widened: Callable[..., torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+            masks: Masks | None = None, kept=None) -> tuple[torch.Tensor, ...]:
     """For each projection p of `projs` (decoder.Proj: frozen weight, optional frozen bias, optional LoRA):
     p(t) = t W^T + bias + scale * (drop(t) A^T) B^T, where t = prologue(*inputs) (or inputs[0] when prologue
     is None) and drop is p's dropout with `masks` (none when masks is None: evaluation, or no dropout);
@@ -258,9 +191,6 @@ def project(prologue: Callable[..., torch.Tensor] | None, inputs: Sequence[torch
     residual and the LoRA weights. `tail`: the outputs end a recomputed unit, so a recomputation need not
     fill them (see the module's docstring). A recomputation must be given the masks its forward was. `kept`
     (offload.KeptOutputs): forward hands each output i to kept.put(i, y), and a recomputation takes kept.take(i,
-    device) instead of running the frozen GEMMs (it still makes the LoRA products, which backward reads).
-    `widened(*inputs, pad)`: prologue(*inputs) with `pad` more columns, their values unread; given, the
-    forward may fold the LoRA branches into the frozen GEMMs (see _folded)."""
+    device) instead of running the frozen GEMMs (it still makes the LoRA products, which backward reads)."""
     loras = [t for p in projs for t in (p.lora_a, p.lora_b)]
-    return _LoRAGroup.apply(prologue, widened, tuple(projs), len(inputs), residual, tail, masks, kept, *inputs,
-                            *loras)
+    return _LoRAGroup.apply(prologue, tuple(projs), len(inputs), residual, tail, masks, kept, *inputs, *loras)

@@ -32,8 +32,8 @@ def _kernel():
 
     @triton.jit
     def nf4_dequantize(packed, scales, scale_code, scale_scales, offset, table, out, n_bytes, n_values,
-                       n_cols, row_stride, BYTES: tl.constexpr, BYTES_PER_SCALE: tl.constexpr,
-                       SCALES_PER_SCALE: tl.constexpr, NESTED: tl.constexpr, STRIDED: tl.constexpr):
+                       BYTES: tl.constexpr, BYTES_PER_SCALE: tl.constexpr, SCALES_PER_SCALE: tl.constexpr,
+                       NESTED: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BYTES + tl.arange(0, BYTES)
         inside = offs < n_bytes
@@ -49,22 +49,17 @@ def _kernel():
         second = tl.load(table + (byte & 15)) * scale
         values = tl.interleave(first, second)
         out_offs = 2 * pid * BYTES + tl.arange(0, 2 * BYTES)
-        dest = out_offs
-        if STRIDED:  # rows of n_cols values, row_stride apart
-            row = out_offs // n_cols
-            dest = row * row_stride + (out_offs - row * n_cols)
-        tl.store(out + dest, values.to(out.dtype.element_ty, fp_downcast_rounding="rtne"),
+        tl.store(out + out_offs, values.to(out.dtype.element_ty, fp_downcast_rounding="rtne"),
                  mask=out_offs < n_values)
 
     return nf4_dequantize
 
 
 def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, scales: torch.Tensor | None = None,
-               offset: float | None = None, width: int | None = None) -> torch.Tensor:
+               offset: float | None = None) -> torch.Tensor:
     """The weight of a bitsandbytes NF4 `quant_state` in `dtype`. `scales`: the block scales already in fp32
     (then the double quantisation is skipped); `offset`: quant_state.offset as a float (read once by the
-    caller: reading it here would wait for the GPU, which a CUDA graph capture forbids). `width`: the result
-    is (rows, width), the weight in its first columns and the rest left unfilled (for the caller to fill)."""
+    caller: reading it here would wait for the GPU, which a CUDA graph capture forbids)."""
     qs = quant_state
     if qs.quant_type != "nf4" or qs.blocksize % 2:
         raise ValueError(f"NF4 kernel: unsupported quantisation {qs.quant_type} / block size {qs.blocksize}")
@@ -77,16 +72,11 @@ def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, scales: to
         scale_code, scale_scales, per_scale = qs.state2.code, qs.state2.absmax, qs.state2.blocksize
     else:  # never read by the kernel: any tensor will do
         scale_code, scale_scales, per_scale = scales, scales, 1
-    rows, cols = qs.shape
-    width = cols if width is None else width
-    if width < cols:
-        raise ValueError(f"NF4 kernel: width {width} < the weight's {cols} columns")
-    out = torch.empty((rows, width), dtype=dtype, device=packed.device)
+    out = torch.empty(qs.shape, dtype=dtype, device=packed.device)
     n_bytes = packed.numel()
     _kernel()[(-(-n_bytes // BYTES_PER_PROGRAM),)](
-        packed, scales, scale_code, scale_scales, float(offset or 0.0), qs.code, out, n_bytes, rows * cols,
-        cols, width, BYTES=BYTES_PER_PROGRAM, BYTES_PER_SCALE=qs.blocksize // 2, SCALES_PER_SCALE=per_scale,
-        NESTED=nested, STRIDED=width != cols,
+        packed, scales, scale_code, scale_scales, float(offset or 0.0), qs.code, out, n_bytes, out.numel(),
+        BYTES=BYTES_PER_PROGRAM, BYTES_PER_SCALE=qs.blocksize // 2, SCALES_PER_SCALE=per_scale, NESTED=nested,
         # bitsandbytes rounds code x scale, then adds the offset; a fused multiply-add rounds once, which
         # differs in the last bit (seen on an H200, not in the interpreter)
         enable_fp_fusion=False)
