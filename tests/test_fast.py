@@ -309,6 +309,15 @@ def test_lora_gemm_group_passes_gradcheck():
     got = project(None, (a,), projs[:1])[0]
     torch.testing.assert_close(got, projs[0].base(a) + 0.5 * (a @ projs[0].lora_a.t()) @ projs[0].lora_b.t())
     assert torch.autograd.gradcheck(lambda a, *w: project(None, (a,), projs[:1])[0], (a, *loras[:2]))
+    # a prologue with a backward of its own, which writes its gradients over t and dt (SwiGLU, as for down)
+    from tunelab.fast.decoder import _swiglu, _swiglu_backward_
+
+    gate, up = rand(2, n, d_in, grad=True), rand(2, n, d_in, grad=True)
+
+    def swiglu_group(gate, up, *_):
+        return project(_swiglu, (gate, up), projs, prologue_backward=_swiglu_backward_)
+
+    assert torch.autograd.gradcheck(swiglu_group, (gate, up, *loras))
     # with LoRA dropout: each projection's branch reads its own mask of the input, made again in backward
     from tunelab.fast.dropout import Masks, dropped
 
@@ -1028,6 +1037,47 @@ def test_nf4_kernel_falls_back_to_bitsandbytes_where_it_cannot_run(caplog):
         assert nf4.usable(torch.device("cpu")) is False
     assert "NF4 kernel is not used on cpu" in caplog.text
     assert nf4.usable(torch.device("cpu")) is False  # decided once
+
+
+@GPU
+def test_gpu_swiglu_gradients_are_written_in_place():
+    """The down projection's group, compiled as the fast path runs it: with SwiGLU's own backward
+    (decoder._swiglu_backward_) its backward allocates two (tokens x intermediate) tensors fewer than with
+    autograd's, and gives the same gradients (bf16)."""
+    from tunelab.fast.decoder import Proj, _swiglu, _swiglu_backward_
+    from tunelab.fast.lora_gemm import project
+
+    torch.manual_seed(0)
+    tokens, inter, hidden, r = 4096, 2048, 512, 16
+    base = torch.nn.Linear(inter, hidden, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    a = (torch.randn(r, inter, device="cuda") * 0.02).requires_grad_()
+    b = (torch.randn(hidden, r, device="cuda") * 0.02).requires_grad_()
+    proj = Proj(base, None, a, b, 0.25)
+    swiglu, backward_ = torch.compile(_swiglu), torch.compile(_swiglu_backward_)
+    weights = torch.randn(tokens, hidden, device="cuda")
+    results = {}
+    for own in (True, False):
+        g = torch.randn(tokens, inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        u = torch.randn(tokens, inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        with torch.no_grad():
+            g.copy_(torch.randn(tokens, inter, generator=torch.Generator("cuda").manual_seed(1), device="cuda"))
+            u.copy_(torch.randn(tokens, inter, generator=torch.Generator("cuda").manual_seed(2), device="cuda"))
+        for _ in range(2):  # the first compiles
+            a.grad = b.grad = g.grad = u.grad = None
+            y = project(swiglu, (g, u), [proj], prologue_backward=backward_ if own else None)[0]
+            loss = (y.float() * weights).sum()
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            loss.backward()
+            torch.cuda.synchronize()
+        results[own] = (torch.cuda.max_memory_allocated() - start, [t.grad.float() for t in (g, u, a, b)])
+        del y, loss
+    size = tokens * inter * 2
+    assert results[True][0] + 1.5 * size <= results[False][0], (results[True][0] / size, results[False][0] / size)
+    for got, want in zip(results[True][1], results[False][1]):
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 @GPU

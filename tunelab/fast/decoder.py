@@ -232,6 +232,19 @@ def _swiglu(g, u):
     return F.silu(g) * u
 
 
+def _swiglu_backward_(g, u, m, dm):
+    """SwiGLU's gradients for gate and up, given its output m = silu(g) * u and m's gradient dm, written over m
+    and dm (lora_gemm's prologue_backward: neither is read again). Compiled, one kernel writes both in place,
+    so the down projection's backward holds four (tokens x intermediate) tensors where autograd's six made
+    the 7B 8,192-token QLoRA step's peak (bench/RESULTS.md)."""
+    wide = torch.promote_types(g.dtype, torch.float32)  # bf16 computes in fp32 (as autograd's kernel does)
+    g32, dm32 = g.to(wide), dm.to(wide)
+    s = torch.sigmoid(g32)
+    m.copy_(dm32 * u.to(wide) * s * (1 + g32 * (1 - s)))  # silu'(g) = s (1 + g (1 - s))
+    dm.copy_(dm32 * g32 * s)
+    return m, dm
+
+
 # The compiled regions: everything between the frozen GEMMs (which run as they are, or dequantise NF4).
 def _qkv_rope(x, ln1, eps, yq, yk, yv, cos, sin, aq, bq, sq, ak, bk, sk, av, bv, sv, heads: int, kv_heads: int,
               dropout: float, training: bool):
@@ -327,6 +340,7 @@ class FastDecoder:
         self.attn_residual_norm: Callable = wrap(_attn_residual_norm)
         self.gate_up: Callable = wrap(_gate_up)
         self.swiglu: Callable = wrap(_swiglu)
+        self.swiglu_backward_: Callable = wrap(_swiglu_backward_)
         self.mlp_residual: Callable = wrap(_mlp_residual)
         self.dropped: Callable = wrap(dropped)
         self.add_dropped: Callable = wrap(add_dropped)
@@ -452,7 +466,8 @@ class FastDecoder:
         if self.lora_gemms:
             outputs = KeptOutputs(self.stash, unit, (unit + 1, unit + 2)) if kept else None
             g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up), masks=masks, kept=outputs)
-            return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks)[0]
+            return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks,
+                           prologue_backward=self.swiglu_backward_)[0]
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         if h is None:
             h = self.norm(x, L.ln2, L.eps)

@@ -55,7 +55,7 @@ def is_recomputing() -> bool:
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prologue, projs, n_inputs: int, residual, tail: bool, masks, kept, *args):
+    def forward(ctx, prologue, prologue_backward, projs, n_inputs: int, residual, tail: bool, masks, kept, *args):
         inputs = args[:n_inputs]  # then the LoRA weights, read from projs (inputs here for their gradients)
         t = inputs[0] if prologue is None else prologue(*inputs)
         lead, flat = t.shape[:-1], t.reshape(-1, t.shape[-1])
@@ -81,7 +81,8 @@ class _LoRAGroup(torch.autograd.Function):
             outputs.append(y.view(*lead, -1))
             if kept is not None:
                 kept.put(i, outputs[-1])
-        ctx.prologue, ctx.projs, ctx.n_inputs, ctx.masks = prologue, projs, n_inputs, masks
+        ctx.prologue, ctx.prologue_backward, ctx.projs, ctx.n_inputs = prologue, prologue_backward, projs, n_inputs
+        ctx.masks = masks
         ctx.has_residual = residual is not None
         ctx.save_for_backward(*inputs, *(x for x in products if x is not None))
         return tuple(outputs)
@@ -90,10 +91,10 @@ class _LoRAGroup(torch.autograd.Function):
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         n_in, projs, masks = ctx.n_inputs, ctx.projs, ctx.masks
-        input_grad = ctx.needs_input_grad[7: 7 + n_in]
+        input_grad = ctx.needs_input_grad[8: 8 + n_in]
         inputs = [x.detach().requires_grad_(g) for x, g in zip(saved[:n_in], input_grad)]
         products = iter(saved[n_in:])
-        with torch.enable_grad():
+        with torch.set_grad_enabled(ctx.prologue_backward is None):  # else no autograd graph is needed
             t = inputs[0] if ctx.prologue is None else ctx.prologue(*inputs)
         flat = t.detach().reshape(-1, t.shape[-1])
         wanted = [x for x in inputs if x.requires_grad]  # none for the first layer (a frozen embedding's output)
@@ -133,14 +134,18 @@ class _LoRAGroup(torch.autograd.Function):
             elif wanted:
                 dt.addmm_(dxa, p.lora_a.to(t.dtype))
         if not wanted:
-            found = iter(())
+            input_grads = [None] * n_in
         elif ctx.prologue is None:
-            found = iter([dt.view(t.shape)])
+            input_grads = [dt.view(t.shape)]
+        elif ctx.prologue_backward is not None:  # t and dt are not read again: it may write over them
+            del flat
+            input_grads = [g if x.requires_grad else None
+                           for g, x in zip(ctx.prologue_backward(*inputs, t, dt.view(t.shape)), inputs)]
         else:
             found = iter(torch.autograd.grad(t, wanted, dt.view(t.shape)))
-        input_grads = [next(found) if x.requires_grad else None for x in inputs]
-        residual_grad = grads[0] if ctx.has_residual and ctx.needs_input_grad[3] else None
-        return (None, None, None, residual_grad, None, None, None, *input_grads, *lora_grads)
+            input_grads = [next(found) if x.requires_grad else None for x in inputs]
+        residual_grad = grads[0] if ctx.has_residual and ctx.needs_input_grad[4] else None
+        return (None, None, None, None, residual_grad, None, None, None, *input_grads, *lora_grads)
 
 
 def _drops(p, masks: Masks | None) -> bool:
@@ -183,7 +188,8 @@ def _lora_products(flat: torch.Tensor, projs: Sequence, masks: Masks | None) -> 
 
 def project(prologue: Callable[..., torch.Tensor] | None, inputs: Sequence[torch.Tensor], projs: Sequence,
             residual: torch.Tensor | None = None, tail: bool = False,
-            masks: Masks | None = None, kept=None) -> tuple[torch.Tensor, ...]:
+            masks: Masks | None = None, kept=None,
+            prologue_backward: Callable[..., Sequence[torch.Tensor]] | None = None) -> tuple[torch.Tensor, ...]:
     """For each projection p of `projs` (decoder.Proj: frozen weight, optional frozen bias, optional LoRA):
     p(t) = t W^T + bias + scale * (drop(t) A^T) B^T, where t = prologue(*inputs) (or inputs[0] when prologue
     is None) and drop is p's dropout with `masks` (none when masks is None: evaluation, or no dropout);
@@ -191,6 +197,10 @@ def project(prologue: Callable[..., torch.Tensor] | None, inputs: Sequence[torch
     residual and the LoRA weights. `tail`: the outputs end a recomputed unit, so a recomputation need not
     fill them (see the module's docstring). A recomputation must be given the masks its forward was. `kept`
     (offload.KeptOutputs): forward hands each output i to kept.put(i, y), and a recomputation takes kept.take(i,
-    device) instead of running the frozen GEMMs (it still makes the LoRA products, which backward reads)."""
+    device) instead of running the frozen GEMMs (it still makes the LoRA products, which backward reads).
+    `prologue_backward(*inputs, t, dt)`: the gradients for every input of the prologue, given t = prologue(*inputs)
+    and its gradient dt, free to write them over t and dt (which backward no longer needs); without it,
+    autograd differentiates the prologue."""
     loras = [t for p in projs for t in (p.lora_a, p.lora_b)]
-    return _LoRAGroup.apply(prologue, tuple(projs), len(inputs), residual, tail, masks, kept, *inputs, *loras)
+    return _LoRAGroup.apply(prologue, prologue_backward, tuple(projs), len(inputs), residual, tail, masks, kept,
+                            *inputs, *loras)
