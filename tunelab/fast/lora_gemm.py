@@ -12,7 +12,9 @@ into it in its epilogue (addmm, beta 1). The LoRA product and a residual are add
 The group's input is made by a `prologue` (the RMSNorm, or SwiGLU for the down projection) that runs inside
 the node and again in backward, so the normed tensor and the SwiGLU product are never kept: backward keeps
 the prologue's inputs (the residual stream, gate and up, which are kept anyway) and LoRA's rank-sized
-products. Frozen weights only: a trainable base weight, bias or norm weight takes the compiled-region path.
+products. A prologue may bring its own backward (`prologue_backward`): SwiGLU's writes gate's and up's gradients
+over its output and that output's gradient, which autograd would keep beside two new tensors of that size.
+Frozen weights only: a trainable base weight, bias or norm weight takes the compiled-region path.
 The LoRA branches that read the same undropped input run as one GEMM, their A matrices stacked (see _shared).
 LoRA dropout drops each projection's input with a mask made again from a seed (tunelab.fast.dropout) wherever
 it is needed: for the rank-sized product, for A's gradient, and for the input gradient's LoRA part.
