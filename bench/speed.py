@@ -8,7 +8,8 @@ same Llama-2-7B-shaped model (random weights), each side in its own process, in 
 
 tunelab sides take `@N` (recompute only the first N layers) and `@Nh` (and keep their inputs on the host:
 offload_checkpoints, which also sends the gate/up outputs of the layers FastDecoder.output_layers_for picks);
-`@Nh-oK` sends those of K layers instead (`-o0`: none; for an A/B in one call). bench/acceptance.sh runs the
+`@Nh-oK` sends those of K layers instead (`-o0`: none; for an A/B in one call), `@Nh-rK` keeps the inputs of
+the top K recomputed layers on the GPU (decoder.RESIDENT_LAYERS). bench/acceptance.sh runs the
 issue's acceptance in three device calls. Diagnostics, with $OUT set: BENCH_PROFILE=1 (a kernel table and a
 gzipped timeline, for bench/trace_gaps.py, of one more step; with BENCH_GRAPHS=0 the eager step's kernels, in
 files named `-eager`), BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the steps).
@@ -175,6 +176,9 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
         from tunelab.fast.decoder import FastDecoder
         pick = FastDecoder.output_layers_for
         FastDecoder.output_layers_for = lambda self, tokens, count=None: pick(self, tokens, int(variant[1:]))
+    if variant.startswith("r"):  # A/B within one call: the top K recomputed layers keep their inputs on the GPU
+        from tunelab.fast import decoder
+        decoder.RESIDENT_LAYERS = int(variant[1:])
     ckpt += f"-{variant}" if variant else ""
     qlora = side.endswith("qlora")
     if side.startswith("tunelab_train"):

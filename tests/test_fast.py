@@ -92,9 +92,15 @@ def test_fast_path_matches_plain_path(arch, tiny_models):
             torch.testing.assert_close(quick_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llama):
+@pytest.mark.parametrize("resident", [0, 1])
+def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llama, resident, monkeypatch):
     """With offload, the input of each recomputed layer's two halves is in the host stash after forward (the
-    first layer's is the embedding output), and two micro-batches accumulate the same gradients as without offload."""
+    first layer's is the embedding output), but for the top `resident` layers (decoder.RESIDENT_LAYERS), whose
+    inputs stay on the device until their backward takes them; two micro-batches accumulate the same gradients
+    as without offload."""
+    from tunelab.fast import decoder
+
+    monkeypatch.setattr(decoder, "RESIDENT_LAYERS", resident)
     cfg = _cfg(tiny_llama)
     model = _lora_model(tiny_llama, cfg)
     batches = [_batch(model.config.vocab_size, [[40, 25]], seed=s) for s in (0, 1)]
@@ -111,11 +117,12 @@ def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llam
     offloaded = accumulated(fast)
     for name, g in kept.items():
         torch.testing.assert_close(offloaded[name], g, atol=1e-6, rtol=1e-4, msg=name)
-    layers = len(fast.layers)  # two offloaded units per layer: attention, MLP; the attention's output too
+    layers = len(fast.layers) - resident  # on the host: two units per layer (attention, MLP), attention's output
+    assert fast.stash.resident == {u for i in range(layers, len(fast.layers)) for u in (2 * i, 2 * i + 1)}
     assert sorted(slot for slot, *_ in fast.stash.buffers if slot[1] == "x") == [(u, "x") for u in range(2 * layers)]
     attention = {slot for slot, *_ in fast.stash.buffers if slot[1] != "x"}  # the output and its log-sum-exp
     assert attention == {(u, f"attention{i}") for u in range(0, 2 * layers, 2) for i in (0, 1)}, attention
-    assert not fast.stash.prefetched and not fast.stash.outgoing
+    assert not fast.stash.prefetched and not fast.stash.outgoing and not fast.stash.on_device
     embedded = model.get_input_embeddings()(batches[1]["input_ids"])
     torch.testing.assert_close(fast.stash.buffers[fast.stash.latest[0, "x"]], embedded)
 

@@ -45,6 +45,11 @@ from tunelab.fast.offload import HostStash, KeptOutputs, offloaded
 # there, which took 20 ms off the step where 13 took 8 (bench/RESULTS.md). An H100 or A100 (half the FLOPs, a
 # PCIe 4 link) is near.
 FLOP_PER_LINK_BYTE = 13_000
+# The top recomputed layers whose units keep their inputs and attention outputs on the GPU, not on the host:
+# their copies out would be the last of forward, still on their way when it ends (the 8k step waited 5 ms for
+# them), and their copies back the first that backward waits for. They hold that memory (0.19 GiB a layer at
+# 8,192 tokens for a 7B model) only until backward reaches them, early, while few LoRA gradients exist.
+RESIDENT_LAYERS = 1
 
 
 @dataclass
@@ -351,6 +356,12 @@ class FastDecoder:
         `output_layers` (see output_layers_for): the layers whose gate/up outputs wait there too."""
         self.stash = HostStash() if offload and self.checkpointed and not self.replays_rng else None
         self.output_layers = sorted(output_layers) if self.stash is not None and self.lora_gemms else []
+        if self.stash is not None:
+            self.stash.resident = {u for i in self.resident_layers() for u in (2 * i, 2 * i + 1)}
+
+    def resident_layers(self) -> list[int]:
+        """The recomputed layers whose units keep their inputs on the GPU (see RESIDENT_LAYERS)."""
+        return sorted(self.checkpointed)[len(self.checkpointed) - RESIDENT_LAYERS:] if RESIDENT_LAYERS else []
 
     def output_layers_for(self, tokens: int, count: int | None = None, element_size: int = 2) -> list[int]:
         """The recomputed layers whose gate/up outputs go to the host too, for batches of `tokens` tokens: as
@@ -359,7 +370,7 @@ class FastDecoder:
         dequantisation): about 2.4 of the 7B 8,192-token QLoRA step's 21 ms per layer on an H200.
 
         Which layers may: not the top recomputed one, which has no unit above to fetch its outputs back early,
-        and none whose `up` output, fetched back while the layer above runs its backward, would raise the
+        nor those whose units stay on the GPU (RESIDENT_LAYERS), and none whose `up` output, fetched back while the layer above runs its backward, would raise the
         step's peak: that lies at the end of backward, when every layer's LoRA gradients exist, so a layer
         qualifies when the gradients of the layers below it, not made yet at that moment, outweigh its `up`."""
         if not self.lora_gemms or not self.checkpointed:
@@ -370,7 +381,7 @@ class FastDecoder:
             count = int(room // (2 * element_size * inter))
         grads = sum(t.numel() * t.element_size() for t in self.layers[0].trainable())
         lowest = -(-tokens * inter * element_size // max(grads, 1)) - 1
-        top = max(self.checkpointed)
+        top = max(self.checkpointed) + 1 - max(RESIDENT_LAYERS, 1)
         candidates = [i for i in sorted(self.checkpointed) if lowest <= i < top]
         count = min(count, len(candidates))
         return [candidates[(2 * j + 1) * len(candidates) // (2 * count)] for j in range(count)]
@@ -396,7 +407,8 @@ class FastDecoder:
         gets buffers of its own): what each recomputed layer sends (_sent_bytes), with the gate and up outputs
         of output_layers."""
         outputs = self._sent_bytes(element_size, True) - self._sent_bytes(element_size)
-        return tokens * (len(self.checkpointed) * self._sent_bytes(element_size) + len(self.output_layers) * outputs)
+        sending = len(self.checkpointed) - len(self.resident_layers())
+        return tokens * (sending * self._sent_bytes(element_size) + len(self.output_layers) * outputs)
 
     def in_flight_bytes(self, tokens: int, seq: int, element_size: int = 2) -> int:
         """The sources of copies out that forward may leave in flight (HostStash.in_flight), for a batch of

@@ -16,6 +16,9 @@ chosen by decoder.FastDecoder.output_layers_for): their recomputation takes them
 two largest GEMMs of the layer again. They come back one (gate) and two (up) units early, since their copy
 back takes longer than one unit's backward.
 
+The units of the top recomputed layers (decoder.RESIDENT_LAYERS) keep their slots on the device: they would be
+the last copies out of forward and the first back in backward, so the step would only wait for them.
+
 The host buffers are allocated once per (slot, shape) and kept, so a captured CUDA graph (fast/graphs.py)
 copies to and from the same memory at every replay; the graphs' first, eager step of a shape allocates them,
 never a capture. On the CPU (the tests) the copies are plain."""
@@ -54,6 +57,8 @@ class HostStash:
         self.in_flight = in_flight  # bytes of sources that outgoing may hold on the device (the decoder sets it)
         self.kept: dict[int, list] = {}  # unit -> its attention kernel's outputs (slot names, small tensors)
         self.fetch_in: dict[tuple, int] = {}  # a group output's slot -> the unit whose backward fetches it back
+        self.resident: set[int] = set()  # units whose slots stay on the device (decoder.RESIDENT_LAYERS)
+        self.on_device: dict[tuple, torch.Tensor] = {}  # their slots, from forward until backward takes them
         self._stream: torch.cuda.Stream | None = None
 
     def _side(self, device: torch.device) -> torch.cuda.Stream:
@@ -83,6 +88,10 @@ class HostStash:
         fetches back (prefetch_outputs); otherwise the slot comes back with its unit's other inputs (prefetch)."""
         slot = unit, name
         self.prefetched.pop(slot, None)  # a copy back left by a backward that did not finish
+        if unit in self.resident:
+            self.latest.pop(slot, None)
+            self.on_device[slot] = x
+            return
         if fetch_in is not None:
             self.fetch_in[slot] = fetch_in
         key = slot, tuple(x.shape), x.stride(), x.dtype
@@ -130,6 +139,8 @@ class HostStash:
     def take(self, unit: int, name: str, device: torch.device) -> torch.Tensor:
         """A slot's tensor on the device again."""
         slot = unit, name
+        if slot in self.on_device:
+            return self.on_device.pop(slot)
         if slot in self.prefetched:
             done, back = self.prefetched.pop(slot)
             torch.cuda.current_stream(back.device).wait_event(done)
