@@ -9,7 +9,8 @@ same Llama-2-7B-shaped model (random weights), each side in its own process, in 
 tunelab sides take `@N` (recompute only the first N layers) and `@Nh` (and keep their inputs on the host:
 offload_checkpoints, which also sends the gate/up outputs of the layers FastDecoder.output_layers_for picks);
 `@Nh-oK` sends those of K layers instead (`-o0`: none; for an A/B in one call), `@Nh-rK` keeps the inputs of
-the top K recomputed layers on the GPU (decoder.RESIDENT_LAYERS). bench/acceptance.sh runs the
+the top K recomputed layers on the GPU (decoder.RESIDENT_LAYERS), `@32h-a` leaves SwiGLU's backward to autograd
+(not written in place); variants combine: `@32h-r0-a`. bench/acceptance.sh runs the
 issue's acceptance in three device calls. Diagnostics, with $OUT set: BENCH_PROFILE=1 (a kernel table and a
 gzipped timeline, for bench/trace_gaps.py, of one more step; with BENCH_GRAPHS=0 the eager step's kernels, in
 files named `-eager`), BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the steps).
@@ -172,13 +173,14 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     side, _, ckpt = side.partition("@")
     ckpt, _, variant = ckpt.partition("-")
     layers, offload = int(ckpt.rstrip("h") or -1), ckpt.endswith("h")
-    if variant.startswith("o"):  # A/B within one call: gate/up outputs of K layers on the host
+    variants = {part[:1]: part[1:] for part in variant.split("-") if part}  # A/B within one call, see above
+    if "o" in variants:  # gate/up outputs of K layers on the host
         from tunelab.fast.decoder import FastDecoder
-        pick = FastDecoder.output_layers_for
-        FastDecoder.output_layers_for = lambda self, tokens, count=None: pick(self, tokens, int(variant[1:]))
-    if variant.startswith("r"):  # A/B within one call: the top K recomputed layers keep their inputs on the GPU
+        pick, count = FastDecoder.output_layers_for, int(variants["o"])
+        FastDecoder.output_layers_for = lambda self, tokens, _=None: pick(self, tokens, count)
+    if "r" in variants:  # the top K recomputed layers keep their inputs on the GPU
         from tunelab.fast import decoder
-        decoder.RESIDENT_LAYERS = int(variant[1:])
+        decoder.RESIDENT_LAYERS = int(variants["r"])
     ckpt += f"-{variant}" if variant else ""
     qlora = side.endswith("qlora")
     if side.startswith("tunelab_train"):
@@ -190,6 +192,8 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     if side.startswith("tunelab"):
         from tunelab.train import _optimizer_step
         cfg, model, params, optimizer, tokenizer = _tunelab_setup(path, qlora, tokens or 8192, layers, offload)
+        if "a" in variants and getattr(model, "tunelab_fast", None) is not None:
+            model.tunelab_fast.swiglu_backward_ = None  # A/B: autograd differentiates SwiGLU (not in place)
 
         def seq(ids):
             ids = ids.tolist()
