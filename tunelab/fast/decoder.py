@@ -48,7 +48,9 @@ FLOP_PER_LINK_BYTE = 13_000
 # The top recomputed layers whose units keep their inputs and attention outputs on the GPU, not on the host:
 # their copies out would be the last of forward, still on their way when it ends (the 8k step waited 5 ms for
 # them), and their copies back the first that backward waits for. They hold that memory (0.19 GiB a layer at
-# 8,192 tokens for a 7B model) only until backward reaches them, early, while few LoRA gradients exist.
+# 8,192 tokens for a 7B model) only until backward reaches them, early, while few LoRA gradients exist. On an
+# H200, 7B QLoRA at 8k: one layer took 2.5 ms off the step and added 0.02 GiB to its peak; two, 1.6 ms and
+# 0.40 GiB (bench/RESULTS.md).
 RESIDENT_LAYERS = 1
 
 
@@ -239,9 +241,10 @@ def _swiglu(g, u):
 
 def _swiglu_backward_(g, u, m, dm):
     """SwiGLU's gradients for gate and up, given its output m = silu(g) * u and m's gradient dm, written over m
-    and dm (lora_gemm's prologue_backward: neither is read again). Compiled, one kernel writes both in place,
-    so the down projection's backward holds four (tokens x intermediate) tensors where autograd's six made
-    the 7B 8,192-token QLoRA step's peak (bench/RESULTS.md)."""
+    and dm (lora_gemm's prologue_backward: neither is read again), so the down projection's backward holds
+    four (tokens x intermediate) tensors, not autograd's six (its m, dm and two new gradients beside gate and
+    up). The 7B 8,192-token QLoRA step's peak was in that backward: it fell from 7.25 to 7.12 GiB on an H200
+    (bench/RESULTS.md)."""
     wide = torch.promote_types(g.dtype, torch.float32)  # bf16 computes in fp32 (as autograd's kernel does)
     g32, dm32 = g.to(wide), dm.to(wide)
     s = torch.sigmoid(g32)
@@ -370,9 +373,10 @@ class FastDecoder:
         dequantisation): about 2.4 of the 7B 8,192-token QLoRA step's 21 ms per layer on an H200.
 
         Which layers may: not the top recomputed one, which has no unit above to fetch its outputs back early,
-        nor those whose units stay on the GPU (RESIDENT_LAYERS), and none whose `up` output, fetched back while the layer above runs its backward, would raise the
-        step's peak: that lies at the end of backward, when every layer's LoRA gradients exist, so a layer
-        qualifies when the gradients of the layers below it, not made yet at that moment, outweigh its `up`."""
+        nor those whose units stay on the GPU (RESIDENT_LAYERS), and none whose `up` output, fetched back while
+        the layer above runs its backward, would raise the step's peak: that lies at the end of backward, when
+        every layer's LoRA gradients exist, so a layer qualifies when the gradients of the layers below it, not
+        made yet at that moment, outweigh its `up`."""
         if not self.lora_gemms or not self.checkpointed:
             return []
         inter = self.core.config.intermediate_size

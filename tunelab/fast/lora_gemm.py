@@ -140,7 +140,6 @@ class _LoRAGroup(torch.autograd.Function):
         elif ctx.prologue is None:
             input_grads = [dt.view(t.shape)]
         elif ctx.prologue_backward is not None:  # t and dt are not read again: it may write over them
-            del flat
             input_grads = [g if x.requires_grad else None
                            for g, x in zip(ctx.prologue_backward(*inputs, t, dt.view(t.shape)), inputs)]
         else:
