@@ -488,7 +488,7 @@ def test_offload_auto_asks_for_a_gpu_and_room_on_the_host(tiny_llama, caplog):
     assert fast.output_layers == [0] and fast.host_bytes(2 * 64) == need + outputs
 
 
-def test_output_layers_follow_the_links_room_and_the_peak():
+def test_output_layers_follow_the_links_room_and_the_peak(monkeypatch):
     """Which layers of a 7B model (built on the meta device: shapes only) send their gate/up outputs to the
     host: as many as the forward's spare link time carries (more at 8,192 tokens than at 2,048, whose forward
     has fewer attention FLOPs per token), spread out, never the top layer, and none whose up output, fetched
@@ -522,6 +522,12 @@ def test_output_layers_follow_the_links_room_and_the_peak():
     assert abs(fast.in_flight_bytes(8192, 8192) / 2**30 - 0.55) < 0.01
     assert abs(fast.in_flight_bytes(2048, 2048) / 2**30 - 0.12) < 0.01
     assert FastDecoder(model, compile=False, checkpoint_layers=0, offload=True).output_layers_for(8192) == []
+    # the top recomputed layer keeps its inputs on the GPU (decoder.RESIDENT_LAYERS); never more than are recomputed
+    from tunelab.fast import decoder
+
+    assert fast.resident_layers() == [31] and fast.stash.resident == {62, 63}
+    monkeypatch.setattr(decoder, "RESIDENT_LAYERS", 3)
+    assert FastDecoder(model, compile=False, checkpoint_layers=2, offload=True).resident_layers() == [0, 1]
 
 
 # -- GPU: compiled bf16 kernels and varlen attention against the eager reference ----------------------------

@@ -364,7 +364,7 @@ class FastDecoder:
 
     def resident_layers(self) -> list[int]:
         """The recomputed layers whose units keep their inputs on the GPU (see RESIDENT_LAYERS)."""
-        return sorted(self.checkpointed)[len(self.checkpointed) - RESIDENT_LAYERS:] if RESIDENT_LAYERS else []
+        return sorted(self.checkpointed)[max(0, len(self.checkpointed) - RESIDENT_LAYERS):] if RESIDENT_LAYERS else []
 
     def output_layers_for(self, tokens: int, count: int | None = None, element_size: int = 2) -> list[int]:
         """The recomputed layers whose gate/up outputs go to the host too, for batches of `tokens` tokens: as
@@ -385,7 +385,7 @@ class FastDecoder:
             count = int(room // (2 * element_size * inter))
         grads = sum(t.numel() * t.element_size() for t in self.layers[0].trainable())
         lowest = -(-tokens * inter * element_size // max(grads, 1)) - 1
-        top = max(self.checkpointed) + 1 - max(RESIDENT_LAYERS, 1)
+        top = min(self.resident_layers(), default=max(self.checkpointed))
         candidates = [i for i in sorted(self.checkpointed) if lowest <= i < top]
         count = min(count, len(candidates))
         return [candidates[(2 * j + 1) * len(candidates) // (2 * count)] for j in range(count)]
