@@ -1075,11 +1075,8 @@ def test_gpu_swiglu_gradients_are_written_in_place():
     weights = torch.randn(tokens, hidden, device="cuda")
     results = {}
     for own in (True, False):
-        g = torch.randn(tokens, inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        u = torch.randn(tokens, inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        with torch.no_grad():
-            g.copy_(torch.randn(tokens, inter, generator=torch.Generator("cuda").manual_seed(1), device="cuda"))
-            u.copy_(torch.randn(tokens, inter, generator=torch.Generator("cuda").manual_seed(2), device="cuda"))
+        g, u = (torch.randn(tokens, inter, generator=torch.Generator("cuda").manual_seed(seed), device="cuda")
+                .bfloat16().requires_grad_() for seed in (1, 2))  # the same values for both ways
         for _ in range(2):  # the first compiles
             a.grad = b.grad = g.grad = u.grad = None
             y = project(swiglu, (g, u), [proj], prologue_backward=backward_ if own else None)[0]
