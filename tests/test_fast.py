@@ -1096,52 +1096,6 @@ def test_gpu_swiglu_gradients_are_written_in_place():
 
 
 @GPU
-def test_gpu_lora_group_casts_its_weights_once_and_gives_fp32_gradients():
-    """q/k/v as the fast path runs them on the GPU (bf16 activations, fp32 LoRA weights, two branches stacked):
-    outputs and LoRA gradients against float64 from the same bf16 values, and the gradients come from the
-    GEMM's fp32 accumulator (not all of them bf16 numbers, as a bf16 product cast by autograd would be)."""
-    from tunelab.fast.decoder import Proj
-    from tunelab.fast.lora_gemm import project
-
-    gen = torch.Generator("cuda").manual_seed(0)
-    tokens, hidden, r = 1024, 256, 16
-
-    def rand(*shape, scale=1.0, dtype=torch.float32):
-        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
-
-    projs = []
-    for lora in (True, True, False):
-        base = torch.nn.Linear(hidden, hidden, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-        p = Proj(base, None)
-        if lora:
-            p.lora_a, p.lora_b = rand(r, hidden, scale=0.1).requires_grad_(), rand(hidden, r, scale=0.1).requires_grad_()
-            p.scale = 0.5
-        projs.append(p)
-    x = rand(tokens, hidden, dtype=torch.bfloat16).requires_grad_()
-    grads = [rand(tokens, hidden, dtype=torch.bfloat16) for _ in projs]
-    outputs = project(None, (x,), projs)
-    torch.autograd.backward(outputs, grads)
-
-    def reference(p, dy):  # float64 from the bf16 values the GEMMs read (A and B cast to bf16, as forward does)
-        f = torch.float64
-        a, b, w = p.lora_a.detach().bfloat16().to(f), p.lora_b.detach().bfloat16().to(f), p.base.weight.to(f)
-        xa = x.detach().to(f) @ a.t()
-        y = x.detach().to(f) @ w.t() + p.scale * xa @ b.t()
-        dy = dy.to(f)
-        return y, p.scale * (dy @ b).t() @ x.detach().to(f), p.scale * dy.t() @ xa
-
-    for p, y, dy in zip(projs, outputs, grads):
-        if p.lora_a is None:
-            continue
-        want_y, want_da, want_db = reference(p, dy)
-        torch.testing.assert_close(y.double(), want_y, rtol=1e-2, atol=1e-2 * want_y.abs().max().item())
-        for got, want in ((p.lora_a.grad, want_da), (p.lora_b.grad, want_db)):
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-            assert (got.bfloat16().float() != got).any()  # not a bf16 result cast afterwards
-
-
-@GPU
 def test_gpu_nf4_kernel_matches_bitsandbytes_bit_for_bit():
     pytest.importorskip("triton")
     from tunelab.fast import nf4

@@ -36,7 +36,6 @@ import torch
 from tunelab.fast.dropout import Masks
 
 _recomputing = 0  # depth of recomputing() contexts
-_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (CUDA, half inputs)
 
 
 @contextmanager
@@ -62,9 +61,7 @@ class _LoRAGroup(torch.autograd.Function):
         inputs = args[:n_inputs]  # then the LoRA weights, read from projs (inputs here for their gradients)
         t = inputs[0] if prologue is None else prologue(*inputs)
         lead, flat = t.shape[:-1], t.reshape(-1, t.shape[-1])
-        shared = _shared(projs, masks)
-        lora = _LoRAWeights(projs, shared, dtype=t.dtype)
-        products = _lora_products(flat, projs, masks, lora)
+        products = _lora_products(flat, projs, masks)
         outputs = []
         skip = tail and _recomputing  # the outputs are not read: only the LoRA products are (by backward)
         for i, p in enumerate(projs):
@@ -82,25 +79,23 @@ class _LoRAGroup(torch.autograd.Function):
             y = flat @ w.t() if add is None else torch.addmm(add.reshape(-1, w.shape[0]), flat, w.t())
             del w  # a dequantised NF4 weight lives only for its GEMM
             if products[i] is not None:
-                y.addmm_(products[i], lora.b[i].t(), alpha=p.scale)
+                y.addmm_(products[i], p.lora_b.to(t.dtype).t(), alpha=p.scale)
             outputs.append(y.view(*lead, -1))
             if kept is not None:
                 kept.put(i, outputs[-1])
         ctx.prologue, ctx.prologue_backward, ctx.projs, ctx.n_inputs = prologue, prologue_backward, projs, n_inputs
-        ctx.masks, ctx.shared = masks, shared
+        ctx.masks = masks
         ctx.has_residual = residual is not None
-        ctx.n_products = sum(x is not None for x in products)
-        ctx.save_for_backward(*inputs, *(x for x in products if x is not None), *lora.tensors())
+        ctx.save_for_backward(*inputs, *(x for x in products if x is not None))
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
-        n_in, projs, masks, shared = ctx.n_inputs, ctx.projs, ctx.masks, ctx.shared
+        n_in, projs, masks = ctx.n_inputs, ctx.projs, ctx.masks
         input_grad = ctx.needs_input_grad[8: 8 + n_in]
         inputs = [x.detach().requires_grad_(g) for x, g in zip(saved[:n_in], input_grad)]
-        products = iter(saved[n_in:n_in + ctx.n_products])
-        lora = _LoRAWeights(projs, shared, saved=saved[n_in + ctx.n_products:])
+        products = iter(saved[n_in:])
         with torch.set_grad_enabled(ctx.prologue_backward is None):  # else no autograd graph is needed
             t = inputs[0] if ctx.prologue is None else ctx.prologue(*inputs)
         flat = t.detach().reshape(-1, t.shape[-1])
@@ -117,29 +112,29 @@ class _LoRAGroup(torch.autograd.Function):
             if p.lora_a is None:
                 continue
             xa = next(products)
-            dxas[i] = (dy @ lora.b[i]).mul_(p.scale)
+            dxas[i] = (dy @ p.lora_b.to(t.dtype)).mul_(p.scale)
             if p.lora_b.requires_grad:
-                lora_grads[2 * i + 1] = _grad_mm(dy.t(), xa, p.lora_b).mul_(p.scale)
+                lora_grads[2 * i + 1] = (dy.t() @ xa).mul_(p.scale)
         # A's gradients and the LoRA part of the input gradient: one GEMM each for the projections that read the
         # undropped input (their A stacked), one per projection for those that read their own dropped copy
+        shared = _shared(projs, masks)
         if shared:
-            dxa = torch.cat([dxas[i] for i in shared], 1)
+            dxa, (a, ranks) = torch.cat([dxas[i] for i in shared], 1), _stacked_a(projs, shared, t.dtype)
             if any(projs[i].lora_a.requires_grad for i in shared):
-                stacked_grad = _grad_mm(dxa.t(), flat, projs[shared[0]].lora_a)
-                for i, da in zip(shared, stacked_grad.split(lora.ranks)):
+                for i, da in zip(shared, (dxa.t() @ flat).split(ranks)):
                     lora_grads[2 * i] = da if projs[i].lora_a.requires_grad else None
             if wanted:
-                dt.addmm_(dxa, lora.stacked_a)
+                dt.addmm_(dxa, a)
         for i, dxa in dxas.items():
             if i in shared:
                 continue
             p = projs[i]
             if p.lora_a.requires_grad:
-                lora_grads[2 * i] = _grad_mm(dxa.t(), _dropped_input(flat, p, masks), p.lora_a)
+                lora_grads[2 * i] = dxa.t() @ _dropped_input(flat, p, masks)
             if wanted and _drops(p, masks):  # dropout's backward: the same mask
-                dt = masks.add(dt, dxa @ lora.a[i], p.uid, p.dropout)
+                dt = masks.add(dt, dxa @ p.lora_a.to(t.dtype), p.uid, p.dropout)
             elif wanted:
-                dt.addmm_(dxa, lora.a[i])
+                dt.addmm_(dxa, p.lora_a.to(t.dtype))
         if not wanted:
             input_grads = [None] * n_in
         elif ctx.prologue is None:
@@ -172,64 +167,23 @@ def _shared(projs: Sequence, masks: Masks | None) -> list[int]:
     return shared if len(shared) > 1 else []
 
 
-class _LoRAWeights:
-    """A group's LoRA weights in the compute dtype, made by one multi-tensor copy from the (fp32) parameters
-    per forward and kept for backward (a recomputation makes them again): `a[i]` and `b[i]` for projection i;
-    the shared projections' A matrices (see _shared) are the rows of one matrix, `stacked_a`, so that their
-    products are one GEMM. Cast one by one at every use instead, a 7B step ran ~1,250 small copy and
-    concatenation kernels (each weight cast three times a step, the A matrices stacked three times)."""
-
-    def __init__(self, projs: Sequence, shared: list[int], dtype: torch.dtype | None = None,
-                 saved: Sequence[torch.Tensor] | None = None):
-        """Cast from the parameters to `dtype`, or (backward) taken back from `saved`, in tensors()' order."""
-        self.shared, self.ranks = shared, [projs[i].lora_a.shape[0] for i in shared]
-        with_lora = [i for i, p in enumerate(projs) if p.lora_a is not None]
-        self.own = [i for i in with_lora if i not in shared]  # A not stacked
-        taken = iter(saved or ())
-
-        def make(like: torch.Tensor, shape=None) -> torch.Tensor:
-            if saved is not None:
-                return next(taken)
-            return like.new_empty(shape or like.shape, dtype=dtype)
-
-        self.stacked_a: torch.Tensor | None = None
-        self.a: dict[int, torch.Tensor] = {}
-        if shared:
-            first = projs[shared[0]].lora_a
-            self.stacked_a = make(first, (sum(self.ranks), first.shape[1]))
-            self.a = dict(zip(shared, self.stacked_a.split(self.ranks)))
-        self.a.update({i: make(projs[i].lora_a) for i in self.own})
-        self.b = {i: make(projs[i].lora_b) for i in with_lora}
-        if saved is None and with_lora:
-            torch._foreach_copy_([self.a[i] for i in with_lora] + [self.b[i] for i in with_lora],
-                                 [projs[i].lora_a.detach() for i in with_lora] +
-                                 [projs[i].lora_b.detach() for i in with_lora])
-
-    def tensors(self) -> list[torch.Tensor]:
-        """What backward keeps."""
-        stacked = [self.stacked_a] if self.shared else []
-        return stacked + [self.a[i] for i in self.own] + list(self.b.values())
+def _stacked_a(projs: Sequence, shared: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+    """The shared projections' A matrices as one (sum of ranks x in_features) matrix, and their ranks."""
+    return torch.cat([projs[i].lora_a for i in shared]).to(dtype), [projs[i].lora_a.shape[0] for i in shared]
 
 
-def _grad_mm(x: torch.Tensor, y: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """x @ y as the gradient of `param`: on CUDA, half-precision operands give `param`'s (fp32) dtype directly
-    from the GEMM's accumulator, instead of a rounded half-precision result that autograd then converts in a
-    kernel of its own (448 of them a 7B step)."""
-    if x.is_cuda and param.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
-        return torch.mm(x, y, out_dtype=param.dtype)
-    return x @ y
-
-
-def _lora_products(flat: torch.Tensor, projs: Sequence, masks: Masks | None, lora: _LoRAWeights) -> list:
+def _lora_products(flat: torch.Tensor, projs: Sequence, masks: Masks | None) -> list:
     """Each projection's rank-sized LoRA product drop(t) A^T (None without LoRA), the shared ones from one
     GEMM (views of its output)."""
+    shared = _shared(projs, masks)
     products: list[torch.Tensor | None] = [None] * len(projs)
-    if lora.shared:
-        for i, xa in zip(lora.shared, (flat @ lora.stacked_a.t()).split(lora.ranks, 1)):
+    if shared:
+        a, ranks = _stacked_a(projs, shared, flat.dtype)
+        for i, xa in zip(shared, (flat @ a.t()).split(ranks, 1)):
             products[i] = xa
     for i, p in enumerate(projs):
         if p.lora_a is not None and products[i] is None:
-            products[i] = _dropped_input(flat, p, masks) @ lora.a[i].t()
+            products[i] = _dropped_input(flat, p, masks) @ p.lora_a.to(flat.dtype).t()
     return products
 
 
