@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from tunelab.config.loader import load_config
 from tunelab.data.dataset import Sequence, collate, pack
 from tunelab.fast.attention import attention, packed_layout
-from tunelab.fast.decoder import FastDecoder, unsupported_reason
+from tunelab.fast.decoder import FastDecoder
 from tunelab.fast.loss import IGNORE, chunked_token_losses
+from tunelab.fast.parts import unsupported_reason
 from tunelab.model.load import add_lora, load_model
 from tunelab.train import token_losses
 
@@ -275,7 +276,7 @@ def test_lora_gemm_group_passes_gradcheck():
     """One autograd node for a group of frozen projections with LoRA branches, a bias, a projection without
     LoRA, a prologue and a residual: its gradients for the inputs, the residual and A/B against finite
     differences (float64)."""
-    from tunelab.fast.decoder import Proj
+    from tunelab.fast.parts import Proj
     from tunelab.fast.lora_gemm import project
 
     g = torch.Generator().manual_seed(0)
@@ -1062,7 +1063,8 @@ def test_gpu_swiglu_gradients_are_written_in_place():
     """The down projection's group, compiled as the fast path runs it: with SwiGLU's own backward
     (decoder._swiglu_backward_) its backward allocates two (tokens x intermediate) tensors fewer than with
     autograd's, and gives the same gradients (bf16)."""
-    from tunelab.fast.decoder import Proj, _swiglu, _swiglu_backward_
+    from tunelab.fast.decoder import _swiglu, _swiglu_backward_
+    from tunelab.fast.parts import Proj
     from tunelab.fast.lora_gemm import project
 
     torch.manual_seed(0)

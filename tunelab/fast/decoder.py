@@ -24,19 +24,18 @@ What it does differently from the plain path, and why:
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.fast import nf4
 from tunelab.fast.attention import PackedLayout, attention, packed_layout
 from tunelab.fast.dropout import Masks, add_dropped, dropped
 from tunelab.fast.lora_gemm import project, recomputing
 from tunelab.fast.loss import chunked_token_losses
 from tunelab.fast.offload import HostStash, KeptOutputs, offloaded
+from tunelab.fast.parts import Layer, Proj, decoder_core, layers_of, lm_head, norm_eps, unsupported_reason
 
 # The forward's link to the host carries the recomputed layers' inputs, and what room it has left carries the
 # gate/up outputs of some of them (FastDecoder.output_layers_for). Its room: the forward's FLOPs over this many
@@ -52,134 +51,6 @@ FLOP_PER_LINK_BYTE = 13_000
 # H200, 7B QLoRA at 8k: one layer took 2.5 ms off the step and added 0.02 GiB to its peak; two, 1.6 ms and
 # 0.40 GiB (bench/RESULTS.md).
 RESIDENT_LAYERS = 1
-
-
-@dataclass
-class Proj:
-    """A projection: frozen base weight (plain or 4-bit), optional bias, optional LoRA branch."""
-    base: torch.nn.Module
-    bias: torch.Tensor | None
-    lora_a: torch.Tensor | None = None
-    lora_b: torch.Tensor | None = None
-    scale: float = 1.0
-    dropout: float = 0.0
-    uid: int = 0  # its number in the model (which of a forward's dropout seeds is its own)
-
-    absmax: torch.Tensor | None = None  # NF4: the fp32 block scales, dequantised once (double quantisation)
-    keep_scales: bool = True  # keep `absmax` (see FastDecoder.keep_nf4_scales)
-    offset: float | None = None  # NF4, scales not kept: the double quantisation's offset, read once
-
-    def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self.base.weight
-        qs = getattr(w, "quant_state", None)
-        if qs is None:
-            return w if w.dtype == dtype else w.to(dtype)
-        own_kernel = w.is_cuda and qs.quant_type == "nf4" and nf4.usable(w.device)
-        if own_kernel and self.absmax is None and self.offset is not None:
-            return nf4.dequantize(w.data, qs, dtype, offset=self.offset)  # both levels of scales in one pass
-        absmax = self.absmax
-        if absmax is None:
-            absmax = qs.absmax
-            if qs.nested:
-                s2 = qs.state2
-                absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-                    qs.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32) + qs.offset
-            if self.keep_scales:
-                self.absmax = absmax
-        if own_kernel:
-            return nf4.dequantize(w.data, qs, dtype, scales=absmax)
-        return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax, qs.blocksize, qs.quant_type,
-                                                              qs.shape, dtype)
-
-
-@dataclass
-class Layer:
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-    eps: float
-    q: Proj
-    k: Proj
-    v: Proj
-    o: Proj
-    gate: Proj
-    up: Proj
-    down: Proj
-
-    def projections(self) -> tuple[Proj, ...]:
-        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-
-    def base_parts(self) -> list[torch.Tensor]:
-        """The norm weights, base weights and biases (frozen under LoRA; trainable in full fine-tuning)."""
-        return [self.ln1, self.ln2] + [t for p in self.projections() for t in (p.base.weight, p.bias)
-                                       if t is not None]
-
-    def trainable(self) -> list[torch.Tensor]:
-        """The layer's parameters that train (LoRA; everything in full fine-tuning)."""
-        lora = [t for p in self.projections() for t in (p.lora_a, p.lora_b) if t is not None]
-        return [t for t in self.base_parts() + lora if t.requires_grad]
-
-
-def _proj(module) -> Proj:
-    base = getattr(module, "base_layer", module)
-    p = Proj(base, base.bias)
-    lora_a = getattr(module, "lora_A", None)
-    if lora_a is not None and len(lora_a):
-        name = module.active_adapters[0]
-        p.lora_a, p.lora_b = lora_a[name].weight, module.lora_B[name].weight
-        p.scale = float(module.scaling[name])
-        drop = module.lora_dropout[name]
-        p.dropout = float(getattr(drop, "p", 0.0))
-    return p
-
-
-def unsupported_reason(model) -> str | None:
-    """Why the fast path cannot run this model (None when it can)."""
-    core = _core(model)
-    if core is None:
-        return "not a Llama-family decoder (model.layers / embed_tokens)"
-    cfg = core.config
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r} (SwiGLU with silu only)"
-    # a sliding window (Mistral) is plain causal attention while samples are shorter: checked per batch
-    layer = core.layers[0]
-    for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
-        obj = layer
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if obj is None:
-            return f"layer has no {path}"
-    weight = getattr(layer.self_attn.q_proj, "base_layer", layer.self_attn.q_proj).weight
-    if weight.dtype == torch.int8 or type(weight).__name__ == "Int8Params":
-        return "8-bit weights"
-    return None
-
-
-def _core(model):
-    """The inner decoder (LlamaModel) of a causal LM, through a PEFT wrapper if there is one."""
-    m = model
-    for _ in range(4):
-        if hasattr(m, "layers") and hasattr(m, "embed_tokens"):
-            return m
-        nxt = getattr(m, "model", None) or getattr(m, "base_model", None)
-        if nxt is None or nxt is m:
-            return None
-        m = nxt
-    return None
-
-
-def _lm_head(model):
-    m = model
-    for _ in range(4):
-        head = getattr(m, "lm_head", None)
-        if head is not None:
-            return head
-        m = getattr(m, "base_model", None) or getattr(m, "model", None)
-    raise ValueError("no lm_head")
-
-
-def _eps(norm: torch.nn.Module) -> float:
-    return getattr(norm, "variance_epsilon", None) or norm.eps
 
 
 def _rms_norm(x, weight, eps):
@@ -304,7 +175,7 @@ class FastDecoder:
         if reason:
             raise ValueError(f"fast path unsupported: {reason}")
         self.model = model
-        core = _core(model)
+        core = decoder_core(model)
         self.core = core
         cfg = core.config
         self.heads = cfg.num_attention_heads
@@ -312,13 +183,7 @@ class FastDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5
         self.window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-        self.layers = []
-        for layer in core.layers:
-            sa, mlp = layer.self_attn, layer.mlp
-            self.layers.append(Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                                     _eps(layer.input_layernorm),
-                                     _proj(sa.q_proj), _proj(sa.k_proj), _proj(sa.v_proj), _proj(sa.o_proj),
-                                     _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj)))
+        self.layers = layers_of(core)
         projections = [p for L in self.layers for p in L.projections()]
         for uid, p in enumerate(projections):
             p.uid = uid
@@ -531,7 +396,7 @@ class FastDecoder:
                 x = self._layer(x, cos, sin, L, layout, masks)
         if self.stash is not None:  # the copies still on their way out: their sources go before the loss's memory comes
             self.stash.flush()
-        return _rms_norm(x, core.norm.weight, _eps(core.norm))
+        return _rms_norm(x, core.norm.weight, norm_eps(core.norm))
 
     def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
                      layout: PackedLayout | None = None) -> torch.Tensor:
@@ -542,7 +407,7 @@ class FastDecoder:
             layout = self.layout(batch["segment_ids"], batch["position_ids"], device, dtype)
         batch = {k: v.to(device) for k, v in batch.items()}
         h = self.hidden_states(batch["input_ids"], batch["position_ids"], dtype, layout)
-        head = _lm_head(self.model)
+        head = lm_head(self.model)
         weight = head.weight if head.weight.dtype == dtype else head.weight.to(dtype)
         targets = batch["targets"]
         losses = chunked_token_losses(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1))

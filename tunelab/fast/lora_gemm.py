@@ -191,7 +191,7 @@ def project(prologue: Callable[..., torch.Tensor] | None, inputs: Sequence[torch
             residual: torch.Tensor | None = None, tail: bool = False,
             masks: Masks | None = None, kept=None,
             prologue_backward: Callable[..., Sequence[torch.Tensor]] | None = None) -> tuple[torch.Tensor, ...]:
-    """For each projection p of `projs` (decoder.Proj: frozen weight, optional frozen bias, optional LoRA):
+    """For each projection p of `projs` (parts.Proj: frozen weight, optional frozen bias, optional LoRA):
     p(t) = t W^T + bias + scale * (drop(t) A^T) B^T, where t = prologue(*inputs) (or inputs[0] when prologue
     is None) and drop is p's dropout with `masks` (none when masks is None: evaluation, or no dropout);
     `residual`, when given, is added to the first projection's output. Gradients reach the inputs, the

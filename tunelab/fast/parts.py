@@ -1,0 +1,154 @@
+"""The parts of a Llama-family decoder as the fast path reads them: its projections (frozen weight, plain or
+NF4, optional bias, optional LoRA branch) and layers, found through a PEFT wrapper, over the model's own
+parameters, so that training them trains the model. Whether the fast path can run a model at all is decided
+here too (unsupported_reason), without importing the fast path's kernels."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.fast import nf4
+
+
+@dataclass
+class Proj:
+    """A projection: frozen base weight (plain or 4-bit), optional bias, optional LoRA branch."""
+    base: torch.nn.Module
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scale: float = 1.0
+    dropout: float = 0.0
+    uid: int = 0  # its number in the model (which of a forward's dropout seeds is its own)
+
+    absmax: torch.Tensor | None = None  # NF4: the fp32 block scales, dequantised once (double quantisation)
+    keep_scales: bool = True  # keep `absmax` (see FastDecoder.keep_nf4_scales)
+    offset: float | None = None  # NF4, scales not kept: the double quantisation's offset, read once
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.base.weight
+        qs = getattr(w, "quant_state", None)
+        if qs is None:
+            return w if w.dtype == dtype else w.to(dtype)
+        own_kernel = w.is_cuda and qs.quant_type == "nf4" and nf4.usable(w.device)
+        if own_kernel and self.absmax is None and self.offset is not None:
+            return nf4.dequantize(w.data, qs, dtype, offset=self.offset)  # both levels of scales in one pass
+        absmax = self.absmax
+        if absmax is None:
+            absmax = qs.absmax
+            if qs.nested:
+                s2 = qs.state2
+                absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                    qs.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32) + qs.offset
+            if self.keep_scales:
+                self.absmax = absmax
+        if own_kernel:
+            return nf4.dequantize(w.data, qs, dtype, scales=absmax)
+        return torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax, qs.blocksize, qs.quant_type,
+                                                              qs.shape, dtype)
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps: float
+    q: Proj
+    k: Proj
+    v: Proj
+    o: Proj
+    gate: Proj
+    up: Proj
+    down: Proj
+
+    def projections(self) -> tuple[Proj, ...]:
+        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+
+    def base_parts(self) -> list[torch.Tensor]:
+        """The norm weights, base weights and biases (frozen under LoRA; trainable in full fine-tuning)."""
+        return [self.ln1, self.ln2] + [t for p in self.projections() for t in (p.base.weight, p.bias)
+                                       if t is not None]
+
+    def trainable(self) -> list[torch.Tensor]:
+        """The layer's parameters that train (LoRA; everything in full fine-tuning)."""
+        lora = [t for p in self.projections() for t in (p.lora_a, p.lora_b) if t is not None]
+        return [t for t in self.base_parts() + lora if t.requires_grad]
+
+
+def proj_of(module) -> Proj:
+    """A (PEFT-wrapped) linear module as a Proj over its own parameters (its active adapter's LoRA)."""
+    base = getattr(module, "base_layer", module)
+    p = Proj(base, base.bias)
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is not None and len(lora_a):
+        name = module.active_adapters[0]
+        p.lora_a, p.lora_b = lora_a[name].weight, module.lora_B[name].weight
+        p.scale = float(module.scaling[name])
+        drop = module.lora_dropout[name]
+        p.dropout = float(getattr(drop, "p", 0.0))
+    return p
+
+
+def layers_of(core) -> list[Layer]:
+    """The decoder layers of `core` (decoder_core's), as the fast path reads them."""
+    layers = []
+    for layer in core.layers:
+        sa, mlp = layer.self_attn, layer.mlp
+        layers.append(Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                            norm_eps(layer.input_layernorm),
+                            proj_of(sa.q_proj), proj_of(sa.k_proj), proj_of(sa.v_proj), proj_of(sa.o_proj),
+                            proj_of(mlp.gate_proj), proj_of(mlp.up_proj), proj_of(mlp.down_proj)))
+    return layers
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run this model (None when it can)."""
+    core = decoder_core(model)
+    if core is None:
+        return "not a Llama-family decoder (model.layers / embed_tokens)"
+    cfg = core.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} (SwiGLU with silu only)"
+    # a sliding window (Mistral) is plain causal attention while samples are shorter: checked per batch
+    layer = core.layers[0]
+    for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+        obj = layer
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            return f"layer has no {path}"
+    weight = getattr(layer.self_attn.q_proj, "base_layer", layer.self_attn.q_proj).weight
+    if weight.dtype == torch.int8 or type(weight).__name__ == "Int8Params":
+        return "8-bit weights"
+    return None
+
+
+def decoder_core(model):
+    """The inner decoder (LlamaModel) of a causal LM, through a PEFT wrapper if there is one."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "layers") and hasattr(m, "embed_tokens"):
+            return m
+        nxt = getattr(m, "model", None) or getattr(m, "base_model", None)
+        if nxt is None or nxt is m:
+            return None
+        m = nxt
+    return None
+
+
+def lm_head(model):
+    """The output projection of a causal LM, through a PEFT wrapper if there is one."""
+    m = model
+    for _ in range(4):
+        head = getattr(m, "lm_head", None)
+        if head is not None:
+            return head
+        m = getattr(m, "base_model", None) or getattr(m, "model", None)
+    raise ValueError("no lm_head")
+
+
+def norm_eps(norm: torch.nn.Module) -> float:
+    """An RMSNorm's epsilon, whichever name its class gives it."""
+    return getattr(norm, "variance_epsilon", None) or norm.eps
