@@ -96,9 +96,9 @@ def test_fast_path_matches_plain_path(arch, tiny_models):
 @pytest.mark.parametrize("resident", [0, 1])
 def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llama, resident, monkeypatch):
     """With offload, the input of each recomputed layer's two halves is in the host stash after forward (the
-    first layer's is the embedding output), but for the top `resident` layers (decoder.RESIDENT_LAYERS), whose
-    inputs stay on the device until their backward takes them; two micro-batches accumulate the same gradients
-    as without offload."""
+    first layer's is the embedding output); two micro-batches accumulate the same gradients as without
+    offload. Where gate/up outputs go to the host too, the top `resident` layers (decoder.RESIDENT_LAYERS) keep
+    their inputs on the device until their backward takes them, with the same gradients."""
     from tunelab.fast import decoder
 
     monkeypatch.setattr(decoder, "RESIDENT_LAYERS", resident)
@@ -118,8 +118,8 @@ def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llam
     offloaded = accumulated(fast)
     for name, g in kept.items():
         torch.testing.assert_close(offloaded[name], g, atol=1e-6, rtol=1e-4, msg=name)
-    layers = len(fast.layers) - resident  # on the host: two units per layer (attention, MLP), attention's output
-    assert fast.stash.resident == {u for i in range(layers, len(fast.layers)) for u in (2 * i, 2 * i + 1)}
+    layers = len(fast.layers)  # on the host: two units per layer (attention, MLP), attention's output
+    assert fast.stash.resident == set() and fast.resident_layers() == []  # no outputs: no resident layer
     assert sorted(slot for slot, *_ in fast.stash.buffers if slot[1] == "x") == [(u, "x") for u in range(2 * layers)]
     attention = {slot for slot, *_ in fast.stash.buffers if slot[1] != "x"}  # the output and its log-sum-exp
     assert attention == {(u, f"attention{i}") for u in range(0, 2 * layers, 2) for i in (0, 1)}, attention
@@ -130,9 +130,12 @@ def test_offloaded_layers_keep_their_inputs_on_the_host_and_accumulate(tiny_llam
     # the first layer's gate/up outputs wait on the host too: its MLP half (unit 1) takes them back, fetched
     # in the backward of the units above (the next layer's attention and MLP halves)
     fast.use_host(True, [0])
+    assert fast.stash.resident == ({2, 3} if resident else set())  # the top layer's two units
     with_outputs = accumulated(fast)
     for name, g in kept.items():
         torch.testing.assert_close(with_outputs[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    sent = {slot[0] for slot, *_ in fast.stash.buffers if slot[1] == "x"}
+    assert sent == set(range(4 - 2 * resident)) and not fast.stash.on_device
     outputs = {slot for slot, *_ in fast.stash.buffers if slot[1].startswith("out")}
     assert outputs == {(1, "out0"), (1, "out1")} and fast.stash.fetch_in == {(1, "out0"): 2, (1, "out1"): 3}
     assert not fast.stash.prefetched and not fast.stash.outgoing
@@ -486,7 +489,8 @@ def test_offload_auto_asks_for_a_gpu_and_room_on_the_host(tiny_llama, caplog):
     assert fast.stash is not None and fast.output_layers == []
     outputs = 2 * 64 * 2 * 2 * model.config.intermediate_size
     _use_host(fast, cfg, "cuda", available=int((need + outputs) / HOST_SHARE))
-    assert fast.output_layers == [0] and fast.host_bytes(2 * 64) == need + outputs
+    # with outputs going, the top layer's units keep their inputs on the GPU (decoder.RESIDENT_LAYERS)
+    assert fast.output_layers == [0] and fast.host_bytes(2 * 64) == need + outputs - 2 * 64 * fast._sent_bytes()
 
 
 def test_output_layers_follow_the_links_room_and_the_peak(monkeypatch):
@@ -517,18 +521,22 @@ def test_output_layers_follow_the_links_room_and_the_peak(monkeypatch):
     # attention outputs (bf16) and log-sum-exps (fp32) bound them, not the link's 3.2 GiB of room
     assert fast.in_flight_bytes(32768, 32768) == 2 * 32768 * (2 * 3 * 4096 + 4 * 32)
     before = fast.host_bytes(8192)
-    fast.use_host(True, at_8k)
-    assert fast.host_bytes(8192) - before == 8 * 8192 * 2 * 11008 * 2
+    fast.use_host(True, at_8k)  # eight layers' gate/up outputs go too; the top layer's units stop sending
+    assert fast.host_bytes(8192) - before == 8 * 8192 * 2 * 11008 * 2 - 8192 * fast._sent_bytes()
     # with gate/up outputs going too, the link is the slower: what it moves in two layers' forward
     assert abs(fast.in_flight_bytes(8192, 8192) / 2**30 - 0.55) < 0.01
     assert abs(fast.in_flight_bytes(2048, 2048) / 2**30 - 0.12) < 0.01
     assert FastDecoder(model, compile=False, checkpoint_layers=0, offload=True).output_layers_for(8192) == []
-    # the top recomputed layer keeps its inputs on the GPU (decoder.RESIDENT_LAYERS); never more than are recomputed
+    # where gate/up outputs go, the top recomputed layer keeps its inputs on the GPU (decoder.RESIDENT_LAYERS);
+    # never more than are recomputed; at 32k, with no outputs to send, none does
     from tunelab.fast import decoder
 
     assert fast.resident_layers() == [31] and fast.stash.resident == {62, 63}
+    fast.use_host(True, fast.output_layers_for(32768))
+    assert fast.resident_layers() == [] and fast.stash.resident == set()
     monkeypatch.setattr(decoder, "RESIDENT_LAYERS", 3)
-    assert FastDecoder(model, compile=False, checkpoint_layers=2, offload=True).resident_layers() == [0, 1]
+    two = FastDecoder(model, compile=False, checkpoint_layers=2, offload=True)
+    assert two.resident_layers(outputs=True) == [0, 1] and two.resident_layers() == []
 
 
 # -- GPU: compiled bf16 kernels and varlen attention against the eager reference ----------------------------

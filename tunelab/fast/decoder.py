@@ -49,7 +49,9 @@ FLOP_PER_LINK_BYTE = 13_000
 # them), and their copies back the first that backward waits for. They hold that memory (0.19 GiB a layer at
 # 8,192 tokens for a 7B model) only until backward reaches them, early, while few LoRA gradients exist. On an
 # H200, 7B QLoRA at 8k: one layer took 2.5 ms off the step and added 0.02 GiB to its peak; two, 1.6 ms and
-# 0.40 GiB (bench/RESULTS.md).
+# 0.40 GiB (bench/RESULTS.md). Only where gate/up outputs go to the host too, which fills the link: at 32,768
+# tokens none do (attention, not the link, paces the step), and a resident layer there added 1.5 GiB to the
+# peak (12.28 against 10.78) for no speed.
 RESIDENT_LAYERS = 1
 
 
@@ -227,9 +229,12 @@ class FastDecoder:
         if self.stash is not None:
             self.stash.resident = {u for i in self.resident_layers() for u in (2 * i, 2 * i + 1)}
 
-    def resident_layers(self) -> list[int]:
-        """The recomputed layers whose units keep their inputs on the GPU (see RESIDENT_LAYERS)."""
-        return sorted(self.checkpointed)[max(0, len(self.checkpointed) - RESIDENT_LAYERS):] if RESIDENT_LAYERS else []
+    def resident_layers(self, outputs: bool | None = None) -> list[int]:
+        """The recomputed layers whose units keep their inputs on the GPU (see RESIDENT_LAYERS), where gate/up
+        outputs go to the host (`outputs`; by default, whether use_host sent some there)."""
+        if not RESIDENT_LAYERS or not (bool(self.output_layers) if outputs is None else outputs):
+            return []
+        return sorted(self.checkpointed)[max(0, len(self.checkpointed) - RESIDENT_LAYERS):]
 
     def output_layers_for(self, tokens: int, count: int | None = None, element_size: int = 2) -> list[int]:
         """The recomputed layers whose gate/up outputs go to the host too, for batches of `tokens` tokens: as
@@ -250,7 +255,7 @@ class FastDecoder:
             count = int(room // (2 * element_size * inter))
         grads = sum(t.numel() * t.element_size() for t in self.layers[0].trainable())
         lowest = -(-tokens * inter * element_size // max(grads, 1)) - 1
-        top = min(self.resident_layers(), default=max(self.checkpointed))
+        top = min(self.resident_layers(outputs=True), default=max(self.checkpointed))
         candidates = [i for i in sorted(self.checkpointed) if lowest <= i < top]
         count = min(count, len(candidates))
         return [candidates[(2 * j + 1) * len(candidates) // (2 * count)] for j in range(count)]

@@ -16,8 +16,9 @@ chosen by decoder.FastDecoder.output_layers_for): their recomputation takes them
 two largest GEMMs of the layer again. They come back one (gate) and two (up) units early, since their copy
 back takes longer than one unit's backward.
 
-The units of the top recomputed layers (decoder.RESIDENT_LAYERS) keep their slots on the device: they would be
-the last copies out of forward and the first back in backward, so the step would only wait for them.
+Where gate/up outputs go as well, the units of the top recomputed layers (decoder.RESIDENT_LAYERS) keep their
+slots on the device: they would be the last copies out of a full link in forward and the first back in
+backward, so the step would only wait for them.
 
 The host buffers are allocated once per (slot, shape) and kept, so a captured CUDA graph (fast/graphs.py)
 copies to and from the same memory at every replay; the graphs' first, eager step of a shape allocates them,
