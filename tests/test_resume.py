@@ -127,3 +127,49 @@ def test_nan_steps_are_skipped_then_the_run_stops(cfg_file, tmp_path):
     good = load_checkpoint(work / "iter_4.pth")
     assert good["meta"]["step"] == 4 and all(torch.isfinite(v).all() for v in good["model"].values())
     assert not (work / "iter_6.pth").exists() and not (work / "iter_8.pth").exists()
+
+
+@pytest.mark.slow
+def test_resume_from_every_position(tmp_path, tiny_llama, data_dir):
+    """--resume after a SIGKILL before the first checkpoint (trains from the start), after an epoch boundary's
+    checkpoint, and on a finished run (before and after its hf/ was written): each ends with exit 0 and the
+    uninterrupted run's losses; a finished run only writes the export it lacks."""
+    cfg = write_config(
+        tmp_path / "run.py", pretrained_model_name_or_path=str(tiny_llama), algorithm="lora",
+        data_path=str(data_dir / "alpaca" / "alpaca_data_first102.json"), prompt_template="internlm_chat",
+        max_length=160, pack_to_max_length=True, batch_size=2, accumulative_counts=2, max_epochs=2, lr=1e-3,
+        lora_r=8, lora_alpha=16, lora_dropout=0.1, gradient_checkpointing=False, save_steps=0, log_interval=1,
+        evaluation_inputs=[])
+    straight = tmp_path / "straight"
+    cp = _run("train", cfg, "--work-dir", straight)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    assert "23 steps per epoch, 46 steps in all" in cp.stderr  # the data this test's positions are set for
+    reference = run_losses(straight)
+    assert sorted(reference) == list(range(1, 47))
+
+    for kill_after, resumed_at in [(3, None), (24, 23)]:
+        work = tmp_path / f"killed_{kill_after}"
+        cp = _run("train", cfg, "--work-dir", work, env=_env(TUNELAB_FAULT=f"kill_after_step={kill_after}"))
+        assert cp.returncode == -signal.SIGKILL
+        cp = _run("train", cfg, "--work-dir", work, "--resume")
+        assert cp.returncode == 0, cp.stderr[-3000:]
+        if resumed_at is None:
+            assert "stopped before its first checkpoint; training from the start" in cp.stderr
+        else:
+            assert f"epoch_1.pth at step {resumed_at}" in cp.stderr
+        losses = run_losses(work)
+        for step in range(1, 47):
+            assert abs(losses[step] - reference[step]) <= 1e-6, (kill_after, step, losses[step], reference[step])
+        assert (work / "hf" / "adapter_model.safetensors").is_file()
+
+    adapter = (straight / "hf" / "adapter_model.safetensors").read_bytes()
+    cp = _run("train", cfg, "--work-dir", straight, "--resume")  # finished, exported
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr[-3000:]
+    assert "the run is complete (step 46 of 46)" in cp.stderr
+    assert (straight / "hf" / "adapter_model.safetensors").read_bytes() == adapter
+    import shutil
+    shutil.rmtree(straight / "hf")  # killed after its last checkpoint, before the export
+    cp = _run("train", cfg, "--work-dir", straight, "--resume")
+    assert cp.returncode == 0 and "writing its adapter/model" in cp.stderr, cp.stderr[-3000:]
+    assert (straight / "hf" / "adapter_model.safetensors").read_bytes() == adapter
+    assert sorted(run_losses(straight)) == list(range(1, 47))  # no step ran twice

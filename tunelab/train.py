@@ -247,7 +247,9 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
     if resume:
         found = find_resume_checkpoint(root, None if resume == "auto" else resume, log)
         if found is None and not cfg.auto_resume:
-            raise UserError(f"--resume: no checkpoint in {root} to resume from; train without --resume first")
+            if not any(root.glob("*/vis_data")):  # no run was ever started there: a wrong --work-dir, say
+                raise UserError(f"--resume: no checkpoint in {root} to resume from; train without --resume first")
+            log.info("--resume: the run in %s stopped before its first checkpoint; training from the start", root)
         checkpoint = found
 
     micro_per_epoch = math.ceil(len(sequences) / (cfg.batch_size * ctx.world_size))  # global micro-batches
@@ -293,6 +295,22 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
         step = _restore(state, par, optimizer, scheduler, ctx)
         log.info("resumed from %s at step %d", path, step)
     monitor.set_position(step)
+
+    def export() -> None:
+        from tunelab.convert import export_trained  # convert imports this module
+
+        weights, _ = par.state(model, None, cfg.algorithm, None)  # on every rank
+        if ctx.is_main:
+            export_trained(model, tokenizer, cfg, root / "hf", weights)
+
+    if step >= total_steps:  # resumed from the final checkpoint: only the export may be missing
+        done = (root / "hf").is_dir()  # written whole or not at all (checkpoint.atomic_dir)
+        log.info("the run is complete (step %d of %d)%s", step, total_steps,
+                 f"; its adapter/model is in {root / 'hf'}" if done else "; writing its adapter/model")
+        if not done:
+            export()
+            log.info("adapter/model in %s", root / "hf")
+        return TrainResult(root, model, tokenizer, step)
 
     def save(filename: str, epoch: int) -> Path | None:
         weights, optimizer_state = par.state(model, optimizer, cfg.algorithm, filename)  # on every rank
@@ -371,11 +389,7 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
         evaluate(model, tokenizer, fmt, cfg, step, monitor, val, dtype)
     finally:
         _restore_signals(handlers)
-    from tunelab.convert import export_trained
-
-    weights, _ = par.state(model, None, cfg.algorithm, None)
-    if ctx.is_main:
-        export_trained(model, tokenizer, cfg, root / "hf", weights)
+    export()
     monitor.plot()
     log.info("done: %d steps; adapter/model in %s", step, root / "hf")
     return TrainResult(root, model, tokenizer, step)

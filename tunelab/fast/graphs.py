@@ -68,10 +68,29 @@ def _why(exc: BaseException) -> str:
     return line(exc) if first is exc else f"{line(exc)}; first: {line(first)}"
 
 
-def _end_failed_capture() -> None:
-    """A failed capture raises before PyTorch ends its hold on the CUDA random generators, which then refuse
-    every later random op ('Offset increment outside graph capture'); an empty capture begins and ends that
-    hold again, so the eager steps that follow (dropout, initialisation) run."""
+def _capture_into(graph: torch.cuda.CUDAGraph, pool, body) -> None:
+    """body() captured into `graph`, allocating from `pool`. Should the capture fail, what torch.cuda.graph
+    leaves behind is undone before the error goes on: its exit stops at the failed end of the capture, so
+    the capture stream stays current (every later eager kernel would run, and allocate, there), the pool
+    stays the target of that stream's allocations (the next capture then fails with 'already recording to
+    mempool_id'), and the CUDA random generators stay held ('Offset increment outside graph capture')."""
+    stream = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            body()
+    except BaseException:
+        torch.cuda.set_stream(stream)
+        try:
+            torch._C._cuda_endAllocateToPool(stream.device.index, pool)
+        except RuntimeError:  # the capture ended far enough to release the pool itself
+            pass
+        _release_generators()
+        raise
+
+
+def _release_generators() -> None:
+    """An empty capture begins and ends the CUDA generators' hold again, so that the eager steps after a
+    failed capture can draw random numbers (dropout seeds, initialisation)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "the CUDA graph is empty"
@@ -108,10 +127,13 @@ class GraphedSteps:
         self.params = params
         self.device = params[0].device
         self.graphs: dict[tuple, _Graph] = {}
-        self.warm: set[tuple[int, int]] = set()  # (rows, width) that ran eagerly once
+        # (rows, width, one sample a row) that ran eagerly once: a width compiles its layers there, and each
+        # attention kernel (cuDNN for one sample a row, varlen flash for packed rows) plans its first call there,
+        # outside a capture (cuDNN's planning allocates device memory, which a capture may not)
+        self.warm: set[tuple[int, int, bool]] = set()
         self.failed: dict[tuple, str] = {}  # shapes whose capture failed -> why
         self.grads: list[torch.Tensor] | None = None
-        self.pool = None
+        self.pool = None  # one memory pool for every graph, made at the first capture
 
     def forward_backward(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
                          n_targets: int) -> torch.Tensor | None:
@@ -136,10 +158,10 @@ class GraphedSteps:
             cu = torch.cat([cu, cu[-1:].expand(capacity + 1 - len(cu))])
         if key in self.failed:
             return None
-        if (b, n) not in self.warm:
-            # eagerly, at the padded width: this compiles the layers for it, which must not happen during a
-            # capture; other layouts of the same width then need no eager run
-            self.warm.add((b, n))
+        if (b, n, probe.single) not in self.warm:
+            # eagerly, at the padded width: this compiles the layers for it and plans the attention kernel,
+            # which must not happen during a capture; other packings of the same width then need no eager run
+            self.warm.add((b, n, probe.single))
             loss = self.fast.token_losses(batch, dtype).sum() / n_targets
             loss.backward()
             return loss.detach()
@@ -156,11 +178,12 @@ class GraphedSteps:
         if graph is None:
             try:
                 graph = self._capture(key, fresh, dtype)
-            except Exception as exc:  # an op that cannot be captured: this shape stays eager
+            except Exception as exc:  # an op that cannot be captured: this shape stays eager, the others not
                 self.failed[key] = _why(exc)
-                _end_failed_capture()
-                log.warning("fast path: CUDA graph capture failed for batch shape %s (%s); running it without "
-                            "a graph", key, self.failed[key])
+                if self.fast.stash is not None:
+                    self.fast.stash.reset()  # its copies in flight were recorded in the failed capture
+                log.warning("fast path: CUDA graph capture failed for batch shape %s (%s); this shape runs "
+                            "without a graph from now on", key, self.failed[key])
                 return None
             self.graphs[gkey] = graph
         graph.load(batch, n_targets, cu)
@@ -191,11 +214,15 @@ class GraphedSteps:
             kept = [p.grad for p in self.params]
             for p in self.params:
                 p.grad = None
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+
+        def step():
+            losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
+            graph.loss = losses.sum() / graph.n_targets
+            graph.loss.backward(inputs=self.params)
         try:
-            with torch.cuda.graph(graph.graph, pool=self.pool):
-                losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
-                graph.loss = losses.sum() / graph.n_targets
-                graph.loss.backward(inputs=self.params)
+            _capture_into(graph.graph, self.pool, step)
         finally:
             if fresh:
                 made = [p.grad for p in self.params]
@@ -207,8 +234,6 @@ class GraphedSteps:
         # drop the captured autograd graph: its gradient-accumulation nodes remember the capture stream, and a
         # later eager step would reuse them (and with them, that stream)
         graph.loss = graph.loss.detach()
-        if self.pool is None:
-            self.pool = graph.graph.pool()
         log.info("fast path: captured a CUDA graph for batch shape %s (%s)", key,
                  "overwriting the gradients" if fresh else "adding to the gradients")
         return graph

@@ -109,6 +109,14 @@ class HostStash:
             torch.cuda.current_stream(x.device).wait_event(done)
             held -= src.numel() * src.element_size()
 
+    def reset(self) -> None:
+        """Forget the copies in flight and the slots held on the device, keeping the host buffers: after a
+        forward that did not finish (a failed CUDA graph capture, whose events cannot be waited on outside it)."""
+        self.outgoing.clear()
+        self.prefetched.clear()
+        self.on_device.clear()
+        self.kept.clear()
+
     def flush(self) -> None:
         """Make the current stream wait for every copy out, and let go of their sources (at the end of forward:
         the loss and backward need the room, and a slot fetched back without prefetch is copied on the current
