@@ -68,29 +68,9 @@ def _why(exc: BaseException) -> str:
     return line(exc) if first is exc else f"{line(exc)}; first: {line(first)}"
 
 
-def _capture_into(graph: torch.cuda.CUDAGraph, pool, body) -> None:
-    """body() captured into `graph`, allocating from `pool`. Should the capture fail, what torch.cuda.graph
-    leaves behind is undone before the error goes on: its exit stops at the failed end of the capture, so
-    the capture stream stays current (every later eager kernel would run, and allocate, there), the pool
-    stays the target of that stream's allocations (the next capture then fails with 'already recording to
-    mempool_id'), and the CUDA random generators stay held ('Offset increment outside graph capture')."""
-    stream = torch.cuda.current_stream()
-    try:
-        with torch.cuda.graph(graph, pool=pool):
-            body()
-    except BaseException:
-        torch.cuda.set_stream(stream)
-        try:
-            torch._C._cuda_endAllocateToPool(stream.device.index, pool)
-        except RuntimeError:  # the capture ended far enough to release the pool itself
-            pass
-        _release_generators()
-        raise
-
-
 def _release_generators() -> None:
-    """An empty capture begins and ends the CUDA generators' hold again, so that the eager steps after a
-    failed capture can draw random numbers (dropout seeds, initialisation)."""
+    """An empty capture begins and ends the CUDA generators' hold again (a capture whose end failed keeps it),
+    so that the eager steps after a failed capture can draw random numbers (dropout seeds, initialisation)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "the CUDA graph is empty"
@@ -134,6 +114,7 @@ class GraphedSteps:
         self.failed: dict[tuple, str] = {}  # shapes whose capture failed -> why
         self.grads: list[torch.Tensor] | None = None
         self.pool = None  # one memory pool for every graph, made at the first capture
+        self.abandoned: list[torch.cuda.CUDAGraph] = []  # failed captures that an allocator still refers to (_recover)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
                          n_targets: int) -> torch.Tensor | None:
@@ -193,6 +174,24 @@ class GraphedSteps:
                 p.grad = buf if had is None else had.add_(buf)
         return graph.loss.detach().clone()
 
+    def _recover(self, stream: torch.cuda.Stream, graph: torch.cuda.CUDAGraph) -> None:
+        """Undo what a failed capture left. torch.cuda.graph's exit stops where ending the capture fails (a CUDA
+        error inside it invalidates the capture: an allocation cuDNN made, a host sync), so the capture stream
+        stays current (every later kernel would run, and allocate, there), the device and pinned-memory
+        allocators keep sending allocations to the graphs' pool (the next capture fails: 'already recording to
+        mempool_id'), and the CUDA generators stay held. The device allocator is told to stop and its extra
+        reference to the pool is dropped; the pinned-memory allocator has no such call from Python, so later
+        graphs get a new pool, and the failed graph, which that allocator still asks about its capture, is kept."""
+        torch.cuda.set_stream(stream)
+        try:
+            torch._C._cuda_endAllocateToPool(self.device.index, self.pool)
+        except RuntimeError:  # the capture ended cleanly (an error in Python): nothing is left recording
+            return
+        torch._C._cuda_releasePool(self.device.index, self.pool)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.abandoned.append(graph)
+        _release_generators()
+
     def _bind_grads(self) -> None:
         """Point every parameter's .grad at the buffer the graphs add into, keeping what it held."""
         cleared = []
@@ -217,12 +216,15 @@ class GraphedSteps:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
 
-        def step():
-            losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
-            graph.loss = losses.sum() / graph.n_targets
-            graph.loss.backward(inputs=self.params)
+        stream = torch.cuda.current_stream()
         try:
-            _capture_into(graph.graph, self.pool, step)
+            with torch.cuda.graph(graph.graph, pool=self.pool):
+                losses = self.fast.token_losses(graph.inputs, dtype, graph.layout)
+                graph.loss = losses.sum() / graph.n_targets
+                graph.loss.backward(inputs=self.params)
+        except BaseException:
+            self._recover(stream, graph.graph)
+            raise
         finally:
             if fresh:
                 made = [p.grad for p in self.params]
