@@ -6,6 +6,8 @@ targets are shifted inside each sample, so a packed sample's loss is exactly its
 """
 from __future__ import annotations
 
+import bisect
+
 import logging
 import random
 import re
@@ -214,19 +216,32 @@ def build_sequences(cfg: Config, tokenizer, stats: DataStats | None = None) -> t
 
 
 def pack(samples: list[Sequence], max_length: int) -> list[Sequence]:
-    """Concatenate whole samples, in order, into sequences of at most max_length tokens."""
-    packed: list[Sequence] = []
-    current = Sequence([], [], [], [])
-    for seq in samples:
-        if current.input_ids and len(current) + len(seq) > max_length:
-            packed.append(current)
-            current = Sequence([], [], [], [])
-        segment = current.segment_ids[-1] + 1 if current.segment_ids else 0
-        current.input_ids += seq.input_ids
-        current.targets += seq.targets
-        current.position_ids += seq.position_ids
-        current.segment_ids += [segment] * len(seq)
-    if current.input_ids:
+    """Whole samples concatenated into sequences of at most max_length tokens, best fit decreasing: the longest
+    sample first, each into the fullest sequence it still fits in. Filling in order leaves each sequence short
+    by about half a sample; on MedQA2019 and alpaca at 2,048 tokens that was a fifth of every step's compute
+    spent on padding (bench/RESULTS.md). Deterministic: equal lengths keep the samples' order."""
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row) ascending: the fullest row that fits comes first
+    for i in order:
+        at = bisect.bisect_left(free, (len(samples[i]), -1))
+        if at < len(free):
+            room, row = free.pop(at)
+        else:
+            room, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if room - len(samples[i]) > 0:
+            bisect.insort(free, (room - len(samples[i]), row))
+    packed = []
+    for members in rows:
+        current = Sequence([], [], [], [])
+        for segment, i in enumerate(members):
+            seq = samples[i]
+            current.input_ids += seq.input_ids
+            current.targets += seq.targets
+            current.position_ids += seq.position_ids
+            current.segment_ids += [segment] * len(seq)
         packed.append(current)
     return packed
 
