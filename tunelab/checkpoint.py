@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,6 +13,7 @@ import torch
 
 from tunelab.errors import UserError
 from tunelab.faults import CrashingFile, fault
+from tunelab.fsutil import temp_dir_beside, temp_file_beside
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -34,7 +34,7 @@ def atomic_write_bytes(path: Path, write) -> None:
     """Write via `write(file)` to a temp file beside `path`, fsync, then rename over it."""
     global _writes
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             if path.suffix == ".pth":
@@ -105,15 +105,6 @@ def remove_stale_temp_files(work_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def make_temp_dir(target: Path) -> Path:
-    """A hidden temp folder beside `target`, with normal (umask) permissions rather than mkdtemp's 0700."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
 @contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder that becomes `target` only if the block finishes: no half-written outputs."""
@@ -121,7 +112,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UserError(f"{target}: the output folder exists and is not empty; choose another or delete it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target)
+    tmp = temp_dir_beside(target)
     try:
         yield tmp
         if target.exists():

@@ -11,11 +11,11 @@ import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import DataError
+from tunelab.fsutil import temp_file_beside
 
 _LETTERS = re.compile(r"^[A-Za-z]{1,3}$")
 # Characters str.splitlines() breaks on that json.dumps(ensure_ascii=False) leaves raw: escape them so every
@@ -248,7 +248,7 @@ def _write_atomic(items: list[tuple[Path, list[str]]]) -> None:
     try:
         for target, lines in items:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            fd, tmp = temp_file_beside(target)
             temps.append(tmp)
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
                 fh.writelines(line + "\n" for line in lines)

@@ -1,0 +1,44 @@
+"""What a new user runs into first: wrong kinds of path, foreign files, work dirs that hold a run, file modes,
+empty CSV cells and the hints the messages give. Each story runs the real CLI in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, write_config
+
+
+def _one_error_line(cp, code: int = 2) -> str:
+    assert cp.returncode == code, (cp.returncode, cp.stderr[-2000:])
+    lines = [line for line in cp.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, cp.stderr
+    assert "Traceback" not in cp.stderr
+    return lines[0]
+
+
+# -- list-cfg ------------------------------------------------------------------------------------------
+def test_list_cfg_without_a_match_says_so_and_exits_1():
+    cp = run_cli("list-cfg", "-p", "nomatch")
+    assert cp.stdout == ""
+    line = _one_error_line(cp, code=1)
+    assert "no built-in config matches 'nomatch'" in line and "tunelab list-cfg" in line
+
+
+# -- data files follow the umask -------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_data_commands_write_files_with_the_umask_mode(tmp_path, umask):
+    source = tmp_path / "qa.csv"
+    source.write_text("question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(6)), encoding="utf-8")
+    old = os.umask(umask)  # the subprocess inherits it
+    try:
+        assert run_cli("data", "xlsx2jsonl", source, "--input-col", "A", "--output-col", "B",
+                       "-o", tmp_path / "qa.jsonl").returncode == 0
+        assert run_cli("data", "split", tmp_path / "qa.jsonl", "-o", tmp_path / "split").returncode == 0
+    finally:
+        os.umask(old)
+    for written in (tmp_path / "qa.jsonl", tmp_path / "split" / "train.jsonl", tmp_path / "split" / "test.jsonl"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
