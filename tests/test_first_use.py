@@ -42,3 +42,32 @@ def test_data_commands_write_files_with_the_umask_mode(tmp_path, umask):
         os.umask(old)
     for written in (tmp_path / "qa.jsonl", tmp_path / "split" / "train.jsonl", tmp_path / "split" / "test.jsonl"):
         assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
+
+
+# -- interactive chat -------------------------------------------------------------------------------------
+def test_interactive_chat_starts_with_a_hint_about_reset_and_exit(tiny_llama):
+    """On a terminal (a pty here) chat says how to clear and quit before the first prompt."""
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "chat", str(tiny_llama), "--max-new-tokens", "2"],
+                            stdin=child, stdout=child, stderr=child, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    os.close(child)
+    seen, deadline = b"", time.monotonic() + 120
+    try:
+        while b">>> " not in seen and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([main], [], [], 0.5)[0]:
+                seen += os.read(main, 4096)
+        os.write(main, b"EXIT\n")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+    text = seen.decode("utf-8", "replace")
+    hint = text[:text.index(">>> ")]
+    assert "RESET" in hint and "EXIT" in hint, text

@@ -198,6 +198,8 @@ def chat(opts: ChatOptions, stdin=None, stdout=None) -> int:
         reply = _seeded(_plain_reply(model, tokenizer, fmt, opts, stop_words, show), opts.seed)
 
     history: list[Turn] = []
+    if interactive:
+        show("Type a message and press Enter; RESET clears the history, EXIT (or Ctrl-D) quits.\n")
     while True:
         if interactive:
             show("\n>>> ")
