@@ -71,3 +71,39 @@ def test_interactive_chat_starts_with_a_hint_about_reset_and_exit(tiny_llama):
     text = seen.decode("utf-8", "replace")
     hint = text[:text.index(">>> ")]
     assert "RESET" in hint and "EXIT" in hint, text
+
+
+# -- a short run: checkpoint name, memory on the progress line, a work dir that holds a run -----------------
+def _short_config(path: Path, model: Path, data_dir: Path, **over) -> Path:
+    values = dict(pretrained_model_name_or_path=str(model), algorithm="lora", lora_r=4, lora_alpha=8,
+                  data_path=str(data_dir / "alpaca" / "alpaca_data_first102.json"), max_length=128,
+                  pack_to_max_length=False, accumulative_counts=1, max_steps=2, log_interval=1,
+                  gradient_checkpointing=False)
+    return write_config(path, **dict(values, **over))
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_llama, data_dir, tmp_path_factory):
+    """`tunelab train` stopped by max_steps=2 in the middle of its first epoch (about 100 steps)."""
+    root = tmp_path_factory.mktemp("short_run")
+    cfg = _short_config(root / "short.py", tiny_llama, data_dir)
+    cp = run_cli("train", cfg, "--work-dir", root / "work", cwd=root)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    return root / "work", cfg, cp
+
+
+@pytest.mark.slow
+def test_max_steps_stop_mid_epoch_names_the_checkpoint_by_its_step(short_run):
+    work, _, _ = short_run
+    assert sorted(p.name for p in work.glob("*.pth")) == ["iter_2.pth"]
+    assert Path((work / "last_checkpoint").read_text()).name == "iter_2.pth"
+
+
+@pytest.mark.slow
+def test_progress_line_shows_resident_memory_on_a_cpu(short_run):
+    work, _, cp = short_run
+    shown = [float(part.split()[1]) for line in cp.stderr.splitlines() for part in line.split(" | ")
+             if part.startswith("mem ")]
+    assert shown and all(value >= 0.05 for value in shown), cp.stderr[-2000:]  # torch alone is > 50 MiB
+    logged = [json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
+    assert all(rec["memory_gb"] >= 0.05 for rec in logged if "memory_gb" in rec)

@@ -363,7 +363,8 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
                 if step >= total_steps:
                     break
             if not cfg.save_steps and (step == epoch * steps_per_epoch or step >= total_steps):
-                save(f"epoch_{epoch}.pth", epoch)
+                # a max_steps stop mid-epoch is no whole epoch: name that checkpoint by its step
+                save(f"epoch_{epoch}.pth" if step == epoch * steps_per_epoch else f"iter_{step}.pth", epoch)
             if step >= total_steps:
                 break
         if cfg.save_steps and step % cfg.save_steps:  # the final weights are always in a checkpoint
@@ -483,4 +484,9 @@ def _restore_signals(previous) -> None:
 
 
 def _memory_gb() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    """The progress line's `mem`: peak GPU memory allocated, or on a CPU the process's resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
