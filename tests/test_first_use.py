@@ -107,3 +107,14 @@ def test_progress_line_shows_resident_memory_on_a_cpu(short_run):
     assert shown and all(value >= 0.05 for value in shown), cp.stderr[-2000:]  # torch alone is > 50 MiB
     logged = [json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
     assert all(rec["memory_gb"] >= 0.05 for rec in logged if "memory_gb" in rec)
+
+
+@pytest.mark.slow
+def test_training_into_a_work_dir_that_holds_a_run_is_refused(short_run):
+    """Without --resume a second run would overwrite hf/ and leave its checkpoints beside the first run's."""
+    work, cfg, _ = short_run
+    before = {p.name: p.stat().st_mtime_ns for p in work.rglob("*")}
+    line = _one_error_line(run_cli("train", cfg, "--work-dir", work, "--cfg-options", "max_steps=3",
+                                   cwd=cfg.parent))
+    assert str(work) in line and "iter_2.pth" in line and "--resume" in line and "--work-dir" in line
+    assert {p.name: p.stat().st_mtime_ns for p in work.rglob("*")} == before

@@ -99,6 +99,17 @@ def find_resume_checkpoint(work_dir: Path, explicit: str | None, log) -> tuple[P
     return None
 
 
+def refuse_existing_run(work_dir: Path) -> None:
+    """One work dir holds one run: a fresh start there would overwrite hf/ and leave the old checkpoints
+    beside the new ones, where a later --resume could pick either. UserError when it holds a run."""
+    found = sorted(p.name for p in work_dir.glob("*.pth")) + [
+        name for name in ("last_checkpoint", "hf") if (work_dir / name).exists()]
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(f"{work_dir} already holds a run ({shown}); continue it with --resume, or start a new "
+                        f"run in another folder with --work-dir DIR (or delete {work_dir})")
+
+
 def remove_stale_temp_files(work_dir: Path) -> None:
     """Temp files left by a write that was interrupted (never a complete checkpoint)."""
     for tmp in work_dir.glob(".*.tmp"):

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from tunelab import distributed, parallel
-from tunelab.checkpoint import find_resume_checkpoint, remove_stale_temp_files, save_checkpoint
+from tunelab.checkpoint import (find_resume_checkpoint, refuse_existing_run, remove_stale_temp_files,
+                                save_checkpoint)
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
 from tunelab.data.dataset import Sequence, attention_bias, build_sequences, collate, pack
@@ -235,6 +236,8 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
     model_path = resolve_model_path(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     root = Path(work_dir) if work_dir else Path("work_dirs") / name
+    if not (resume or cfg.auto_resume):
+        refuse_existing_run(root)
     sequences, val, stats = distributed.tokenise_once(ctx, cfg, model_path, root,
                                                       lambda: load_training_data(cfg, tokenizer))
     if cfg.batch_size * ctx.world_size > len(sequences):
