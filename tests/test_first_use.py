@@ -118,3 +118,43 @@ def test_training_into_a_work_dir_that_holds_a_run_is_refused(short_run):
                                    cwd=cfg.parent))
     assert str(work) in line and "iter_2.pth" in line and "--resume" in line and "--work-dir" in line
     assert {p.name: p.stat().st_mtime_ns for p in work.rglob("*")} == before
+
+
+# -- wrong kinds of path ----------------------------------------------------------------------------------
+@pytest.fixture()
+def good_config(tiny_llama, data_dir, tmp_path) -> Path:
+    return write_config(tmp_path / "c.py", pretrained_model_name_or_path=str(tiny_llama), algorithm="lora",
+                        data_path=str(data_dir / "self_cognition" / "personal_assistant.json"))
+
+
+def test_chat_on_a_checkpoint_points_at_pth_to_hf(tmp_path):
+    pth = tmp_path / "work_dirs" / "x" / "epoch_1.pth"
+    pth.parent.mkdir(parents=True)
+    pth.write_bytes(b"\x80\x02}q\x00.")
+    line = _one_error_line(run_cli("chat", pth))
+    assert "training checkpoint" in line and "convert pth_to_hf" in line and "download" not in line
+
+
+def test_chat_on_some_other_file_says_it_is_a_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    line = _one_error_line(run_cli("chat", notes))
+    assert "is a file, not a model folder" in line and "config.json" in line
+
+
+def test_a_folder_where_a_checkpoint_belongs_is_named_a_folder(good_config, tmp_path):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "iter_5.pth").write_bytes(b"")
+    line = _one_error_line(run_cli("convert", "pth_to_hf", good_config, folder, tmp_path / "out"))
+    assert "is a folder, not a checkpoint file" in line and "iter_5.pth" in line and "not found" not in line
+    line = _one_error_line(run_cli("train", good_config, "--resume", folder, cwd=tmp_path))
+    assert "is a folder, not a checkpoint file" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_so(good_config, tmp_path):
+    other = tmp_path / "adapter_config.json"
+    other.write_text(json.dumps({"r": 8}))
+    line = _one_error_line(run_cli("convert", "pth_to_hf", good_config, other, tmp_path / "out"))
+    assert "not a readable tunelab checkpoint" in line and "`tunelab train` writes" in line

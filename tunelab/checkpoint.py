@@ -67,17 +67,26 @@ def list_checkpoints(work_dir: Path) -> list[Path]:
     return sorted((p for p in work_dir.glob("*.pth") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
 
 
+_WRITTEN_BY = "checkpoints are the epoch_N.pth/iter_N.pth files that `tunelab train` writes into its work dir"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by `tunelab train`; UserError when it is missing or not one."""
     path = Path(path)
+    if path.is_dir():
+        inside = list_checkpoints(path)
+        example = f" such as {inside[-1]}" if inside else " from work_dirs/<config>/"
+        raise UserError(f"{path}: is a folder, not a checkpoint file; give a .pth file{example}")
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found; give a .pth file from work_dirs/<config>/")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign files
-        raise UserError(f"{path}: not a readable tunelab checkpoint ({type(exc).__name__}: {exc})") from None
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise UserError(f"{path}: not a readable tunelab checkpoint ({type(exc).__name__}: {reason}); "
+                        f"{_WRITTEN_BY}") from None
     if not isinstance(state, dict) or "meta" not in state or "model" not in state:
-        raise UserError(f"{path}: not a tunelab checkpoint (no 'meta'/'model' entries)")
+        raise UserError(f"{path}: not a tunelab checkpoint (no 'meta'/'model' entries); {_WRITTEN_BY}")
     return state
 
 

@@ -31,6 +31,12 @@ def resolve_model_path(name_or_path: str, what: str = "pretrained_model_name_or_
     """A local folder holding config.json for a folder, cached hub id or builtin:tiny-*; else UserError."""
     name_or_path = resolve_builtin_model(name_or_path)
     path = Path(os.path.expanduser(name_or_path))
+    if path.suffix == ".pth" and path.exists():  # a tunelab .pth or an engine's checkpoint folder
+        raise UserError(f"{what} '{name_or_path}': is a training checkpoint, not a model; convert it first with "
+                        f"`tunelab convert pth_to_hf CONFIG {name_or_path} ./hf` and give ./hf")
+    if path.is_file():
+        raise UserError(f"{what} '{name_or_path}': is a file, not a model folder; give the Hugging Face model "
+                        f"folder (the one holding config.json)")
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise UserError(f"{what} '{name_or_path}': the folder has no config.json; point it at a "
