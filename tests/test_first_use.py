@@ -158,3 +158,27 @@ def test_a_file_that_is_not_a_checkpoint_is_named_so(good_config, tmp_path):
     other.write_text(json.dumps({"r": 8}))
     line = _one_error_line(run_cli("convert", "pth_to_hf", good_config, other, tmp_path / "out"))
     assert "not a readable tunelab checkpoint" in line and "`tunelab train` writes" in line
+
+
+# -- CSV cells are text ------------------------------------------------------------------------------------
+def test_csv_cells_are_text_and_an_empty_cell_is_an_absent_field(tiny_llama, tmp_path):
+    """Number-like answers and a `system` column empty in some rows load as text; before, the CSV parser
+    typed the cells (answers became ints, empty cells nulls or NaN floats)."""
+    data = tmp_path / "qa.csv"
+    data.write_text('query,response,system\nwhat is six times seven,42,\n'
+                    '"in what year did Apollo 11 land on the moon, and where",1969,Answer briefly.\n'
+                    '\nhow many legs has a cat,4,\n', encoding="utf-8")
+    cfg = write_config(tmp_path / "c.py", pretrained_model_name_or_path=str(tiny_llama), data_path=str(data),
+                       prompt_template="internlm_chat")
+    cp = run_cli("check-custom-dataset", cfg, cwd=tmp_path)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    assert "3 records" in cp.stdout and "query_response" in cp.stdout, cp.stdout
+    from tunelab.data.loading import read_records
+
+    records = read_records(str(data))
+    assert [r.value for r in records] == [
+        {"query": "what is six times seven", "response": "42"},
+        {"query": "in what year did Apollo 11 land on the moon, and where", "response": "1969",
+         "system": "Answer briefly."},
+        {"query": "how many legs has a cat", "response": "4"}]
+    assert [r.line for r in records] == [2, 3, 5]
