@@ -182,3 +182,24 @@ def test_csv_cells_are_text_and_an_empty_cell_is_an_absent_field(tiny_llama, tmp
          "system": "Answer briefly."},
         {"query": "how many legs has a cat", "response": "4"}]
     assert [r.line for r in records] == [2, 3, 5]
+
+
+# -- messages point at what the user has --------------------------------------------------------------------
+def test_no_message_points_at_documents_the_user_does_not_have():
+    from conftest import ROOT
+
+    for source in sorted((ROOT / "tunelab").rglob("*.py")):
+        text = source.read_text(encoding="utf-8")
+        assert "SPEC" not in text, f"{source} mentions SPEC, a document users do not have"
+
+
+def test_keys_near_a_format_get_the_exact_dataset_columns_mapping(tiny_llama, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {w}", "input": "", "answer": w}) + "\n"
+                            for w in ("yes", "no")), encoding="utf-8")
+    cfg = write_config(tmp_path / "c.py", pretrained_model_name_or_path=str(tiny_llama), data_path=str(data))
+    line = _one_error_line(run_cli("check-custom-dataset", cfg, cwd=tmp_path))
+    assert f"{data}: line 1: unrecognised record format" in line
+    assert "dataset_columns = {'answer': 'output'}" in line and "alpaca" in line
+    cp = run_cli("check-custom-dataset", cfg, "--cfg-options", "dataset_columns={'answer': 'output'}", cwd=tmp_path)
+    assert cp.returncode == 0 and "format alpaca, 2 records" in cp.stdout, cp.stderr[-2000:]
