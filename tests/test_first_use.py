@@ -203,3 +203,10 @@ def test_keys_near_a_format_get_the_exact_dataset_columns_mapping(tiny_llama, tm
     assert "dataset_columns = {'answer': 'output'}" in line and "alpaca" in line
     cp = run_cli("check-custom-dataset", cfg, "--cfg-options", "dataset_columns={'answer': 'output'}", cwd=tmp_path)
     assert cp.returncode == 0 and "format alpaca, 2 records" in cp.stdout, cp.stderr[-2000:]
+
+
+def test_a_bad_cfg_option_blames_the_command_line_not_the_file(good_config, tmp_path):
+    line = _one_error_line(run_cli("train", good_config, "--cfg-options", "lr=fast", cwd=tmp_path))
+    assert line == "tunelab: error: --cfg-options: 'lr' must be a number, got 'fast'"
+    line = _one_error_line(run_cli("train", good_config, "--cfg-options", "max_lenght=512", cwd=tmp_path))
+    assert line.startswith("tunelab: error: --cfg-options: unknown config key 'max_lenght'")

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import catalogue
-from tunelab.config.schema import FIELDS, GROUP_TITLES, REQUIRED, Config, build_config, default_value, suggest
+from tunelab.config.schema import (FIELDS, GROUP_TITLES, REQUIRED, Config, build_config, check_value, default_value,
+                                   suggest)
 from tunelab.errors import ConfigError
 
 
@@ -76,11 +77,10 @@ def load_config(spec: str, overrides: list[str] | None = None) -> tuple[Config, 
         if key not in FIELDS:
             raise ConfigError(f"{where}: unknown config key '{key}'{suggest(key, FIELDS)}")
     opts = parse_overrides(overrides)
-    for key in opts:
-        if key not in FIELDS:
-            raise ConfigError(f"--cfg-options: unknown config key '{key}'{suggest(key, FIELDS)}")
+    for key, value in opts.items():  # a bad override is the command line's fault, not the file's
+        opts[key] = check_value(key, value, "--cfg-options")
     values.update(opts)
-    cfg = build_config(values, where)
+    cfg = build_config(values, f"{where} with --cfg-options {', '.join(opts)}" if opts else where)
     _check_names(cfg, where)
     return cfg, name
 
