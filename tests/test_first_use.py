@@ -210,3 +210,30 @@ def test_a_bad_cfg_option_blames_the_command_line_not_the_file(good_config, tmp_
     assert line == "tunelab: error: --cfg-options: 'lr' must be a number, got 'fast'"
     line = _one_error_line(run_cli("train", good_config, "--cfg-options", "max_lenght=512", cwd=tmp_path))
     assert line.startswith("tunelab: error: --cfg-options: unknown config key 'max_lenght'")
+
+
+# -- an unedited hub dataset id, offline ----------------------------------------------------------------------
+def test_unreachable_hub_dataset_fails_at_once(tiny_llama, tmp_path, monkeypatch):
+    """No offline variables set and the Hub unreachable (a closed local port stands in for it): the clear line
+    comes within 2 s of a local failure that does the same work, not after half a minute of retries."""
+    import time
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+
+    def timed(data_path: str):
+        cfg = write_config(tmp_path / "c.py", pretrained_model_name_or_path=str(tiny_llama), data_path=data_path)
+        start = time.monotonic()
+        cp = run_cli("check-custom-dataset", cfg, cwd=tmp_path)
+        return cp, time.monotonic() - start
+
+    cp, local = timed(str(broken))  # imports datasets and loads the tokenizer too
+    assert cp.returncode == 2, cp.stderr
+    cp, hub = timed("timdettmers/openassistant-guanaco")
+    line = _one_error_line(cp)
+    assert "data_path 'timdettmers/openassistant-guanaco': not a local file or folder" in line
+    assert "cannot be reached" in line and "download it and set data_path to the local folder" in line
+    assert hub < local + 2.0, (hub, local)

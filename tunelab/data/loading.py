@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -176,13 +177,57 @@ def _read_tabular(file: str, kind: str) -> list[Record]:
     return [Record(row, file, None) for row in table]
 
 
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub opens within `timeout` seconds, name lookup included
+    (run in a thread: a lookup can hang longer than any socket timeout)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(opened)
+
+
+@contextmanager
+def _offline_hub():
+    """Hub libraries in offline mode (the cache only) for the block, as HF_HUB_OFFLINE=1 would set them."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
 def _read_hub(repo: str) -> list[Record]:
     import datasets
 
+    # Unreachable, the hub libraries retry for half a minute before failing: go to the cache at once instead.
+    unreachable = not datasets.config.HF_HUB_OFFLINE and not hub_reachable()
     try:
-        table = datasets.load_dataset(repo, split="train")
+        with _offline_hub() if unreachable else nullcontext():
+            table = datasets.load_dataset(repo, split="train")
     except Exception as exc:  # noqa: BLE001 - offline, missing or private datasets all end here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if unreachable:
+            first = "the Hugging Face Hub cannot be reached and the dataset is not in the local cache"
         raise DataError(f"data_path '{repo}': not a local file or folder, and the hub dataset could not be "
                         f"loaded ({first[:200]}); download it and set data_path to the local folder") from None
     return [Record(row, f"hub:{repo}", None) for row in table]
