@@ -303,7 +303,7 @@ def _setup_logging() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    for noisy in ("bitsandbytes", "peft", "datasets", "huggingface_hub"):
+    for noisy in ("bitsandbytes", "kernels", "peft", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
