@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tunelab.errors import UserError
+from tunelab.errors import TrainingStopped, UserError
 from tunelab.faults import CrashingFile, fault
 from tunelab.fsutil import temp_dir_beside, temp_file_beside
 
@@ -30,6 +30,23 @@ def _fsync_dir(folder: Path) -> None:
 _writes = 0
 
 
+class _WriteErrors:
+    """A file wrapper that keeps the OSError (e.g. ENOSPC, a full disk) a write raised."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via `write(file)` to a temp file beside `path`, fsync, then rename over it."""
     global _writes
@@ -41,7 +58,13 @@ def atomic_write_bytes(path: Path, write) -> None:
                 _writes += 1
                 if fault("crash_in_checkpoint_write") == _writes:
                     f = CrashingFile(f, after=4096)
-            write(f)
+            recorder = _WriteErrors(f)
+            try:
+                write(recorder)
+            except Exception:
+                if recorder.error is not None:  # torch.save reports a failed write as a bare RuntimeError
+                    raise recorder.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,8 +77,15 @@ def atomic_write_bytes(path: Path, write) -> None:
 def save_checkpoint(work_dir: Path, name: str, state: dict[str, Any], keep: int = -1) -> Path:
     """Save a checkpoint, point last_checkpoint at it, and prune old ones beyond `keep`."""
     path = work_dir / name
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-    atomic_write_bytes(work_dir / "last_checkpoint", lambda f: f.write(str(path.resolve()).encode()))
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+        atomic_write_bytes(work_dir / "last_checkpoint", lambda f: f.write(str(path.resolve()).encode()))
+    except OSError as exc:  # e.g. a full disk: the temp file is gone, the previous checkpoint untouched
+        pointer = work_dir / "last_checkpoint"
+        last = pointer.read_text().strip() if pointer.is_file() else "none"
+        raise TrainingStopped(f"could not write checkpoint {path} ({exc.strerror or exc}); the last good "
+                              f"checkpoint is {last}; free space, then continue with `tunelab train ... "
+                              f"--resume`") from None
     if keep > 0:
         for old in list_checkpoints(work_dir)[:-keep]:
             old.unlink(missing_ok=True)
