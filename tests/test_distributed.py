@@ -63,13 +63,13 @@ def test_two_processes_survive_slow_tokenisation_and_write_once(two_process_run)
     assert "gloo, 2 processes, collective timeout 3s" in cp.stderr
     assert "parallel: ddp over 2 processes" in cp.stderr
     assert cp.stderr.count(f"step 1/{STEPS} |") == 1  # rank 1 does not log
-    assert sorted(p.name for p in work.glob("*.pth")) == ["epoch_1.pth"]
+    assert sorted(p.name for p in work.glob("*.pth")) == [f"iter_{STEPS}.pth"]  # max_steps stops mid-epoch
     assert len(list(work.glob("*/vis_data"))) == 1
     scalars = next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()
     assert [json.loads(line)["step"] for line in scalars] == list(range(1, STEPS + 1))
     assert len(list((work / "tokenized_cache").glob("*.pkl"))) == 1
     assert (work / "hf" / "adapter_model.safetensors").is_file()
-    state = load_checkpoint(work / "epoch_1.pth")
+    state = load_checkpoint(work / f"iter_{STEPS}.pth")
     assert state["meta"]["world_size"] == 2 and len(state["rng_ranks"]) == 2
     assert "ChildFailedError" not in cp.stderr and "Traceback" not in cp.stderr
 
@@ -84,8 +84,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(two_process_run, 
     one = _run("train", cfg_file, "--work-dir", tmp_path / "batch2", "--cfg-options", "batch_size=2")
     assert one.returncode == 0, one.stderr[-3000:]
     _assert_same_losses(ddp, run_losses(tmp_path / "batch2"), range(1, STEPS + 1))
-    a = load_checkpoint(work / "epoch_1.pth")["model"]
-    b = load_checkpoint(tmp_path / "batch2" / "epoch_1.pth")["model"]
+    a = load_checkpoint(work / f"iter_{STEPS}.pth")["model"]
+    b = load_checkpoint(tmp_path / "batch2" / f"iter_{STEPS}.pth")["model"]
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
@@ -145,12 +145,12 @@ def test_full_fine_tuning_with_fsdp2(cfg_file, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     _assert_same_losses(run_losses(tmp_path / "fsdp"), run_losses(tmp_path / "one"), range(1, 4))
     out = tmp_path / "converted"
-    cp = _run("convert", "pth_to_hf", cfg_file, tmp_path / "fsdp" / "epoch_1.pth", out, "--cfg-options", *options)
+    cp = _run("convert", "pth_to_hf", cfg_file, tmp_path / "fsdp" / "iter_3.pth", out, "--cfg-options", *options)
     assert cp.returncode == 0, cp.stderr[-3000:]
     from safetensors.torch import load_file
 
     weights = load_file(str(out / "model.safetensors"))
-    saved = load_checkpoint(tmp_path / "fsdp" / "epoch_1.pth")["model"]
+    saved = load_checkpoint(tmp_path / "fsdp" / "iter_3.pth")["model"]
     key = next(k for k in saved if k.endswith("q_proj.weight"))
     assert saved[key].shape == weights[key].shape  # whole (gathered) weights, not one rank's shard
     torch.testing.assert_close(saved[key], weights[key])

@@ -16,7 +16,8 @@ from tunelab.data.encode import PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.errors import UserError
 from tunelab.model.generate import Sampling, generate, generate_until
-from tunelab.model.load import (load_model, load_tokenizer, read_metadata, resolve_dtype, resolve_model_path)
+from tunelab.model.load import (check_adapter_fits, load_model, load_tokenizer, read_metadata, resolve_dtype,
+                                resolve_model_path)
 
 
 @dataclass
@@ -95,6 +96,8 @@ def load_chat_model(opts: ChatOptions):
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"--adapter '{opts.adapter}': no adapter_config.json there; give the folder written "
                         f"by `tunelab convert pth_to_hf` (or work_dirs/<config>/hf)")
+    if adapter is not None:
+        check_adapter_fits(model_path, adapter, opts.trust_remote_code)
     meta = {**read_metadata(model_path), **(read_metadata(adapter) if adapter else {})}
     tok_dir = adapter if adapter and (adapter / "tokenizer_config.json").is_file() else Path(model_path)
     tokenizer = load_tokenizer(str(tok_dir), opts.trust_remote_code)
@@ -198,6 +201,8 @@ def chat(opts: ChatOptions, stdin=None, stdout=None) -> int:
         reply = _seeded(_plain_reply(model, tokenizer, fmt, opts, stop_words, show), opts.seed)
 
     history: list[Turn] = []
+    if interactive:
+        show("Type a message and press Enter; RESET clears the history, EXIT (or Ctrl-D) quits.\n")
     while True:
         if interactive:
             show("\n>>> ")

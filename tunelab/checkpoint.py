@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from tunelab.errors import UserError
+from tunelab.errors import TrainingStopped, UserError
 from tunelab.faults import CrashingFile, fault
+from tunelab.fsutil import temp_dir_beside, temp_file_beside
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -30,18 +30,41 @@ def _fsync_dir(folder: Path) -> None:
 _writes = 0
 
 
+class _WriteErrors:
+    """A file wrapper that keeps the OSError (e.g. ENOSPC, a full disk) a write raised."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via `write(file)` to a temp file beside `path`, fsync, then rename over it."""
     global _writes
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             if path.suffix == ".pth":
                 _writes += 1
                 if fault("crash_in_checkpoint_write") == _writes:
                     f = CrashingFile(f, after=4096)
-            write(f)
+            recorder = _WriteErrors(f)
+            try:
+                write(recorder)
+            except Exception:
+                if recorder.error is not None:  # torch.save reports a failed write as a bare RuntimeError
+                    raise recorder.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,8 +77,15 @@ def atomic_write_bytes(path: Path, write) -> None:
 def save_checkpoint(work_dir: Path, name: str, state: dict[str, Any], keep: int = -1) -> Path:
     """Save a checkpoint, point last_checkpoint at it, and prune old ones beyond `keep`."""
     path = work_dir / name
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-    atomic_write_bytes(work_dir / "last_checkpoint", lambda f: f.write(str(path.resolve()).encode()))
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+        atomic_write_bytes(work_dir / "last_checkpoint", lambda f: f.write(str(path.resolve()).encode()))
+    except OSError as exc:  # e.g. a full disk: the temp file is gone, the previous checkpoint untouched
+        pointer = work_dir / "last_checkpoint"
+        last = pointer.read_text().strip() if pointer.is_file() else "none"
+        raise TrainingStopped(f"could not write checkpoint {path} ({exc.strerror or exc}); the last good "
+                              f"checkpoint is {last}; free space, then continue with `tunelab train ... "
+                              f"--resume`") from None
     if keep > 0:
         for old in list_checkpoints(work_dir)[:-keep]:
             old.unlink(missing_ok=True)
@@ -67,17 +97,26 @@ def list_checkpoints(work_dir: Path) -> list[Path]:
     return sorted((p for p in work_dir.glob("*.pth") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
 
 
+_WRITTEN_BY = "checkpoints are the epoch_N.pth/iter_N.pth files that `tunelab train` writes into its work dir"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by `tunelab train`; UserError when it is missing or not one."""
     path = Path(path)
+    if path.is_dir():
+        inside = list_checkpoints(path)
+        example = f" such as {inside[-1]}" if inside else " from work_dirs/<config>/"
+        raise UserError(f"{path}: is a folder, not a checkpoint file; give a .pth file{example}")
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found; give a .pth file from work_dirs/<config>/")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign files
-        raise UserError(f"{path}: not a readable tunelab checkpoint ({type(exc).__name__}: {exc})") from None
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise UserError(f"{path}: not a readable tunelab checkpoint ({type(exc).__name__}: {reason}); "
+                        f"{_WRITTEN_BY}") from None
     if not isinstance(state, dict) or "meta" not in state or "model" not in state:
-        raise UserError(f"{path}: not a tunelab checkpoint (no 'meta'/'model' entries)")
+        raise UserError(f"{path}: not a tunelab checkpoint (no 'meta'/'model' entries); {_WRITTEN_BY}")
     return state
 
 
@@ -99,19 +138,21 @@ def find_resume_checkpoint(work_dir: Path, explicit: str | None, log) -> tuple[P
     return None
 
 
+def refuse_existing_run(work_dir: Path) -> None:
+    """One work dir holds one run: a fresh start there would overwrite hf/ and leave the old checkpoints
+    beside the new ones, where a later --resume could pick either. UserError when it holds a run."""
+    found = sorted(p.name for p in work_dir.glob("*.pth")) + [
+        name for name in ("last_checkpoint", "hf") if (work_dir / name).exists()]
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(f"{work_dir} already holds a run ({shown}); continue it with --resume, or start a new "
+                        f"run in another folder with --work-dir DIR (or delete {work_dir})")
+
+
 def remove_stale_temp_files(work_dir: Path) -> None:
     """Temp files left by a write that was interrupted (never a complete checkpoint)."""
     for tmp in work_dir.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
-
-
-def make_temp_dir(target: Path) -> Path:
-    """A hidden temp folder beside `target`, with normal (umask) permissions rather than mkdtemp's 0700."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
 
 
 @contextmanager
@@ -121,7 +162,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UserError(f"{target}: the output folder exists and is not empty; choose another or delete it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target)
+    tmp = temp_dir_beside(target)
     try:
         yield tmp
         if target.exists():

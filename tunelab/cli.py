@@ -161,9 +161,12 @@ def cmd_list_cfg(args) -> int:
     from tunelab.config.catalogue import BUILTIN
 
     pattern = (args.pattern or "").lower()
-    for name in BUILTIN:
-        if pattern in name.lower():
-            print(name)
+    names = [name for name in BUILTIN if pattern in name.lower()]
+    if not names:  # an empty answer would look like a tool that found nothing to list at all
+        print(f"tunelab: no built-in config matches '{args.pattern}'; `tunelab list-cfg` lists them all",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    print("\n".join(names))
     return EXIT_OK
 
 
@@ -300,7 +303,7 @@ def _setup_logging() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    for noisy in ("bitsandbytes", "peft", "datasets", "huggingface_hub"):
+    for noisy in ("bitsandbytes", "kernels", "peft", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")

@@ -15,7 +15,8 @@ from tunelab.checkpoint import atomic_dir, load_checkpoint
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
 from tunelab.errors import UserError
-from tunelab.model.load import load_model, load_tokenizer, read_metadata, resolve_model_path, write_metadata
+from tunelab.model.load import (check_adapter_fits, load_model, load_tokenizer, read_metadata, resolve_model_path,
+                                write_metadata)
 
 _SHARD = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
@@ -117,6 +118,7 @@ def merge(base: str, adapter: str, save_dir: str, max_shard_size: str = "2GB", d
     if not (adapter_path / "adapter_config.json").is_file():
         raise UserError(f"ADAPTER '{adapter}': no adapter_config.json there; give the folder written by "
                         f"`tunelab convert pth_to_hf` (or work_dirs/<config>/hf)")
+    check_adapter_fits(base_path, adapter_path, trust_remote_code)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(base_path, dtype="auto", device=device, trust_remote_code=trust_remote_code)

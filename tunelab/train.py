@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from tunelab import distributed, parallel
-from tunelab.checkpoint import find_resume_checkpoint, remove_stale_temp_files, save_checkpoint
+from tunelab.checkpoint import (find_resume_checkpoint, refuse_existing_run, remove_stale_temp_files,
+                                save_checkpoint)
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
 from tunelab.data.dataset import Sequence, attention_bias, build_sequences, collate, pack
@@ -235,6 +236,8 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
     model_path = resolve_model_path(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     root = Path(work_dir) if work_dir else Path("work_dirs") / name
+    if not (resume or cfg.auto_resume):
+        refuse_existing_run(root)
     sequences, val, stats = distributed.tokenise_once(ctx, cfg, model_path, root,
                                                       lambda: load_training_data(cfg, tokenizer))
     if cfg.batch_size * ctx.world_size > len(sequences):
@@ -381,7 +384,8 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
                 if step >= total_steps:
                     break
             if not cfg.save_steps and (step == epoch * steps_per_epoch or step >= total_steps):
-                save(f"epoch_{epoch}.pth", epoch)
+                # a max_steps stop mid-epoch is no whole epoch: name that checkpoint by its step
+                save(f"epoch_{epoch}.pth" if step == epoch * steps_per_epoch else f"iter_{step}.pth", epoch)
             if step >= total_steps:
                 break
         if cfg.save_steps and step % cfg.save_steps:  # the final weights are always in a checkpoint
@@ -497,4 +501,9 @@ def _restore_signals(previous) -> None:
 
 
 def _memory_gb() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    """The progress line's `mem`: peak GPU memory allocated, or on a CPU the process's resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30

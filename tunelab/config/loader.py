@@ -2,26 +2,38 @@
 from __future__ import annotations
 
 import ast
+import logging
 import textwrap
 import types
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import catalogue
-from tunelab.config.schema import FIELDS, GROUP_TITLES, REQUIRED, Config, build_config, default_value, suggest
+from tunelab.config import catalogue, foreign
+from tunelab.config.schema import (FIELDS, GROUP_TITLES, REQUIRED, Config, build_config, check_value, default_value,
+                                   suggest)
 from tunelab.errors import ConfigError
+
+log = logging.getLogger("tunelab")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Run a config file and return its public top-level settings (modules, functions, _private skipped)."""
+    """Run a config file and return its public top-level settings (modules, functions, _private skipped).
+    An XTuner config is read without running it; other tools' files are refused with one line."""
     try:
         source = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); save the config as UTF-8") from None
+    foreign.refuse_other_tools(path, source)
     try:
-        code = compile(source, str(path), "exec")
+        tree = ast.parse(source, str(path))
     except SyntaxError as exc:
         raise ConfigError(f"{path}: line {exc.lineno}: syntax error: {exc.msg}; fix the Python syntax") from None
+    if foreign.is_xtuner_config(tree):
+        xtuner = foreign.read_xtuner_config(tree)
+        log.info("%s: read as an XTuner config, without running it; took %s; ignored %s", path,
+                 ", ".join(xtuner.taken) or "nothing", ", ".join(xtuner.ignored) or "nothing")
+        return xtuner.values
+    code = compile(tree, str(path), "exec")
     namespace: dict[str, Any] = {"__file__": str(path), "__name__": "__tunelab_config__"}
     try:
         exec(code, namespace)  # a config is the user's own Python file, like XTuner/mmengine configs
@@ -76,11 +88,10 @@ def load_config(spec: str, overrides: list[str] | None = None) -> tuple[Config, 
         if key not in FIELDS:
             raise ConfigError(f"{where}: unknown config key '{key}'{suggest(key, FIELDS)}")
     opts = parse_overrides(overrides)
-    for key in opts:
-        if key not in FIELDS:
-            raise ConfigError(f"--cfg-options: unknown config key '{key}'{suggest(key, FIELDS)}")
+    for key, value in opts.items():  # a bad override is the command line's fault, not the file's
+        opts[key] = check_value(key, value, "--cfg-options")
     values.update(opts)
-    cfg = build_config(values, where)
+    cfg = build_config(values, f"{where} with --cfg-options {', '.join(opts)}" if opts else where)
     _check_names(cfg, where)
     return cfg, name
 

@@ -396,14 +396,56 @@ def looks_like(value: Any) -> str | None:
     return next((name for name, (matches, _) in FORMATS.items() if matches(value)), None)
 
 
+# The fields that make a record one of the simple formats, and the names other datasets give them: a record
+# whose keys are near a format's gets the exact dataset_columns mapping suggested.
+_FIELDS = {"query_response": ("query", "response"), "alpaca": ("instruction", "output"),
+           "conversation": ("conversation",), "openai": ("messages",), "sharegpt": ("conversations",),
+           "text": ("text",)}
+_ALIASES = {"query": ("question", "prompt", "instruction", "input", "q"),
+            "response": ("answer", "output", "completion", "reply", "target", "a"),
+            "instruction": ("question", "prompt", "query", "q"),
+            "output": ("answer", "response", "completion", "reply", "target", "a"),
+            "conversation": ("dialogue", "dialog", "turns"), "messages": ("chat", "dialogue", "dialog"),
+            "conversations": ("dialogue", "dialog", "turns"), "text": ("content", "document", "body")}
+
+
+def suggest_columns(keys: list[str]) -> tuple[str, dict[str, str]] | None:
+    """(format, {record key: format field}) for the format whose fields the record's keys come nearest, or
+    None. A key maps to a missing field when it is a usual other name for it or a near spelling of it."""
+    import difflib
+
+    best: tuple[int, str, dict[str, str]] | None = None
+    for fmt, fields in _FIELDS.items():
+        missing = [f for f in fields if f not in keys]
+        free = [k for k in keys if k not in fields]
+        mapping: dict[str, str] = {}
+        for field in missing:
+            near = [k for k in free if k.lower() in _ALIASES.get(field, ()) and k not in mapping]
+            near = near or difflib.get_close_matches(field, [k for k in free if k not in mapping], n=1, cutoff=0.75)
+            if not near:
+                break
+            mapping[near[0]] = field
+        if missing and len(mapping) == len(missing):
+            kept = len(fields) - len(missing)  # prefer the format that keeps most of the record's names
+            if best is None or kept > best[0]:
+                best = (kept, fmt, mapping)
+    return (best[1], best[2]) if best else None
+
+
 def detect_format(value: Any, where: str) -> str:
     """The name of the format a record is in; DataError naming the record when none fits."""
     name = looks_like(value)
     if name is not None:
         return name
     keys = ", ".join(sorted(map(str, value))) if isinstance(value, dict) else type(value).__name__
+    near = suggest_columns([str(k) for k in value]) if isinstance(value, dict) else None
+    if near is not None:
+        fmt, mapping = near
+        raise DataError(f"{where}: unrecognised record format (keys: {keys}); it reads as {fmt} with "
+                        f"dataset_columns = {mapping!r} in the config")
     raise DataError(f"{where}: unrecognised record format (keys: {keys}); expected one of "
-                    f"{', '.join(FORMATS)} (SPEC section 4), or set dataset_format")
+                    f"{', '.join(FORMATS)} (`tunelab train --help`: dataset_format, dataset_columns), or set "
+                    f"dataset_format")
 
 
 def check_one_format(records: list[Record], fmt: str) -> None:

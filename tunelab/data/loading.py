@@ -2,9 +2,11 @@
 folders, hub datasets and tunelab's bundled data. Every record keeps its file and line for error messages."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -129,24 +131,103 @@ def _read_json_lines(text: str, file: str) -> list[Record]:
     return records
 
 
+def read_csv_rows(path: str | Path, file: str) -> list[tuple[int, tuple[str, ...]]]:
+    """(line number, cells) of every CSV row, every cell text; UTF-8, a BOM (Excel's "CSV UTF-8") tolerated."""
+    csv.field_size_limit(2**31 - 1)  # long answers exceed the default 128 KiB field limit
+    rows: list[tuple[int, tuple[str, ...]]] = []
+    start = 1
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            for cells in reader:
+                rows.append((start, tuple(cells)))
+                start = reader.line_num + 1  # a quoted cell may span lines; report the line a row starts on
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text ({exc.reason}); save it as 'CSV UTF-8'") from None
+    except csv.Error as exc:
+        raise DataError(f"{file}: line {start}: invalid CSV ({exc}); fix the quoting there") from None
+    return rows
+
+
+def _read_csv_records(file: str) -> list[Record]:
+    """One record per data row, keyed by the header row. Cells stay text (a type-guessing parser would make
+    '42' an int and an empty cell NaN); an empty cell is an absent field."""
+    rows = [(line, cells) for line, cells in read_csv_rows(file, file) if any(c.strip() for c in cells)]
+    if not rows:
+        raise DataError(f"{file}: the file is empty; the first row must hold the column names")
+    header = [name.strip() for name in rows[0][1]]
+    records = []
+    for line, cells in rows[1:]:
+        if len(cells) > len(header):
+            raise DataError(f"{file}: line {line}: {len(cells)} cells but {len(header)} column names; quote cells "
+                            f"that hold commas")
+        records.append(Record({k: v for k, v in zip(header, cells) if k and v.strip()}, file, line))
+    return records
+
+
 def _read_tabular(file: str, kind: str) -> list[Record]:
+    if kind == "csv":
+        return _read_csv_records(file)
     import datasets
 
     try:
         table = datasets.load_dataset(kind, data_files=file, split="train")
     except Exception as exc:  # noqa: BLE001 - report any parser failure as bad input
         raise DataError(f"{file}: could not read as {kind.upper()}: {exc}") from None
-    first = 2 if kind == "csv" else None  # csv line 1 is the header
-    return [Record(row, file, (first + i) if first else None) for i, row in enumerate(table)]
+    return [Record(row, file, None) for row in table]
+
+
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub opens within `timeout` seconds, name lookup included
+    (run in a thread: a lookup can hang longer than any socket timeout)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(opened)
+
+
+@contextmanager
+def _offline_hub():
+    """Hub libraries in offline mode (the cache only) for the block, as HF_HUB_OFFLINE=1 would set them."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _read_hub(repo: str) -> list[Record]:
     import datasets
 
+    # Unreachable, the hub libraries retry for half a minute before failing: go to the cache at once instead.
+    unreachable = not datasets.config.HF_HUB_OFFLINE and not hub_reachable()
     try:
-        table = datasets.load_dataset(repo, split="train")
+        with _offline_hub() if unreachable else nullcontext():
+            table = datasets.load_dataset(repo, split="train")
     except Exception as exc:  # noqa: BLE001 - offline, missing or private datasets all end here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if unreachable:
+            first = "the Hugging Face Hub cannot be reached and the dataset is not in the local cache"
         raise DataError(f"data_path '{repo}': not a local file or folder, and the hub dataset could not be "
                         f"loaded ({first[:200]}); download it and set data_path to the local folder") from None
     return [Record(row, f"hub:{repo}", None) for row in table]

@@ -6,16 +6,16 @@ are written to a temporary file beside the target and moved into place, so a fai
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.loading import read_csv_rows, read_records
 from tunelab.errors import DataError
+from tunelab.fsutil import temp_file_beside
 
 _LETTERS = re.compile(r"^[A-Za-z]{1,3}$")
 # Characters str.splitlines() breaks on that json.dumps(ensure_ascii=False) leaves raw: escape them so every
@@ -41,7 +41,7 @@ def xlsx_to_jsonl(file: str, output: str, *, input_col: str, output_col: str, sh
     elif suffix == ".csv":
         if sheet is not None:
             raise DataError(f"{file}: --sheet applies to .xlsx files only; a CSV file has one table, drop --sheet")
-        rows, where = _read_csv(path, file), file
+        rows, where = read_csv_rows(path, file), file
     else:
         raise DataError(f"{file}: unsupported file type '{suffix or '(none)'}'; give an .xlsx or .csv file "
                         f"(save other spreadsheets as .xlsx or CSV UTF-8 first)")
@@ -84,8 +84,6 @@ def split_file(file: str, output_dir: str, *, ratio: float = 0.7, seed: int = 0)
     JSON Lines input lines are copied byte for byte; records of a JSON array (or CSV/Parquet rows) are written
     with json.dumps. Returns a one-line summary.
     """
-    from tunelab.data.loading import read_records
-
     if not 0 < ratio < 1:
         raise DataError(f"--ratio {ratio}: must be between 0 and 1 (exclusive), e.g. 0.7 puts 70% of {file} "
                         f"in train.jsonl")
@@ -167,24 +165,6 @@ def _read_xlsx(path: Path, file: str, sheet: str | None) -> tuple[list[tuple[int
     return rows, f"{file}: sheet {name!r}"
 
 
-def _read_csv(path: Path, file: str) -> list[tuple[int, tuple]]:
-    """(line number, cells) of every CSV row; UTF-8, a BOM (Excel's "CSV UTF-8") tolerated."""
-    csv.field_size_limit(2**31 - 1)  # long answers exceed the default 128 KiB field limit
-    rows: list[tuple[int, tuple]] = []
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh)
-            start = 1
-            for cells in reader:
-                rows.append((start, tuple(cells)))
-                start = reader.line_num + 1  # a quoted cell may span lines; report the line a row starts on
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{file}: not UTF-8 text ({exc.reason}); save it as 'CSV UTF-8'") from None
-    except csv.Error as exc:
-        raise DataError(f"{file}: line {start}: invalid CSV ({exc}); fix the quoting there") from None
-    return rows
-
-
 def _text(cell: Any) -> str:
     return "" if cell is None else (cell if isinstance(cell, str) else str(cell)).strip()
 
@@ -248,7 +228,7 @@ def _write_atomic(items: list[tuple[Path, list[str]]]) -> None:
     try:
         for target, lines in items:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            fd, tmp = temp_file_beside(target)
             temps.append(tmp)
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
                 fh.writelines(line + "\n" for line in lines)

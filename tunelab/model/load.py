@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +32,12 @@ def resolve_model_path(name_or_path: str, what: str = "pretrained_model_name_or_
     """A local folder holding config.json for a folder, cached hub id or builtin:tiny-*; else UserError."""
     name_or_path = resolve_builtin_model(name_or_path)
     path = Path(os.path.expanduser(name_or_path))
+    if path.suffix == ".pth" and path.exists():  # a tunelab .pth or an engine's checkpoint folder
+        raise UserError(f"{what} '{name_or_path}': is a training checkpoint, not a model; convert it first with "
+                        f"`tunelab convert pth_to_hf CONFIG {name_or_path} ./hf` and give ./hf")
+    if path.is_file():
+        raise UserError(f"{what} '{name_or_path}': is a file, not a model folder; give the Hugging Face model "
+                        f"folder (the one holding config.json)")
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise UserError(f"{what} '{name_or_path}': the folder has no config.json; point it at a "
@@ -122,6 +129,51 @@ def _keep_4bit_layout(model) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
+
+
+_LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+
+
+def check_adapter_fits(base_path: str, adapter: Path, trust_remote_code: bool = False) -> None:
+    """Before any weight loads: every LoRA module of the adapter must exist in the base model with the shape
+    it was trained on (read from the adapter file's header and from the base's config on the meta device).
+    UserError naming both models otherwise; PEFT would only fail midway with a long size-mismatch dump."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # an older .bin adapter: PEFT's own check applies
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    trained_on = adapter_config.get("base_model_name_or_path") or "an unrecorded base model"
+    try:
+        config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a model class this cannot build without its weights: leave it to PEFT
+        return
+    shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
+    transposed = bool(adapter_config.get("fan_in_fan_out"))  # Conv1D weights are stored (in, out)
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            match = _LORA_KEY.match(key)
+            if not match:
+                continue
+            module, part = match.groups()
+            lora = tuple(f.get_slice(key).get_shape())
+            base_shape = shapes.get(f"{module}.weight")
+            if base_shape is None:
+                problem = f"the base has no module {module}"
+            else:
+                out_dim, in_dim = base_shape[::-1] if transposed else base_shape[:2]
+                wanted = lora[1] if part == "A" else lora[0]
+                have = in_dim if part == "A" else out_dim
+                if wanted == have:
+                    continue
+                problem = (f"{module} has {have} {'inputs' if part == 'A' else 'outputs'} in the base, "
+                           f"{wanted} in the adapter")
+            raise UserError(f"adapter '{adapter}' was trained on '{trained_on}' and does not fit the base model "
+                            f"'{base_path}' ({problem}); give the base model the adapter was trained on")
 
 
 def read_metadata(folder: str | Path) -> dict:
