@@ -54,19 +54,29 @@ class Layer:
     ln1: torch.Tensor
     ln2: torch.Tensor
     eps: float
-    q: Proj
-    k: Proj
-    v: Proj
+    q: Proj | None  # None where q/k/v are one fused projection (qkv)
+    k: Proj | None
+    v: Proj | None
     o: Proj
-    gate: Proj
-    up: Proj
+    gate: Proj | None  # None where gate/up are one fused projection (gate_up)
+    up: Proj | None
     down: Proj
     q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm weights over each head of q and k
     k_norm: torch.Tensor | None = None
     head_norm_eps: float = 0.0
+    qkv: Proj | None = None  # Phi-3: q, k and v in one weight (PEFT puts one LoRA branch on it), in that order
+    gate_up: Proj | None = None  # Phi-3: gate and up in one weight, halves in that order
+
+    def attention_inputs(self) -> tuple[Proj, ...]:
+        """The projections that read the attention's normed input: q, k, v (or the fused qkv)."""
+        return (self.qkv,) if self.qkv is not None else (self.q, self.k, self.v)
+
+    def mlp_inputs(self) -> tuple[Proj, ...]:
+        """The projections that read the MLP's normed input: gate, up (or the fused gate_up)."""
+        return (self.gate_up,) if self.gate_up is not None else (self.gate, self.up)
 
     def projections(self) -> tuple[Proj, ...]:
-        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+        return (*self.attention_inputs(), self.o, *self.mlp_inputs(), self.down)
 
     def head_norms(self) -> tuple:
         """What RoPE takes for the per-head norms of q and k: () where the layer has none."""
@@ -102,9 +112,11 @@ def layers_of(core) -> list[Layer]:
     layers = []
     for layer in core.layers:
         sa, mlp = layer.self_attn, layer.mlp
+        optional = lambda m, name: proj_of(getattr(m, name)) if hasattr(m, name) else None  # noqa: E731
         L = Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, norm_eps(layer.input_layernorm),
-                  proj_of(sa.q_proj), proj_of(sa.k_proj), proj_of(sa.v_proj), proj_of(sa.o_proj),
-                  proj_of(mlp.gate_proj), proj_of(mlp.up_proj), proj_of(mlp.down_proj))
+                  optional(sa, "q_proj"), optional(sa, "k_proj"), optional(sa, "v_proj"), proj_of(sa.o_proj),
+                  optional(mlp, "gate_proj"), optional(mlp, "up_proj"), proj_of(mlp.down_proj),
+                  qkv=optional(sa, "qkv_proj"), gate_up=optional(mlp, "gate_up_proj"))
         if getattr(sa, "q_norm", None) is not None:
             L.q_norm, L.k_norm, L.head_norm_eps = sa.q_norm.weight, sa.k_norm.weight, norm_eps(sa.q_norm)
         layers.append(L)

@@ -46,11 +46,6 @@ def _swiglu(cfg) -> str | None:
     return None if act == "silu" else f"hidden_act {act!r} (the fast path computes SwiGLU with silu)"
 
 
-def _no_attention_dropout(cfg) -> str | None:
-    p = getattr(cfg, "attention_dropout", 0.0) or 0.0
-    return None if p == 0 else f"attention_dropout {p} (the fast path drops no attention weights)"
-
-
 def _tested_rope(cfg) -> str | None:
     params = getattr(cfg, "rope_parameters", None) or {}
     kind = params.get("rope_type", "default")
@@ -69,11 +64,18 @@ def _full_attention_layers(cfg) -> str | None:
     return None
 
 
+def _no_dropout(name: str) -> Check:
+    def check(cfg) -> str | None:
+        p = getattr(cfg, name, 0.0) or 0.0
+        return None if p == 0 else f"{name} {p} (the fast path drops nothing but LoRA inputs)"
+    return check
+
+
 def _handled(cfg) -> None:
     return None
 
 
-_COMMON: dict[str, Check] = {"hidden_act": _swiglu, "attention_dropout": _no_attention_dropout,
+_COMMON: dict[str, Check] = {"hidden_act": _swiglu, "attention_dropout": _no_dropout("attention_dropout"),
                              "rope_parameters": _tested_rope}
 # Qwen2 and Qwen3 slide their window over some layers only when use_sliding_window says so (layer_types)
 _QWEN_WINDOW: dict[str, Check] = {"layer_types": _full_attention_layers, "use_sliding_window": _handled,
@@ -84,9 +86,13 @@ _QWEN_WINDOW: dict[str, Check] = {"layer_types": _full_attention_layers, "use_sl
 class Family:
     core: str  # transformers' decoder class (LlamaModel): remote code of the same model type is not it
     fields: dict[str, Check]
-    modules: tuple[str, ...] = ()  # per-layer modules beyond Llama's that the fast path reads
+    modules: tuple[str, ...] = ()  # each layer's modules that the fast path reads (default: Llama's)
     spec: Callable[[object], dict] = field(default=lambda cfg: {})
 
+
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+_LLAMA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj") + _NORMS
 
 # Llama 2/3/3.1/3.2 (and InternLM 1 converted to Llama with q/k/v/o biases): biases read from the modules
 FAMILIES: dict[str, Family] = {
@@ -96,12 +102,15 @@ FAMILIES: dict[str, Family] = {
                       spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
     "qwen2": Family("Qwen2Model", {**_COMMON, **_QWEN_WINDOW}),  # q/k/v biases
     "qwen3": Family("Qwen3Model", {**_COMMON, **_QWEN_WINDOW, "attention_bias": _handled},
-                    modules=("self_attn.q_norm", "self_attn.k_norm"), spec=lambda cfg: {"head_norms": True}),
+                    modules=_LLAMA_MODULES + ("self_attn.q_norm", "self_attn.k_norm"),
+                    spec=lambda cfg: {"head_norms": True}),
+    # Phi-3/3.5/4: fused qkv_proj and gate_up_proj (LoRA on them as PEFT names them); a sliding window on every
+    # layer where the config sets one; original_max_position_embeddings serves longrope only
+    "phi3": Family("Phi3Model", {**_COMMON, "sliding_window": _handled, "original_max_position_embeddings": _handled,
+                                 "resid_pdrop": _no_dropout("resid_pdrop"), "embd_pdrop": _no_dropout("embd_pdrop")},
+                   modules=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj") + _NORMS,
+                   spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
 }
-
-_LLAMA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                  "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
-
 
 def support(model) -> tuple[Spec | None, str | None]:
     """(what the fast path computes for `model`, None), or (None, why it cannot run it, in one line)."""
@@ -123,7 +132,7 @@ def support(model) -> tuple[Spec | None, str | None]:
         reason = check(cfg)
         if reason is not None:
             return None, reason
-    reason = _modules_reason(core, model, _LLAMA_MODULES + family.modules)
+    reason = _modules_reason(core, model, family.modules or _LLAMA_MODULES)
     if reason is not None:
         return None, reason
     return Spec(kind, **family.spec(cfg)), None
@@ -136,7 +145,7 @@ def unsupported_reason(model) -> str | None:
 
 def _modules_reason(core, model, paths: tuple[str, ...]) -> str | None:
     """Whether every layer has the modules the fast path reads, in weights it reads, and LoRA only on those."""
-    read = set()
+    read, first = set(), None
     for layer in core.layers:
         for path in paths:
             obj = layer
@@ -145,7 +154,8 @@ def _modules_reason(core, model, paths: tuple[str, ...]) -> str | None:
             if obj is None:
                 return f"layer has no {path}"
             read.add(id(obj))
-    weight = getattr(core.layers[0].self_attn.q_proj, "base_layer", core.layers[0].self_attn.q_proj).weight
+            first = obj if first is None else first
+    weight = getattr(first, "base_layer", first).weight
     if weight.dtype == torch.int8 or type(weight).__name__ == "Int8Params":
         return "8-bit weights"
     for name, module in model.named_modules():

@@ -21,6 +21,7 @@ ARCHS = {
     "qwen2": ("Qwen2Config", {}, "qwen_chat"),
     "mistral": ("MistralConfig", {"sliding_window": None}, "mistral"),
     "qwen3": ("Qwen3Config", {"head_dim": 48}, "qwen_chat"),  # head_dim != hidden / heads, per-head q/k norms
+    "phi3": ("Phi3Config", {"head_dim": 48}, "phi3_chat"),  # fused qkv_proj and gate_up_proj
     "internlm": ("LlamaConfig", {"attention_bias": True}, "internlm_chat"),  # InternLM 1: Llama + qkvo bias
 }
 MARKERS = ["<|im_start|>", "<|im_end|>", "<|System|>", "<|User|>", "<|Bot|>", "<eoh>", "<eoa>", "<eosys>",
