@@ -44,9 +44,10 @@ MATRIX = {
 }
 
 
-def _tiny(name: str, device: str = "cpu", dtype=torch.float32, lora: LoraConfig | None = None, **over):
-    """A LoRA-wrapped tiny random model of MATRIX[name] (B non-zero), its norm weights and biases moved off their
-    initial values (ones, zeros) so that a fast path that skipped one would not match."""
+def _tiny(name: str, device: str = "cpu", dtype=torch.float32, lora: LoraConfig | None = None, wrap: bool = True,
+          **over):
+    """A LoRA-wrapped (`wrap`) tiny random model of MATRIX[name] (B non-zero), its norm weights and biases moved
+    off their initial values (ones, zeros) so that a fast path that skipped one would not match."""
     arch, fields = MATRIX[name]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, VOCAB, **{**fields, **over}), dtype=torch.float32)
@@ -56,6 +57,8 @@ def _tiny(name: str, device: str = "cpu", dtype=torch.float32, lora: LoraConfig 
             if "norm" in n or n.endswith(".bias"):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     model = model.to(device, dtype)
+    if not wrap:
+        return model
     model = get_peft_model(model, lora) if lora is not None else add_lora(model, _cfg("unused"), quantized=False)
     torch.manual_seed(1)
     _wake_lora_b(model)
@@ -186,6 +189,15 @@ def test_adapters_the_fast_path_does_not_compute_send_it_aside(caplog):
     head = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
     on, lines = _fast_path_log(caplog, _tiny("llama", lora=head))
     assert not on and len(lines) == 1 and "LoRA on" in lines[0] and "lm_head" in lines[0]
+    # decided before LoRA is added (train.build_model), from lora_target_modules
+    plain = _tiny("phi3", wrap=False)
+    for targets, on_fast in (("all-linear", True), (["qkv_proj", "gate_up_proj"], True), (["q_proj"], False),
+                             (["qkv_proj", "lm_head"], False), (".*proj", False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tunelab"):
+            assert use_fast_path(_cfg("unused", fast_path="on", lora_target_modules=targets), "cpu", plain) == on_fast
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fast path off")]
+        assert len(lines) == (0 if on_fast else 1), (targets, lines)
 
 
 # -- GPU: the same matrix in bf16, compiled ------------------------------------------------------------------

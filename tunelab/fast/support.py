@@ -138,6 +138,19 @@ def support(model) -> tuple[Spec | None, str | None]:
     return Spec(kind, **family.spec(cfg)), None
 
 
+def targets_reason(model, targets) -> str | None:
+    """Why LoRA on `targets` (lora_target_modules, before PEFT adds it) would take the fast path's model off it:
+    a name that is not one of the layer modules it reads (the output head, the embedding) or a pattern."""
+    if targets == "all-linear":  # PEFT leaves the output head out
+        return None
+    if isinstance(targets, str):
+        return f"lora_target_modules {targets!r} is a pattern (the fast path takes 'all-linear' or a list of names)"
+    family = FAMILIES.get(getattr(getattr(decoder_core(model), "config", None), "model_type", None))
+    read = {path.rsplit(".", 1)[-1] for path in (family.modules or _LLAMA_MODULES)} if family else set()
+    other = [name for name in targets if name not in read]
+    return f"LoRA on {other}, modules the fast path does not read" if other else None
+
+
 def unsupported_reason(model) -> str | None:
     """Why the fast path cannot run this model (None when it can)."""
     return support(model)[1]
