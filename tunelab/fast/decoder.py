@@ -1,5 +1,6 @@
 """The fast training forward for Llama-family decoders (the families of tunelab.fast.support: Llama, Mistral,
-Qwen2, Qwen3), over the very parameters of the (PEFT-wrapped) Hugging Face model, so optimizer, checkpoints and export are unchanged.
+Qwen2, Qwen3, Phi-3), over the very parameters of the (PEFT-wrapped) Hugging Face model, so optimizer,
+checkpoints and export are unchanged.
 
 What it does differently from the plain path, and why:
 * LoRA over frozen weights (the usual case): each group of projections that reads one input (q/k/v, o,
