@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from test_fast import GPU, _batch, _cfg, _losses_and_grads, _wake_lora_b
+from tunelab.config.loader import load_config
 from tunelab.data.dataset import Sequence, collate, pack
 from tunelab.fast import use_fast_path
 from tunelab.fast.decoder import FastDecoder
@@ -222,3 +223,32 @@ def test_gpu_fast_path_matches_plain_path_bf16(name):
     together = fast.token_losses(collate(pack(samples, 350), pad_id=0), torch.bfloat16)[0]
     apart = torch.cat([fast.token_losses(collate(pack([s], len(s)), pad_id=0), torch.bfloat16)[0] for s in samples])
     assert abs(together.sum().item() - apart.sum().item()) / apart.sum().item() < 1e-2
+
+
+def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, tmp_path):
+    """The issue's case, end to end: `tunelab train` of a tiny Qwen3 whose norm weights are not all ones logs the
+    same per-step losses with fast_path 'on' (CPU) as with 'off'; the fast path skipping q_norm/k_norm did not."""
+    from conftest import run_losses
+    from tunelab.train import train
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "qwen3"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen3"], dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_models["qwen3"]).save_pretrained(folder)
+    losses = {}
+    for mode in ("on", "off"):
+        values = dict(pretrained_model_name_or_path=str(folder), max_steps=4, save_steps=1000, lora_dropout=0.0,
+                      fast_path=mode, evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
+        cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
+        result = train(cfg, name, work_dir=str(tmp_path / mode))
+        assert (getattr(result.model, "tunelab_fast", None) is not None) == (mode == "on")
+        losses[mode] = [loss for _, loss in sorted(run_losses(tmp_path / mode).items())]
+    assert len(losses["on"]) == 4
+    for a, b in zip(losses["on"], losses["off"]):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(b)), losses
