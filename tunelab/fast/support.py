@@ -34,7 +34,6 @@ GENERIC_FIELDS = frozenset({
 class Spec:
     """What a supported model's layers compute beyond a Llama layer (nothing, for Llama itself)."""
     family: str
-    head_norms: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     window: int | None = None  # Mistral: every layer attends to the last `window` tokens only
 
 
@@ -102,8 +101,7 @@ FAMILIES: dict[str, Family] = {
                       spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
     "qwen2": Family("Qwen2Model", {**_COMMON, **_QWEN_WINDOW}),  # q/k/v biases
     "qwen3": Family("Qwen3Model", {**_COMMON, **_QWEN_WINDOW, "attention_bias": _handled},
-                    modules=_LLAMA_MODULES + ("self_attn.q_norm", "self_attn.k_norm"),
-                    spec=lambda cfg: {"head_norms": True}),
+                    modules=_LLAMA_MODULES + ("self_attn.q_norm", "self_attn.k_norm")),  # per-head norms
     # Phi-3/3.5/4: fused qkv_proj and gate_up_proj (LoRA on them as PEFT names them); a sliding window on every
     # layer where the config sets one; original_max_position_embeddings serves longrope only
     "phi3": Family("Phi3Model", {**_COMMON, "sliding_window": _handled, "original_max_position_embeddings": _handled,
@@ -111,6 +109,7 @@ FAMILIES: dict[str, Family] = {
                    modules=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj") + _NORMS,
                    spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
 }
+
 
 def support(model) -> tuple[Spec | None, str | None]:
     """(what the fast path computes for `model`, None), or (None, why it cannot run it, in one line)."""
