@@ -19,7 +19,7 @@ from tunelab.data.dataset import Sequence, collate, pack
 from tunelab.fast.attention import attention, packed_layout
 from tunelab.fast.decoder import FastDecoder
 from tunelab.fast.loss import IGNORE, chunked_token_losses
-from tunelab.fast.parts import unsupported_reason
+from tunelab.fast.support import unsupported_reason
 from tunelab.model.load import add_lora, load_model
 from tunelab.train import token_losses
 

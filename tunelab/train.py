@@ -27,7 +27,7 @@ from tunelab.checkpoint import (find_resume_checkpoint, refuse_existing_run, rem
                                 save_checkpoint)
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
-from tunelab.data.dataset import Sequence, attention_bias, build_sequences, collate, pack
+from tunelab.data.dataset import Sequence, build_sequences, collate, model_attention_mask, pack
 from tunelab.data.encode import IGNORE, PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.errors import ConfigError, TrainingInterrupted, TrainingStopped, UserError
@@ -75,9 +75,11 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
     autocast = device.type == "cuda" and dtype != torch.float32
     # without autocast (CPU keeps fp32 weights) attention runs in the weights' dtype, and so must its mask
     mask_dtype = dtype if autocast else next(p.dtype for p in model.parameters() if p.is_floating_point())
+    config = getattr(model, "module", model).config  # through a DDP or DeepSpeed wrapper
     with torch.autocast(device.type, dtype=dtype, enabled=autocast):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    attention_mask=attention_bias(batch["segment_ids"], mask_dtype), use_cache=False)
+                    attention_mask=model_attention_mask(config, batch["segment_ids"], mask_dtype),
+                    use_cache=False)
     logits = out.logits.float()
     losses = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
                              reduction="none")

@@ -262,14 +262,33 @@ def collate(batch: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
             for key in ("input_ids", "targets", "position_ids", "segment_ids")}
 
 
-def attention_bias(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4-D mask (batch, 1, q, k): a token sees earlier tokens of its own segment only."""
+def attention_bias(segment_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """Additive 4-D mask (batch, 1, q, k): a token sees earlier tokens of its own segment only; with a sliding
+    `window`, only the last `window` of them (itself included), as transformers' sliding_window_overlay."""
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     n = segment_ids.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
+    if window is not None:
+        causal = causal.triu(1 - window)
     allowed = (same & causal)[:, None]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def model_attention_mask(config, segment_ids: torch.Tensor, dtype: torch.dtype):
+    """The mask a transformers model's own forward takes for packed rows. It takes a prepared 4-D mask as it is,
+    without the sliding window it would have built itself, so the window goes in here: on every layer (Mistral)
+    or, where the config names each layer's kind (layer_types), as one mask per kind."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or not getattr(config, "use_sliding_window", True):
+        return attention_bias(segment_ids, dtype)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if not kinds:
+        return attention_bias(segment_ids, dtype, window)
+    masks = {"full_attention": attention_bias(segment_ids, dtype)}
+    if "sliding_attention" in kinds:
+        masks["sliding_attention"] = attention_bias(segment_ids, dtype, window)
+    return masks if len(masks) > 1 else masks["full_attention"]
 
 
 def format_counts(stats: DataStats) -> str:

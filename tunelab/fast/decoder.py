@@ -1,5 +1,6 @@
-"""The fast training forward for Llama-family decoders (Llama, Mistral, Qwen2, InternLM 1 style), over the
-very parameters of the (PEFT-wrapped) Hugging Face model, so optimizer, checkpoints and export are unchanged.
+"""The fast training forward for Llama-family decoders (the families of tunelab.fast.support: Llama, Mistral,
+Qwen2, Qwen3, Phi-3), over the very parameters of the (PEFT-wrapped) Hugging Face model, so optimizer,
+checkpoints and export are unchanged.
 
 What it does differently from the plain path, and why:
 * LoRA over frozen weights (the usual case): each group of projections that reads one input (q/k/v, o,
@@ -30,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.fast.attention import PackedLayout, attention, packed_layout
+from tunelab.fast.attention import PackedLayout, attention, packed_layout, windowed
 from tunelab.fast.dropout import Masks, add_dropped, dropped
 from tunelab.fast.lora_gemm import project, recomputing
 from tunelab.fast.loss import chunked_token_losses
 from tunelab.fast.offload import HostStash, KeptOutputs, offloaded
-from tunelab.fast.parts import Layer, Proj, decoder_core, layers_of, lm_head, norm_eps, unsupported_reason
+from tunelab.fast.parts import Layer, Proj, decoder_core, layers_of, lm_head, norm_eps
+from tunelab.fast.support import support
 
 # The forward's link to the host carries the recomputed layers' inputs, and what room it has left carries the
 # gate/up outputs of some of them (FastDecoder.output_layers_for). Its room: the forward's FLOPs over this many
@@ -127,19 +129,36 @@ def _swiglu_backward_(g, u, m, dm):
 
 
 # The compiled regions: everything between the frozen GEMMs (which run as they are, or dequantise NF4).
-def _qkv_rope(x, ln1, eps, yq, yk, yv, cos, sin, aq, bq, sq, ak, bk, sk, av, bv, sv, heads: int, kv_heads: int,
-              dropout: float, training: bool):
-    """LoRA branches of q/k/v added to the frozen outputs, then RoPE: (batch, seq, heads, dim). The norm is
-    recomputed here from x (which backward keeps anyway) so the normed copy need not be kept."""
+def _qkv_rope(x, ln1, eps, ys, loras, cos, sin, heads: int, kv_heads: int, dropout: float, training: bool,
+              *head_norms):
+    """LoRA branches (A, B, scale) of q/k/v (or of the fused qkv) added to their frozen outputs `ys`, then RoPE:
+    (batch, seq, heads, dim). The norm is recomputed here from x (which backward keeps anyway) so the normed copy
+    need not be kept."""
     h = _recomputed(_rms_norm, x, ln1, eps)
-    return _rope(yq + _lora(h, aq, bq, sq, dropout, training), yk + _lora(h, ak, bk, sk, dropout, training),
-                 yv + _lora(h, av, bv, sv, dropout, training), cos, sin, heads, kv_heads)
+    ys = [y + _lora(h, *lora, dropout, training) for y, lora in zip(ys, loras)]
+    return _rope(*_split_qkv(ys, heads, kv_heads), cos, sin, heads, kv_heads, *head_norms)
 
 
-def _rope(q, k, v, cos, sin, heads: int, kv_heads: int):
-    """RoPE over q and k, as (batch, seq, heads, dim)."""
+def _split_qkv(ys, heads: int, kv_heads: int):
+    """q, k, v from the outputs of Layer.attention_inputs: as they are, or split from the fused qkv (Phi-3)."""
+    if len(ys) == 3:
+        return ys
+    d = ys[0].shape[-1] // (heads + 2 * kv_heads)
+    return ys[0].split([heads * d, kv_heads * d, kv_heads * d], -1)
+
+
+def _split_gate_up(ys):
+    """gate, up from the outputs of Layer.mlp_inputs: as they are, or the halves of the fused gate_up (Phi-3)."""
+    return ys if len(ys) == 2 else ys[0].chunk(2, -1)
+
+
+def _rope(q, k, v, cos, sin, heads: int, kv_heads: int, q_norm=None, k_norm=None, head_norm_eps: float = 0.0):
+    """RoPE over q and k, as (batch, seq, heads, dim); first, where given (Qwen3: Layer.head_norms), an RMSNorm
+    over each head of q and of k."""
     b, n, _ = q.shape
     q, k, v = q.view(b, n, heads, -1), k.view(b, n, kv_heads, -1), v.view(b, n, kv_heads, -1)
+    if q_norm is not None:
+        q, k = _rms_norm(q, q_norm, head_norm_eps), _rms_norm(k, k_norm, head_norm_eps)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
@@ -150,10 +169,10 @@ def _attn_residual_norm(x, a, yo, ao, bo, so, ln2, eps, dropout: float, training
     return x, _rms_norm(x, ln2, eps)
 
 
-def _gate_up(x, ln2, eps, yg, yu, ag, bg, sg, au, bu, su, dropout: float, training: bool):
-    """Gate/up with their LoRA branches (norm recomputed from x, as in _qkv_rope)."""
+def _gate_up(x, ln2, eps, ys, loras, dropout: float, training: bool):
+    """Gate/up (or the fused gate_up) with their LoRA branches (norm recomputed from x, as in _qkv_rope)."""
     h = _recomputed(_rms_norm, x, ln2, eps)
-    return yg + _lora(h, ag, bg, sg, dropout, training), yu + _lora(h, au, bu, su, dropout, training)
+    return _split_gate_up([y + _lora(h, *lora, dropout, training) for y, lora in zip(ys, loras)])
 
 
 def _mlp_residual(x, g, u, yd, ad, bd, sd, dropout: float, training: bool):
@@ -173,7 +192,7 @@ class FastDecoder:
 
     def __init__(self, model, compile: bool = False, checkpointing: bool = True, checkpoint_layers: int = -1,
                  offload: bool = False):
-        reason = unsupported_reason(model)
+        spec, reason = support(model)
         if reason:
             raise ValueError(f"fast path unsupported: {reason}")
         self.model = model
@@ -184,7 +203,7 @@ class FastDecoder:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5
-        self.window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        self.window = spec.window
         self.layers = layers_of(core)
         projections = [p for L in self.layers for p in L.projections()]
         for uid, p in enumerate(projections):
@@ -247,8 +266,8 @@ class FastDecoder:
         the layer above runs its backward, would raise the step's peak: that lies at the end of backward, when
         every layer's LoRA gradients exist, so a layer qualifies when the gradients of the layers below it, not
         made yet at that moment, outweigh its `up`."""
-        if not self.lora_gemms or not self.checkpointed:
-            return []
+        if not self.lora_gemms or not self.checkpointed or self.layers[0].gate_up is not None:
+            return []  # (a fused gate_up is one output: the host stash fetches gate and up apart)
         inter = self.core.config.intermediate_size
         if count is None:  # per token and layer: what the link moves while forward runs, less what it sends already
             room = max(0.0, self._link_bytes(tokens) - self._sent_bytes(element_size)) * len(self.checkpointed)
@@ -331,17 +350,19 @@ class FastDecoder:
         needed again."""
         def attend(q, k, v):
             if unit is None:
-                return attention(q, k, v, layout, self.scale)
-            return self.stash.attention(unit, lambda *qkv: attention(*qkv, layout, self.scale), q, k, v)
+                return attention(q, k, v, layout, self.scale, self.window)
+            return self.stash.attention(unit, lambda *qkv: attention(*qkv, layout, self.scale, self.window), q, k, v)
 
         if self.lora_gemms:
-            qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), (L.q, L.k, L.v), masks=masks)
-            a = attend(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads)).flatten(2)
+            qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), L.attention_inputs(), masks=masks)
+            qkv = _split_qkv(qkv, self.heads, self.kv_heads)
+            a = attend(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads, *L.head_norms())).flatten(2)
             return project(None, (a,), (L.o,), residual=x, tail=unit is not None, masks=masks)[0], None
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         h = self.norm(x, L.ln1, L.eps)
-        q, k, v = self.qkv_rope(x, L.ln1, L.eps, _base(h, L.q), _base(h, L.k), _base(h, L.v), cos, sin,
-                                *lora(L.q), *lora(L.k), *lora(L.v), self.heads, self.kv_heads, drop, tr)
+        projs = L.attention_inputs()
+        q, k, v = self.qkv_rope(x, L.ln1, L.eps, [_base(h, p) for p in projs], [lora(p) for p in projs], cos, sin,
+                                self.heads, self.kv_heads, drop, tr, *L.head_norms())
         a = attend(q, k, v).flatten(2)
         return self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
 
@@ -351,14 +372,15 @@ class FastDecoder:
         units early."""
         if self.lora_gemms:
             outputs = KeptOutputs(self.stash, unit, (unit + 1, unit + 2)) if kept else None
-            g, u = project(lambda t: self.norm(t, L.ln2, L.eps), (x,), (L.gate, L.up), masks=masks, kept=outputs)
+            g, u = _split_gate_up(project(lambda t: self.norm(t, L.ln2, L.eps), (x,), L.mlp_inputs(), masks=masks,
+                                          kept=outputs))
             return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks,
                            prologue_backward=self.swiglu_backward_)[0]
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         if h is None:
             h = self.norm(x, L.ln2, L.eps)
-        g, u = self.gate_up(x, L.ln2, L.eps, _base(h, L.gate), _base(h, L.up), *lora(L.gate), *lora(L.up),
-                            drop, tr)
+        projs = L.mlp_inputs()
+        g, u = self.gate_up(x, L.ln2, L.eps, [_base(h, p) for p in projs], [lora(p) for p in projs], drop, tr)
         return self.mlp_residual(x, g, u, _base(self.swiglu(g, u), L.down), *lora(L.down), drop, tr)
 
     def layout(self, segment_ids, position_ids, device, dtype: torch.dtype) -> PackedLayout:
@@ -368,9 +390,13 @@ class FastDecoder:
         return packed_layout(segment_ids, use_varlen, device)
 
     def check_window(self, position_ids) -> None:
-        """A sliding window (Mistral) is plain causal attention only while samples are no longer than it."""
-        if self.window and int(position_ids.max()) + 1 > self.window:
-            raise ValueError("fast path: samples longer than the sliding window")
+        """A sliding window (Mistral) longer than every sample is plain causal attention; a shorter one needs an
+        attention that can apply it (attention.windowed: the masked reference always can, varlen where this
+        PyTorch's takes window_size)."""
+        if self.window and int(position_ids.max()) + 1 > self.window and \
+                not windowed(self.core.embed_tokens.weight.device):
+            raise ValueError("fast path: samples longer than the sliding window, which this PyTorch's varlen "
+                             "attention cannot apply")
 
     def hidden_states(self, input_ids, position_ids, dtype: torch.dtype, layout: PackedLayout) -> torch.Tensor:
         """Final-norm hidden states (batch, seq, dim)."""

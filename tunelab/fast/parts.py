@@ -1,7 +1,7 @@
 """The parts of a Llama-family decoder as the fast path reads them: its projections (frozen weight, plain or
 NF4, optional bias, optional LoRA branch) and layers, found through a PEFT wrapper, over the model's own
-parameters, so that training them trains the model. Whether the fast path can run a model at all is decided
-here too (unsupported_reason), without importing the fast path's kernels."""
+parameters, so that training them trains the model. Whether the fast path can run a model at all is decided in
+tunelab.fast.support."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,21 +54,38 @@ class Layer:
     ln1: torch.Tensor
     ln2: torch.Tensor
     eps: float
-    q: Proj
-    k: Proj
-    v: Proj
+    q: Proj | None  # None where q/k/v are one fused projection (qkv)
+    k: Proj | None
+    v: Proj | None
     o: Proj
-    gate: Proj
-    up: Proj
+    gate: Proj | None  # None where gate/up are one fused projection (gate_up)
+    up: Proj | None
     down: Proj
+    q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm weights over each head of q and k
+    k_norm: torch.Tensor | None = None
+    head_norm_eps: float = 0.0
+    qkv: Proj | None = None  # Phi-3: q, k and v in one weight (PEFT puts one LoRA branch on it), in that order
+    gate_up: Proj | None = None  # Phi-3: gate and up in one weight, halves in that order
+
+    def attention_inputs(self) -> tuple[Proj, ...]:
+        """The projections that read the attention's normed input: q, k, v (or the fused qkv)."""
+        return (self.qkv,) if self.qkv is not None else (self.q, self.k, self.v)
+
+    def mlp_inputs(self) -> tuple[Proj, ...]:
+        """The projections that read the MLP's normed input: gate, up (or the fused gate_up)."""
+        return (self.gate_up,) if self.gate_up is not None else (self.gate, self.up)
 
     def projections(self) -> tuple[Proj, ...]:
-        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+        return (*self.attention_inputs(), self.o, *self.mlp_inputs(), self.down)
+
+    def head_norms(self) -> tuple:
+        """What RoPE takes for the per-head norms of q and k: () where the layer has none."""
+        return () if self.q_norm is None else (self.q_norm, self.k_norm, self.head_norm_eps)
 
     def base_parts(self) -> list[torch.Tensor]:
         """The norm weights, base weights and biases (frozen under LoRA; trainable in full fine-tuning)."""
-        return [self.ln1, self.ln2] + [t for p in self.projections() for t in (p.base.weight, p.bias)
-                                       if t is not None]
+        norms = [t for t in (self.ln1, self.ln2, self.q_norm, self.k_norm) if t is not None]
+        return norms + [t for p in self.projections() for t in (p.base.weight, p.bias) if t is not None]
 
     def trainable(self) -> list[torch.Tensor]:
         """The layer's parameters that train (LoRA; everything in full fine-tuning)."""
@@ -95,34 +112,15 @@ def layers_of(core) -> list[Layer]:
     layers = []
     for layer in core.layers:
         sa, mlp = layer.self_attn, layer.mlp
-        layers.append(Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                            norm_eps(layer.input_layernorm),
-                            proj_of(sa.q_proj), proj_of(sa.k_proj), proj_of(sa.v_proj), proj_of(sa.o_proj),
-                            proj_of(mlp.gate_proj), proj_of(mlp.up_proj), proj_of(mlp.down_proj)))
+        optional = lambda m, name: proj_of(getattr(m, name)) if hasattr(m, name) else None  # noqa: E731
+        L = Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, norm_eps(layer.input_layernorm),
+                  optional(sa, "q_proj"), optional(sa, "k_proj"), optional(sa, "v_proj"), proj_of(sa.o_proj),
+                  optional(mlp, "gate_proj"), optional(mlp, "up_proj"), proj_of(mlp.down_proj),
+                  qkv=optional(sa, "qkv_proj"), gate_up=optional(mlp, "gate_up_proj"))
+        if getattr(sa, "q_norm", None) is not None:
+            L.q_norm, L.k_norm, L.head_norm_eps = sa.q_norm.weight, sa.k_norm.weight, norm_eps(sa.q_norm)
+        layers.append(L)
     return layers
-
-
-def unsupported_reason(model) -> str | None:
-    """Why the fast path cannot run this model (None when it can)."""
-    core = decoder_core(model)
-    if core is None:
-        return "not a Llama-family decoder (model.layers / embed_tokens)"
-    cfg = core.config
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r} (SwiGLU with silu only)"
-    # a sliding window (Mistral) is plain causal attention while samples are shorter: checked per batch
-    layer = core.layers[0]
-    for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
-        obj = layer
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if obj is None:
-            return f"layer has no {path}"
-    weight = getattr(layer.self_attn.q_proj, "base_layer", layer.self_attn.q_proj).weight
-    if weight.dtype == torch.int8 or type(weight).__name__ == "Int8Params":
-        return "8-bit weights"
-    return None
 
 
 def decoder_core(model):

@@ -20,6 +20,8 @@ ARCHS = {
     "llama": ("LlamaConfig", {}, "llama2_chat"),
     "qwen2": ("Qwen2Config", {}, "qwen_chat"),
     "mistral": ("MistralConfig", {"sliding_window": None}, "mistral"),
+    "qwen3": ("Qwen3Config", {"head_dim": 48}, "qwen_chat"),  # head_dim != hidden / heads, per-head q/k norms
+    "phi3": ("Phi3Config", {"head_dim": 48}, "phi3_chat"),  # fused qkv_proj and gate_up_proj
     "internlm": ("LlamaConfig", {"attention_bias": True}, "internlm_chat"),  # InternLM 1: Llama + qkvo bias
 }
 MARKERS = ["<|im_start|>", "<|im_end|>", "<|System|>", "<|User|>", "<|Bot|>", "<eoh>", "<eoa>", "<eosys>",
@@ -83,6 +85,17 @@ def build_tokenizer(vocab_size: int = 1024):
                                    additional_special_tokens=specials[3:], clean_up_tokenization_spaces=False)
 
 
+def tiny_config(arch: str, vocab_size: int, hidden_size: int = 128, layers: int = 2, **over):
+    """The transformers config of a tiny `arch` model (ARCHS), with `over` set on top of it."""
+    import transformers
+
+    config_cls, extra = ARCHS[arch][:2]
+    values = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2 + 64,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.1)
+    return getattr(transformers, config_cls)(**{**values, **extra, **over})
+
+
 def build_tiny_model(target: Path | str, arch: str = "llama", hidden_size: int = 128, layers: int = 2,
                      seed: int = 0) -> Path:
     """Write a tiny random model + tokenizer of the given architecture to `target` (atomically)."""
@@ -91,14 +104,10 @@ def build_tiny_model(target: Path | str, arch: str = "llama", hidden_size: int =
     from tunelab.data.templates import get_template, template_to_jinja
 
     target = Path(target)
-    config_cls, extra, template = ARCHS[arch]
     tokenizer = build_tokenizer()
-    tokenizer.chat_template = template_to_jinja(get_template(template))
-    config = getattr(transformers, config_cls)(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2 + 64,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.1, **extra)
+    tokenizer.chat_template = template_to_jinja(get_template(ARCHS[arch][2]))
+    config = tiny_config(arch, len(tokenizer), hidden_size, layers, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with atomic_dir(target, overwrite=True) as tmp:

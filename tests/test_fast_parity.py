@@ -1,0 +1,254 @@
+"""The parity matrix: for every family on the fast path's allowlist (tunelab.fast.support.FAMILIES) and every
+RoPE type it allows, a tiny random model whose every part matters (norm weights and biases moved off their
+initial values; head_dim other than hidden / heads where the family has the field) gives on the fast path the
+plain path's per-token losses (1e-5 relative) and LoRA A and B gradients (1e-4 relative), and two samples packed
+into one row give what they give apart, which is what the model's own forward gives them. fp32 on the CPU; the
+same in bf16 on a GPU, with looser bounds. And the other side: models, config fields and adapters the fast path
+was not tested on run the plain path, and the log says why in one line."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from test_fast import GPU, _batch, _cfg, _losses_and_grads, _wake_lora_b
+from tunelab.config.loader import load_config
+from tunelab.data.dataset import Sequence, collate, pack
+from tunelab.fast import use_fast_path
+from tunelab.fast.decoder import FastDecoder
+from tunelab.fast.loss import IGNORE
+from tunelab.fast.support import FAMILIES, TESTED_ROPE, unsupported_reason
+from tunelab.model.load import add_lora
+from tunelab.model.tiny import tiny_config
+from tunelab.train import token_losses
+
+VOCAB = 512
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# name -> (tiny.ARCHS arch, config fields over the tiny one): every family and RoPE type the fast path allows
+MATRIX = {
+    "llama": ("llama", {"head_dim": 48}),  # Llama 2: GQA (4 heads over 2), head_dim != hidden / heads
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),  # InternLM 1 style, MLP biases too
+    "llama3.1": ("llama", {"head_dim": 48, "rope_parameters": LLAMA3_ROPE}),  # Llama 3.1/3.2
+    "llama-linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
+                                                        "factor": 2.0}}),
+    "llama-yarn-rope": ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                      "original_max_position_embeddings": 32}}),
+    "qwen2": ("qwen2", {"head_dim": 48}),  # q/k/v biases
+    "qwen3": ("qwen3", {"tie_word_embeddings": True}),  # per-head q/k norms, head_dim 48, tied embeddings
+    "mistral": ("mistral", {"head_dim": 48, "sliding_window": 24}),  # samples longer than the window
+    "phi3": ("phi3", {"sliding_window": 24, "pad_token_id": 0}),  # fused qkv and gate_up, LoRA on them, window
+}
+
+
+def _tiny(name: str, device: str = "cpu", dtype=torch.float32, lora: LoraConfig | None = None, wrap: bool = True,
+          **over):
+    """A LoRA-wrapped (`wrap`) tiny random model of MATRIX[name] (B non-zero), its norm weights and biases moved
+    off their initial values (ones, zeros) so that a fast path that skipped one would not match."""
+    arch, fields = MATRIX[name]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, VOCAB, **{**fields, **over}), dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith(".bias"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    model = model.to(device, dtype)
+    if not wrap:
+        return model
+    model = get_peft_model(model, lora) if lora is not None else add_lora(model, _cfg("unused"), quantized=False)
+    torch.manual_seed(1)
+    _wake_lora_b(model)
+    return model.train()
+
+
+def _lora_grads(grads: dict) -> dict:
+    found = {n: g for n, g in grads.items() if "lora_A" in n or "lora_B" in n}
+    assert any("lora_A" in n for n in found) and any("lora_B" in n for n in found)
+    return found
+
+
+def _assert_same_grads(got: dict, want: dict, bound: float) -> None:
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        err = (got[name].float() - g.float()).norm() / g.float().norm()
+        assert err < bound, (name, float(err))
+
+
+def test_the_matrix_covers_the_allowlist():
+    """The fast path runs only model types and RoPE types that have a parity test here."""
+    assert {tiny_config(arch, VOCAB, **fields).model_type for arch, fields in MATRIX.values()} == set(FAMILIES)
+    ropes = {fields.get("rope_parameters", {}).get("rope_type", "default") for _, fields in MATRIX.values()}
+    assert ropes == set(TESTED_ROPE)
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_fast_path_matches_plain_path(name):
+    """Per-token losses within 1e-5 relative and LoRA gradients within 1e-4 relative of the plain path, on rows
+    that pack several samples plus padding: with LoRA as GEMM groups (recomputed layers, then inputs on the
+    host) and in the compiled regions (no layer recomputed)."""
+    model = _tiny(name)
+    assert unsupported_reason(model) is None
+    batch = _batch(VOCAB, [[40, 25, 30], [60, 20]])
+    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
+    for recomputed, offload, lora_gemms in ((-1, False, True), (1, True, True), (0, False, False)):
+        fast = FastDecoder(model, checkpoint_layers=recomputed, offload=offload)
+        fast.lora_gemms = lora_gemms
+        quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
+        torch.testing.assert_close(quick, plain, rtol=1e-5, atol=1e-7)
+        _assert_same_grads(_lora_grads(quick_grads), _lora_grads(plain_grads), 1e-4)
+
+
+def _sample(n: int, seed: int) -> Sequence:
+    ids = torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    targets = ids[1:] + [IGNORE]
+    return Sequence(ids, targets, list(range(n)), [0] * n)
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_packed_samples_equal_the_samples_apart(name):
+    """Two samples packed into one row give, per token, the losses and LoRA gradients they give run apart, and
+    apart the fast path gives what the model's own forward gives (transformers' own masks: Mistral's window)."""
+    model = _tiny(name)
+    fast = FastDecoder(model)
+    samples = [_sample(40, 1), _sample(30, 2)]
+    packed = collate(pack(samples, 70), pad_id=0)
+    together, together_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), packed)
+    model.zero_grad(set_to_none=True)
+    apart = []
+    for s in samples:
+        losses = fast.token_losses(collate(pack([s], len(s)), pad_id=0), torch.float32)
+        (losses.sum() / (packed["targets"] != IGNORE).sum()).backward()
+        apart.append(losses.detach()[0])
+        with torch.no_grad():  # the model's own forward: no mask, no positions given
+            logits = model(input_ids=torch.tensor([s.input_ids])).logits[0]
+        own = F.cross_entropy(logits, torch.tensor(s.targets), ignore_index=IGNORE, reduction="none")
+        torch.testing.assert_close(apart[-1], own, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(together[0], torch.cat(apart), rtol=1e-5, atol=1e-7)
+    apart_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    _assert_same_grads(_lora_grads(together_grads), _lora_grads(apart_grads), 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["rslora", "pissa", "olora"])
+def test_lora_variants_that_change_scale_and_init_match_plain_path(variant):
+    """rsLoRA (scale alpha / sqrt(r)), PiSSA and OLoRA (initialisation from the base weights, which they change)
+    run on the fast path with PEFT's own scale: the plain path's losses and LoRA gradients."""
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
+                      use_rslora=variant == "rslora", init_lora_weights=True if variant == "rslora" else variant)
+    model = _tiny("qwen3", lora=lora)
+    fast = FastDecoder(model)
+    assert fast.layers[0].q.scale == pytest.approx(16 / 8 ** 0.5 if variant == "rslora" else 2.0)
+    batch = _batch(VOCAB, [[40, 25], [50]])
+    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.float32), batch)
+    quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.float32), batch)
+    torch.testing.assert_close(quick, plain, rtol=1e-5, atol=1e-7)
+    _assert_same_grads(_lora_grads(quick_grads), _lora_grads(plain_grads), 1e-4)
+
+
+def _fast_path_log(caplog, model) -> tuple[bool, list[str]]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        on = use_fast_path(_cfg("unused", fast_path="on"), "cpu", model)
+    return on, [r.getMessage() for r in caplog.records if r.getMessage().startswith("fast path")]
+
+
+def test_models_and_fields_not_tested_run_the_plain_path_and_say_why(caplog):
+    """A model type without a parity test (Granite keeps Llama's module names and adds multipliers), and a
+    model of a tested type with a field whose value the fast path does not compute (an untested rope type,
+    another activation, attention dropout, sliding-window layers in Qwen), take the plain path: the log says
+    why, in one line."""
+    from transformers import GraniteConfig
+
+    torch.manual_seed(0)
+    granite = AutoModelForCausalLM.from_config(GraniteConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+        logits_scaling=8.0))
+    cases = [(granite, "model type 'granite' has no parity test on the fast path"),
+             (_tiny("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+              "rope type 'dynamic'"),
+             (_tiny("llama", hidden_act="gelu"), "hidden_act 'gelu'"),
+             (_tiny("qwen2", attention_dropout=0.1), "attention_dropout 0.1"),
+             (_tiny("qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=1),
+              "layer types ['full_attention', 'sliding_attention']")]
+    for model, why in cases:
+        on, lines = _fast_path_log(caplog, model)
+        assert not on and len(lines) == 1 and why in lines[0] and "\n" not in lines[0], (why, lines)
+    assert _fast_path_log(caplog, _tiny("qwen3")) == (True, [])
+
+
+def test_adapters_the_fast_path_does_not_compute_send_it_aside(caplog):
+    """DoRA (a magnitude vector per output) and LoRA on a module the fast path does not read (the output head)
+    take the plain path, and the log says which."""
+    dora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM")
+    on, lines = _fast_path_log(caplog, _tiny("llama", lora=dora))
+    assert not on and len(lines) == 1 and "DoRA adapter on" in lines[0] and "plain path runs DoRA" in lines[0]
+    head = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    on, lines = _fast_path_log(caplog, _tiny("llama", lora=head))
+    assert not on and len(lines) == 1 and "LoRA on" in lines[0] and "lm_head" in lines[0]
+    # decided before LoRA is added (train.build_model), from lora_target_modules
+    plain = _tiny("phi3", wrap=False)
+    for targets, on_fast in (("all-linear", True), (["qkv_proj", "gate_up_proj"], True), (["q_proj"], False),
+                             (["qkv_proj", "lm_head"], False), (".*proj", False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tunelab"):
+            assert use_fast_path(_cfg("unused", fast_path="on", lora_target_modules=targets), "cpu", plain) == on_fast
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fast path off")]
+        assert len(lines) == (0 if on_fast else 1), (targets, lines)
+
+
+# -- GPU: the same matrix in bf16, compiled ------------------------------------------------------------------
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("name", MATRIX)
+def test_gpu_fast_path_matches_plain_path_bf16(name):
+    """bf16 on the GPU, compiled, varlen attention over packed rows: the summed loss within 1e-2 relative of
+    the plain path's, every LoRA gradient in its direction (cosine > 0.99); packed equals apart within bf16."""
+    model = _tiny(name, device="cuda", dtype=torch.bfloat16)
+    batch = _batch(VOCAB, [[200, 150, 100], [300, 100]], seed=4)
+    plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.bfloat16), batch)
+    fast = FastDecoder(model, compile=True)
+    for lora_gemms in (True, False):
+        fast.lora_gemms = lora_gemms
+        quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.bfloat16), batch)
+        assert abs(quick.sum().item() - plain.sum().item()) / plain.sum().item() < 1e-2
+        for n, g in _lora_grads(plain_grads).items():
+            assert F.cosine_similarity(quick_grads[n].flatten().float(), g.flatten().float(), dim=0) > 0.99, n
+    samples = [_sample(200, 1), _sample(150, 2)]
+    together = fast.token_losses(collate(pack(samples, 350), pad_id=0), torch.bfloat16)[0]
+    apart = torch.cat([fast.token_losses(collate(pack([s], len(s)), pad_id=0), torch.bfloat16)[0] for s in samples])
+    assert abs(together.sum().item() - apart.sum().item()) / apart.sum().item() < 1e-2
+
+
+def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, tmp_path):
+    """The issue's case, end to end: `tunelab train` of a tiny Qwen3 whose norm weights are not all ones logs the
+    same per-step losses with fast_path 'on' (CPU) as with 'off'; the fast path skipping q_norm/k_norm did not."""
+    from conftest import run_losses
+    from tunelab.train import train
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "qwen3"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen3"], dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_models["qwen3"]).save_pretrained(folder)
+    losses = {}
+    for mode in ("on", "off"):
+        values = dict(pretrained_model_name_or_path=str(folder), max_steps=4, save_steps=1000, lora_dropout=0.0,
+                      fast_path=mode, evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
+        cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
+        result = train(cfg, name, work_dir=str(tmp_path / mode))
+        assert (getattr(result.model, "tunelab_fast", None) is not None) == (mode == "on")
+        losses[mode] = [loss for _, loss in sorted(run_losses(tmp_path / mode).items())]
+    assert len(losses["on"]) == 4
+    for a, b in zip(losses["on"], losses["off"]):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(b)), losses

@@ -1,0 +1,178 @@
+"""Which models the fast path runs, by allowlist: a model type whose parity test exists and passes
+(tests/test_fast_parity.py), built by transformers' own modeling code, with every config field that changes the
+math one the fast path handles. Anything else gets a one-line reason and runs the plain path. Decided without
+importing the fast path's kernels.
+
+A family lists every field of its config class (beside the generic ones) with the check that its value is one
+the fast path computes right; a field the class has but the family does not list (a newer transformers adding
+one) is a reason too, so an upgrade cannot change the math unseen."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tunelab.fast.parts import decoder_core
+
+# RoPE types whose parity test passes (the model's own rotary_emb computes them; tests/test_fast_parity.py)
+TESTED_ROPE = ("default", "linear", "llama3", "yarn")
+
+# Fields that every family reads the same way, or not at all in a training forward
+GENERIC_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+    # PretrainedConfig's own
+    "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "id2label", "is_encoder_decoder",
+    "label2id", "model_type", "output_attentions", "output_hidden_states", "problem_type", "return_dict",
+    "transformers_version",
+})
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a supported model's layers compute beyond a Llama layer (nothing, for Llama itself)."""
+    family: str
+    window: int | None = None  # Mistral: every layer attends to the last `window` tokens only
+
+
+Check = Callable[[object], "str | None"]  # a config -> why the fast path cannot compute it (None: it can)
+
+
+def _swiglu(cfg) -> str | None:
+    act = getattr(cfg, "hidden_act", "silu")
+    return None if act == "silu" else f"hidden_act {act!r} (the fast path computes SwiGLU with silu)"
+
+
+def _tested_rope(cfg) -> str | None:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    kind = params.get("rope_type", "default")
+    if kind not in TESTED_ROPE:
+        return f"rope type {kind!r} (tested: {', '.join(TESTED_ROPE)})"
+    partial = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        return f"partial_rotary_factor {partial} (the fast path rotates whole heads)"
+    return None
+
+
+def _full_attention_layers(cfg) -> str | None:
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)} (use_sliding_window: the fast path has no per-layer windows)"
+    return None
+
+
+def _no_dropout(name: str) -> Check:
+    def check(cfg) -> str | None:
+        p = getattr(cfg, name, 0.0) or 0.0
+        return None if p == 0 else f"{name} {p} (the fast path drops nothing but LoRA inputs)"
+    return check
+
+
+def _handled(cfg) -> None:
+    return None
+
+
+_COMMON: dict[str, Check] = {"hidden_act": _swiglu, "attention_dropout": _no_dropout("attention_dropout"),
+                             "rope_parameters": _tested_rope}
+# Qwen2 and Qwen3 slide their window over some layers only when use_sliding_window says so (layer_types)
+_QWEN_WINDOW: dict[str, Check] = {"layer_types": _full_attention_layers, "use_sliding_window": _handled,
+                                  "sliding_window": _handled, "max_window_layers": _handled}
+
+
+@dataclass(frozen=True)
+class Family:
+    core: str  # transformers' decoder class (LlamaModel): remote code of the same model type is not it
+    fields: dict[str, Check]
+    modules: tuple[str, ...] = ()  # each layer's modules that the fast path reads (default: Llama's)
+    spec: Callable[[object], dict] = field(default=lambda cfg: {})
+
+
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+_LLAMA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj") + _NORMS
+
+# Llama 2/3/3.1/3.2 (and InternLM 1 converted to Llama with q/k/v/o biases): biases read from the modules
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaModel", {**_COMMON, "attention_bias": _handled, "mlp_bias": _handled,
+                                   "pretraining_tp": _handled}),  # transformers 5 no longer reads pretraining_tp
+    "mistral": Family("MistralModel", {**_COMMON, "sliding_window": _handled},
+                      spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
+    "qwen2": Family("Qwen2Model", {**_COMMON, **_QWEN_WINDOW}),  # q/k/v biases
+    "qwen3": Family("Qwen3Model", {**_COMMON, **_QWEN_WINDOW, "attention_bias": _handled},
+                    modules=_LLAMA_MODULES + ("self_attn.q_norm", "self_attn.k_norm")),  # per-head norms
+    # Phi-3/3.5/4: fused qkv_proj and gate_up_proj (LoRA on them as PEFT names them); a sliding window on every
+    # layer where the config sets one; original_max_position_embeddings serves longrope only
+    "phi3": Family("Phi3Model", {**_COMMON, "sliding_window": _handled, "original_max_position_embeddings": _handled,
+                                 "resid_pdrop": _no_dropout("resid_pdrop"), "embd_pdrop": _no_dropout("embd_pdrop")},
+                   modules=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj") + _NORMS,
+                   spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
+}
+
+
+def support(model) -> tuple[Spec | None, str | None]:
+    """(what the fast path computes for `model`, None), or (None, why it cannot run it, in one line)."""
+    core = decoder_core(model)
+    if core is None:
+        return None, "not a decoder with model.layers and embed_tokens"
+    cfg = core.config
+    kind = getattr(cfg, "model_type", None)
+    family = FAMILIES.get(kind)
+    if family is None:
+        return None, f"model type {kind!r} has no parity test on the fast path (it runs {', '.join(FAMILIES)})"
+    cls = type(core)
+    if cls.__name__ != family.core or not cls.__module__.startswith("transformers.models."):
+        return None, f"{cls.__module__}.{cls.__name__} is not transformers' own {family.core} (remote code)"
+    unreviewed = sorted(set(type(cfg)().to_dict()) - GENERIC_FIELDS - set(family.fields))
+    if unreviewed:
+        return None, f"{type(cfg).__name__} has fields the fast path was not checked against: {unreviewed}"
+    for name, check in family.fields.items():
+        reason = check(cfg)
+        if reason is not None:
+            return None, reason
+    reason = _modules_reason(core, model, family.modules or _LLAMA_MODULES)
+    if reason is not None:
+        return None, reason
+    return Spec(kind, **family.spec(cfg)), None
+
+
+def targets_reason(model, targets) -> str | None:
+    """Why LoRA on `targets` (lora_target_modules, before PEFT adds it) would take the fast path's model off it:
+    a name that is not one of the layer modules it reads (the output head, the embedding) or a pattern."""
+    if targets == "all-linear":  # PEFT leaves the output head out
+        return None
+    if isinstance(targets, str):
+        return f"lora_target_modules {targets!r} is a pattern (the fast path takes 'all-linear' or a list of names)"
+    family = FAMILIES.get(getattr(getattr(decoder_core(model), "config", None), "model_type", None))
+    read = {path.rsplit(".", 1)[-1] for path in (family.modules or _LLAMA_MODULES)} if family else set()
+    other = [name for name in targets if name not in read]
+    return f"LoRA on {other}, modules the fast path does not read" if other else None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run this model (None when it can)."""
+    return support(model)[1]
+
+
+def _modules_reason(core, model, paths: tuple[str, ...]) -> str | None:
+    """Whether every layer has the modules the fast path reads, in weights it reads, and LoRA only on those."""
+    read, first = set(), None
+    for layer in core.layers:
+        for path in paths:
+            obj = layer
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if obj is None:
+                return f"layer has no {path}"
+            read.add(id(obj))
+            first = obj if first is None else first
+    weight = getattr(first, "base_layer", first).weight
+    if weight.dtype == torch.int8 or type(weight).__name__ == "Int8Params":
+        return "8-bit weights"
+    for name, module in model.named_modules():
+        if getattr(module, "lora_magnitude_vector", None):  # PEFT's DoRA: a weight-norm term per output
+            return f"DoRA adapter on {name} (the fast path computes plain LoRA; the plain path runs DoRA)"
+        if getattr(module, "lora_A", None) and id(module) not in read:
+            return f"LoRA on {name}, a module the fast path does not read"
+    return None
