@@ -3,14 +3,15 @@ the tutorial's config `internlm_chat_7b_qlora_oasst1_e3` copied, its model and d
 the command line. Two parts, each one device call:
 
     python bench/real_runs.py runs    # the three runs of issue 27 (and the plain path's first step beside them)
-    python bench/real_runs.py speed   # real data (MedQA2019, alpaca) against bench/speed.py at the same row width
+    python bench/real_runs.py speed [DATA:ALGORITHM,...]   # real data against bench/speed.py at the same row width
+                                                          # (default: medqa and alpaca, each with qlora and lora)
 
 `runs`: (1) 12 steps of 1,024-token packed MedQA rows with accumulation 4 and a checkpoint every 4 steps,
 (2) 40 steps with the config's evaluation prompts every 20, (3) `--resume` on (2) once it finished; plus (1)'s
 first step on the plain path (fast_path off), whose loss (1)'s first must equal within bf16 tolerance.
 `speed`: the config as it is (QLoRA, and LoRA by `algorithm=lora`; 2,048-token packed rows, accumulation 16,
 LoRA dropout 0.1) on MedQA2019 and alpaca at their real lengths: real tokens/s (padding not counted) as the run
-logged it, over the steps after the first two (captures happen there), beside bench/speed.py's tunelab side
+logged it, over steps 4-8 (captures happen in the first), beside bench/speed.py's tunelab side
 with the same LoRA settings on random 2,048-token rows.
 
 Data come from BENCH_DATA (default ../shared/data); the model is made in BENCH_MODEL_DIR once. With $OUT set,
@@ -92,19 +93,19 @@ def runs() -> list[dict]:
     return results
 
 
-def speed() -> list[dict]:
+def speed(runs: str) -> list[dict]:
     folder = Path(tempfile.mkdtemp(prefix="real_speed_"))
     results = []
-    for data_name, data in [("medqa", MEDQA), ("alpaca", ALPACA)]:
-        cfg = copied_config(folder / data_name, data)
-        for algorithm in ("qlora", "lora"):
-            name = f"train_{data_name}_{algorithm}"
-            r = train(name, cfg, folder / name, "--cfg-options", f"algorithm={algorithm}", "max_steps=6",
-                      "evaluation_inputs=[]", "save_steps=1000", "log_interval=1")
-            timed = [s for s in r["steps"] if s["step"] > 2]
-            r.update(algorithm=algorithm, data=data_name,
-                     tok_s=sum(s["tokens_per_s"] for s in timed) / len(timed) if timed else None)
-            results.append(r)
+    for run in runs.split(","):
+        data_name, algorithm = run.split(":")
+        cfg = copied_config(folder / run.replace(":", "_"), {"medqa": MEDQA, "alpaca": ALPACA}[data_name])
+        name = f"train_{data_name}_{algorithm}"
+        r = train(name, cfg, folder / name, "--cfg-options", f"algorithm={algorithm}", "max_steps=8",
+                  "evaluation_inputs=[]", "save_steps=1000", "log_interval=1")
+        timed = [s for s in r["steps"] if s["step"] > 3]
+        r.update(algorithm=algorithm, data=data_name,
+                 tok_s=sum(s["tokens_per_s"] for s in timed) / len(timed) if timed else None)
+        results.append(r)
     # bench/speed.py's tunelab sides at 2,048 tokens: all 32 layers recomputed, inputs on the host (what
     # offload_checkpoints 'auto' chose for the runs above), LoRA dropout 0.1 as in the tutorial's config
     proc = subprocess.run([sys.executable, str(HERE / "speed.py"), "--model-dir", str(MODEL), "--dropout", "0.1",
@@ -135,6 +136,7 @@ if __name__ == "__main__":
         sys.exit("usage: python bench/real_runs.py runs|speed")
     if not (MODEL / "config.json").is_file():
         subprocess.run([sys.executable, str(HERE / "shape_model.py"), str(MODEL), "--shape", "7b"], check=True)
-    out = runs() if part == "runs" else speed()
+    out = runs() if part == "runs" else speed(
+        sys.argv[2] if len(sys.argv) > 2 else "medqa:qlora,medqa:lora,alpaca:qlora,alpaca:lora")
     if OUT:
         (OUT / f"real_{part}.json").write_text(json.dumps(out, indent=1, default=str))
