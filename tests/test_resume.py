@@ -143,11 +143,11 @@ def test_resume_from_every_position(tmp_path, tiny_llama, data_dir):
     straight = tmp_path / "straight"
     cp = _run("train", cfg, "--work-dir", straight)
     assert cp.returncode == 0, cp.stderr[-3000:]
-    assert "23 steps per epoch, 46 steps in all" in cp.stderr  # the data this test's positions are set for
+    assert "20 steps per epoch, 40 steps in all" in cp.stderr  # the data this test's positions are set for
     reference = run_losses(straight)
-    assert sorted(reference) == list(range(1, 47))
+    assert sorted(reference) == list(range(1, 41))
 
-    for kill_after, resumed_at in [(3, None), (24, 23)]:
+    for kill_after, resumed_at in [(3, None), (21, 20)]:
         work = tmp_path / f"killed_{kill_after}"
         cp = _run("train", cfg, "--work-dir", work, env=_env(TUNELAB_FAULT=f"kill_after_step={kill_after}"))
         assert cp.returncode == -signal.SIGKILL
@@ -158,18 +158,18 @@ def test_resume_from_every_position(tmp_path, tiny_llama, data_dir):
         else:
             assert f"epoch_1.pth at step {resumed_at}" in cp.stderr
         losses = run_losses(work)
-        for step in range(1, 47):
+        for step in range(1, 41):
             assert abs(losses[step] - reference[step]) <= 1e-6, (kill_after, step, losses[step], reference[step])
         assert (work / "hf" / "adapter_model.safetensors").is_file()
 
     adapter = (straight / "hf" / "adapter_model.safetensors").read_bytes()
     cp = _run("train", cfg, "--work-dir", straight, "--resume")  # finished, exported
     assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr[-3000:]
-    assert "the run is complete (step 46 of 46)" in cp.stderr
+    assert "the run is complete (step 40 of 40)" in cp.stderr
     assert (straight / "hf" / "adapter_model.safetensors").read_bytes() == adapter
     import shutil
     shutil.rmtree(straight / "hf")  # killed after its last checkpoint, before the export
     cp = _run("train", cfg, "--work-dir", straight, "--resume")
     assert cp.returncode == 0 and "writing its adapter/model" in cp.stderr, cp.stderr[-3000:]
     assert (straight / "hf" / "adapter_model.safetensors").read_bytes() == adapter
-    assert sorted(run_losses(straight)) == list(range(1, 47))  # no step ran twice
+    assert sorted(run_losses(straight)) == list(range(1, 41))  # no step ran twice
