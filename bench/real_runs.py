@@ -88,7 +88,8 @@ def runs() -> list[dict]:
         print(f"| {r['name']} | {r['exit']} | {len(r['steps'])} | {loss} | {r['captured']} | {r['capture_failures']} "
               f"| {r['traceback']} | {r['wall_s']} |")
     if "first_loss_rel_diff" in results[0]:
-        print(f"first step, fast vs plain: {results[0]['steps'][0]['loss']:.5f} vs {results[0]['first_loss_plain']:.5f} "
+        fast_loss, plain_loss = results[0]["steps"][0]["loss"], results[0]["first_loss_plain"]
+        print(f"first step, fast vs plain: {fast_loss:.5f} vs {plain_loss:.5f} "
               f"(relative difference {results[0]['first_loss_rel_diff']:.2e})")
     return results
 

@@ -81,3 +81,46 @@ def edit_config(path: Path, **values) -> None:
         assert len(hits) == 1, f"{key} appears {len(hits)} times in {path}"
         lines[hits[0]] = f"{key} = {value!r}"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_adapter(tiny_llama, tmp_path_factory) -> Path:
+    """A real PEFT LoRA adapter for the tiny Llama (hidden size 128), as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, log_file: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`tunelab serve MODEL ARGS` on a free port of 127.0.0.1, once its /health answers: (process, base URL)."""
+    import time
+
+    import httpx
+
+    port = free_port()
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(model), "--port", str(port), *args],
+                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, log_file.read_text()[-3000:]
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not start: " + log_file.read_text()[-3000:]
+        time.sleep(0.3)

@@ -92,22 +92,11 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_stops_with_one_lin
     assert not (work / "hf").exists()
 
 
-@pytest.fixture(scope="module")
-def adapter(tiny_llama, tmp_path_factory) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("adapter") / "adapter"
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("kill_at", ["first", "last"])
-def test_merge_killed_midway_leaves_nothing_that_looks_like_a_model(tiny_llama, adapter, tmp_path, kill_at):
+def test_merge_killed_midway_leaves_nothing_that_looks_like_a_model(tiny_llama, tiny_llama_adapter, tmp_path, kill_at):
     """Killed after the first or the last weight shard: no `merged` folder; chat and a new merge see none."""
     out = tmp_path / "merged"
-    cp = _run_with(KILL_IN_SAVE, "convert", "merge", tiny_llama, adapter, out, "--max-shard-size", "300KB",
+    cp = _run_with(KILL_IN_SAVE, "convert", "merge", tiny_llama, tiny_llama_adapter, out, "--max-shard-size", "300KB",
                    KILL_AT=kill_at)
     assert cp.returncode == -signal.SIGKILL, cp.stderr[-2000:]
     assert not out.exists()
@@ -115,7 +104,7 @@ def test_merge_killed_midway_leaves_nothing_that_looks_like_a_model(tiny_llama, 
     assert len(partial) == 1 and list(partial[0].glob("*.safetensors"))  # the killed write went to a temp folder
     cp = run_cli("chat", out, input="hi\n")
     assert cp.returncode == 2 and "not found" in cp.stderr and "Traceback" not in cp.stderr
-    cp = run_cli("convert", "merge", tiny_llama, adapter, out, "--max-shard-size", "300KB")
+    cp = run_cli("convert", "merge", tiny_llama, tiny_llama_adapter, out, "--max-shard-size", "300KB")
     assert cp.returncode == 0, cp.stderr[-2000:]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(set(index["weight_map"].values()))

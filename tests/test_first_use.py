@@ -241,18 +241,6 @@ def test_unreachable_hub_dataset_fails_at_once(tiny_llama, tmp_path, monkeypatch
 
 # -- an adapter on the wrong base model -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def llama_adapter(tiny_llama, tmp_path_factory) -> Path:
-    """A real PEFT LoRA adapter for the tiny Llama (hidden size 128), as PEFT saves it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("adapter") / "adapter"
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def narrower_llama(tmp_path_factory) -> Path:
     """Another base model: the same architecture at hidden size 64."""
     from tunelab.model.tiny import build_tiny_model
@@ -260,17 +248,17 @@ def narrower_llama(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("narrow") / "narrow-llama", "llama", hidden_size=64)
 
 
-def test_merge_onto_the_wrong_base_is_one_line_naming_both_models(llama_adapter, narrower_llama, tiny_llama,
+def test_merge_onto_the_wrong_base_is_one_line_naming_both_models(tiny_llama_adapter, narrower_llama, tiny_llama,
                                                                   tmp_path):
     out = tmp_path / "merged"
-    line = _one_error_line(run_cli("convert", "merge", narrower_llama, llama_adapter, out))
+    line = _one_error_line(run_cli("convert", "merge", narrower_llama, tiny_llama_adapter, out))
     assert f"was trained on '{tiny_llama}'" in line and f"base model '{narrower_llama}'" in line
     assert "q_proj has 64 inputs in the base, 128 in the adapter" in line
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
-    cp = run_cli("convert", "merge", tiny_llama, llama_adapter, out)  # the right base still merges
+    cp = run_cli("convert", "merge", tiny_llama, tiny_llama_adapter, out)  # the right base still merges
     assert cp.returncode == 0 and (out / "config.json").is_file(), cp.stderr[-2000:]
 
 
-def test_chat_with_an_adapter_on_the_wrong_base_is_one_line(llama_adapter, narrower_llama, tiny_llama):
-    line = _one_error_line(run_cli("chat", narrower_llama, "--adapter", llama_adapter, input="hi\n"))
+def test_chat_with_an_adapter_on_the_wrong_base_is_one_line(tiny_llama_adapter, narrower_llama, tiny_llama):
+    line = _one_error_line(run_cli("chat", narrower_llama, "--adapter", tiny_llama_adapter, input="hi\n"))
     assert f"was trained on '{tiny_llama}'" in line and f"'{narrower_llama}'" in line

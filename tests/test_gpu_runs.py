@@ -156,7 +156,8 @@ def _train(cfg: Path, work: Path, log: Path, *extra: str, fault: str = "", wait:
 def _interrupted(story: dict, cfg: Path, work: Path, log: Path, at: int) -> None:
     """A run stopped after step `at`: SIGKILL (no checkpoint of its own), or Ctrl-C (saves one, exits 130)."""
     if story["stop"] == "kill":
-        assert _train(cfg, work, log, fault=f"kill_after_step={at}").returncode == -signal.SIGKILL, log.read_text()[-3000:]
+        proc = _train(cfg, work, log, fault=f"kill_after_step={at}")
+        assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
         return
     proc = _train(cfg, work, log, wait=False)
     deadline = time.time() + 480

@@ -3,7 +3,6 @@ talked to by the official `openai` client, raw HTTP and headless Chromium (Playw
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, free_port, run_cli, start_server
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -22,12 +21,6 @@ openai = pytest.importorskip("openai")
 KEY = "sk-test-8d1f"
 ZH, EN = "你是谁", "who are you"
 CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +46,8 @@ def chat_answers(trained) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
     """`tunelab serve` on a free port with an API key and a small queue; yields its base URL."""
-    port = free_port()
     log_file = tmp_path_factory.mktemp("serve_log") / "serve.log"
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(trained), "--port", str(port),
-                                 "--api-key", KEY, "--model-name", "assistant", "--max-queue", "4"],
-                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, log_file.read_text()[-3000:]
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not start: " + log_file.read_text()[-3000:]
-        time.sleep(0.3)
+    proc, base = start_server(trained, log_file, "--api-key", KEY, "--model-name", "assistant", "--max-queue", "4")
     yield base
     proc.terminate()  # SIGTERM: uvicorn shuts down cleanly, then exits by that signal
     try:

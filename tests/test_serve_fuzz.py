@@ -4,13 +4,10 @@ error shape, and the server keeps serving (health and a real completion afterwar
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
+
+from conftest import start_server
 
 httpx = pytest.importorskip("httpx")
 hypothesis = pytest.importorskip("hypothesis")
@@ -22,25 +19,8 @@ GOOD = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_file = tmp_path_factory.mktemp("fuzz") / "serve.log"
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(tiny_llama), "--port", str(port),
-                                 "--model-name", NAME, "--max-tokens-limit", "64"],
-                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, log_file.read_text()[-3000:]
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log_file.read_text()[-3000:]
-        time.sleep(0.3)
+    proc, base = start_server(tiny_llama, tmp_path_factory.mktemp("fuzz") / "serve.log", "--model-name", NAME,
+                              "--max-tokens-limit", "64")
     with httpx.Client(base_url=base, timeout=30) as client:
         yield client, proc
     proc.terminate()
