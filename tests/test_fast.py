@@ -723,6 +723,41 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_llama, recomputed, offload,
 
 
 @GPU
+def test_gpu_packed_run_keeps_one_width(tiny_llama):
+    """Packed rows of a run all take its widest width: a narrower packed row (the last, partly filled row of an
+    epoch) and a row that one truncated sample fills replay the packed graph of that width, with no eager run
+    of their own (a new width compiles the layers again: 8 s a width on the 7B shape, bench/RESULTS.md), and
+    give the eager step's loss and gradients."""
+    from tunelab.fast.graphs import GraphedSteps
+
+    model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=6)
+    fast = FastDecoder(model, compile=True, checkpoint_layers=-1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphs = GraphedSteps(fast, params)
+    vocab = model.config.vocab_size
+    full = [_batch(vocab, [[200, 300], [450, 62]], seed=s) for s in range(2)]  # 500 and 512 wide: width 512
+    later = [_batch(vocab, [[120, 60], [90]], seed=3),  # 180 wide: its own width would be 256
+             _batch(vocab, [[300], [200]], seed=5),  # one sample a row: 300 wide
+             _single_rows(vocab, 2, 512, seed=4)]  # a truncated sample fills each row
+    for batch in full:
+        graphs.forward_backward(batch, torch.bfloat16, 100)
+    warm, captured = set(graphs.warm), set(graphs.graphs)
+    for batch in later:
+        model.zero_grad(set_to_none=True)
+        loss = graphs.forward_backward(batch, torch.bfloat16, 100)
+        assert graphs.warm == warm and set(graphs.graphs) == captured and not graphs.failed, \
+            (graphs.warm, list(graphs.graphs))
+        got = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        ref = fast.token_losses(batch, torch.bfloat16).sum() / 100
+        ref.backward()
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-2, atol=1e-3)
+        for g, r in zip(got, [p.grad for p in params]):
+            assert torch.nn.functional.cosine_similarity(g.flatten().float(), r.flatten().float(), dim=0) > 0.999
+    assert graphs.packed_width == {2: 512} and all(key[1] == 512 for key in graphs.graphs), list(graphs.graphs)
+
+
+@GPU
 def test_gpu_offloaded_inputs_leave_the_device_and_match(tiny_llama, monkeypatch):
     """With offload_checkpoints, what forward leaves on the GPU for backward shrinks by every recomputed
     layer's input, and the loss and LoRA gradients are those of keeping the inputs there. (No layer keeps its

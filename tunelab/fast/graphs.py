@@ -111,6 +111,7 @@ class GraphedSteps:
         # attention kernel (cuDNN for one sample a row, varlen flash for packed rows) plans its first call there,
         # outside a capture (cuDNN's planning allocates device memory, which a capture may not)
         self.warm: set[tuple[int, int, bool]] = set()
+        self.packed_width: dict[int, int] = {}  # rows -> the widest width packed rows have had
         self.failed: dict[tuple, str] = {}  # shapes whose capture failed -> why
         self.grads: list[torch.Tensor] | None = None
         self.pool = None  # one memory pool for every graph, made at the first capture
@@ -123,27 +124,36 @@ class GraphedSteps:
         be captured, too many shapes)."""
         if dtype == torch.float32:  # flash attention (varlen) needs half precision; fp32 is a test setting
             return None
-        batch = _pad_width(batch, _width_bucket(batch["input_ids"].shape[1]))
+        b, n = batch["input_ids"].shape
+        width = _width_bucket(n)
+        # once rows hold several samples (a packed run), every batch of as many rows takes the widest width
+        # they have had: a narrower one (a row that one sample fills, the last row of an epoch) would compile
+        # the layers and capture again
+        if b in self.packed_width or bool((batch["segment_ids"].cpu() > 0).any()):
+            width = self.packed_width[b] = max(width, self.packed_width.get(b, 0))
+        batch = _pad_width(batch, width)
         seg = batch["segment_ids"].cpu()
         self.fast.check_window(batch["position_ids"])
         probe = packed_layout(seg, use_varlen=True, device="cpu")
-        b, n = seg.shape
-        if probe.single:
+        n = width
+        if probe.single and self.packed_width.get(b) != n:
             key, cu = (b, n, 0), None
         else:
             # the longest sample is taken as the row width: an upper bound only sizes the kernel's grid (the
-            # extra blocks return at once), and the graph then fits every packing of this many samples
-            cu = probe.cu_seqlens
+            # extra blocks return at once), and the graph then fits every packing of this many samples. Rows of
+            # one whole sample each, at a packed run's width (a truncated sample), go the packed rows' way.
+            cu = torch.arange(0, b * n + 1, n, dtype=torch.int32) if probe.single else probe.cu_seqlens
             capacity = _pow2(max(8, len(cu) - 1))
             key = (b, n, capacity)
             cu = torch.cat([cu, cu[-1:].expand(capacity + 1 - len(cu))])
         if key in self.failed:
             return None
-        if (b, n, probe.single) not in self.warm:
+        if (b, n, cu is None) not in self.warm:
             # eagerly, at the padded width: this compiles the layers for it and plans the attention kernel,
             # which must not happen during a capture; other packings of the same width then need no eager run
-            self.warm.add((b, n, probe.single))
-            loss = self.fast.token_losses(batch, dtype).sum() / n_targets
+            self.warm.add((b, n, cu is None))
+            layout = None if cu is None else PackedLayout(False, cu.to(self.device), n, None)
+            loss = self.fast.token_losses(batch, dtype, layout).sum() / n_targets
             loss.backward()
             return loss.detach()
         # the graph that overwrites the gradients, where it is this shape's and nothing is there to add to
