@@ -3,8 +3,9 @@
 Why: with its layers compiled, a 7B step used to spend as long in Python launching kernels (the guards and
 wrappers of each compiled region, autograd's bookkeeping) as the GPU spent running them (bench/RESULTS.md).
 A replayed graph launches the whole micro-batch at once. What that takes:
-* fixed shapes: rows are padded to a bucket of widths, and there is one graph per (rows, width) and, for
-  packed rows, per bucket of sample count (powers of two), so an epoch needs few captures. The first batch
+* fixed shapes: rows are padded to a bucket of widths (a packed run's to the widest it has had), and there is
+  one graph per (rows, width) and, for packed rows, per bucket of sample count (powers of two), so an epoch
+  needs few captures. The first batch
   of a (rows, width) runs eagerly (it compiles the layers for that shape); after that each new layout bucket
   is captured when first met and replayed ever after;
 * fixed gradient buffers. The first graph captured starts from no gradients, as an eager step after
