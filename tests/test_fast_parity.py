@@ -42,6 +42,13 @@ MATRIX = {
     "qwen3": ("qwen3", {"tie_word_embeddings": True}),  # per-head q/k norms, head_dim 48, tied embeddings
     "mistral": ("mistral", {"head_dim": 48, "sliding_window": 24}),  # samples longer than the window
     "phi3": ("phi3", {"sliding_window": 24, "pad_token_id": 0}),  # fused qkv and gate_up, LoRA on them, window
+    "internlm3": ("internlm3", {"attention_bias": True, "mlp_bias": True}),  # Llama under its own config class
+    "gemma": ("gemma", {"tie_word_embeddings": True}),  # (1 + w) norms, GeGLU, scaled embedding, head_dim 48
+    # post-sublayer norms, query_pre_attn_scalar, a sliding layer then a full one; final logits softcapped
+    # (attention softcapping runs the plain path: a test below)
+    "gemma2": ("gemma2", {"tie_word_embeddings": True, "attn_logit_softcapping": None,
+                          "final_logit_softcapping": 5.0}),
+    "gemma3": ("gemma3", {"tie_word_embeddings": True}),  # q/k norms too, and a RoPE per layer kind (linear on one)
 }
 
 
@@ -159,8 +166,8 @@ def _fast_path_log(caplog, model) -> tuple[bool, list[str]]:
 def test_models_and_fields_not_tested_run_the_plain_path_and_say_why(caplog):
     """A model type without a parity test (Granite keeps Llama's module names and adds multipliers), and a
     model of a tested type with a field whose value the fast path does not compute (an untested rope type,
-    another activation, attention dropout, sliding-window layers in Qwen), take the plain path: the log says
-    why, in one line."""
+    another activation, attention dropout, sliding-window layers in Qwen, Gemma 2's attention softcapping,
+    bidirectional Gemma 3), take the plain path: the log says why, in one line."""
     from transformers import GraniteConfig
 
     torch.manual_seed(0)
@@ -174,7 +181,10 @@ def test_models_and_fields_not_tested_run_the_plain_path_and_say_why(caplog):
              (_tiny("llama", hidden_act="gelu"), "hidden_act 'gelu'"),
              (_tiny("qwen2", attention_dropout=0.1), "attention_dropout 0.1"),
              (_tiny("qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=1),
-              "layer types ['full_attention', 'sliding_attention']")]
+              "layer types ['full_attention', 'sliding_attention']"),
+             # Gemma 2 as published: its attention scores are softcapped
+             (_tiny("gemma2", attn_logit_softcapping=50.0), "attn_logit_softcapping 50.0"),
+             (_tiny("gemma3", use_bidirectional_attention=True), "use_bidirectional_attention True")]
     for model, why in cases:
         on, lines = _fast_path_log(caplog, model)
         assert not on and len(lines) == 1 and why in lines[0] and "\n" not in lines[0], (why, lines)

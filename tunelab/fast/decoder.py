@@ -57,10 +57,12 @@ FLOP_PER_LINK_BYTE = 13_000
 RESIDENT_LAYERS = 1
 
 
-def _rms_norm(x, weight, eps):
+def _rms_norm(x, weight, eps, gemma: bool = False):
     dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:  # Gemma scales by (1 + w), in fp32
+        return (x32 * (1.0 + weight.float())).to(dtype)
     return (weight * x32.to(dtype)).to(dtype)  # as HF computes it, then in the compute dtype
 
 
@@ -114,6 +116,14 @@ def _swiglu(g, u):
     return F.silu(g) * u
 
 
+def _geglu(g, u):
+    return F.gelu(g, approximate="tanh") * u
+
+
+def _glu(g, u, gemma: bool):
+    return _geglu(g, u) if gemma else _swiglu(g, u)
+
+
 def _swiglu_backward_(g, u, m, dm):
     """SwiGLU's gradients for gate and up, given its output m = silu(g) * u and m's gradient dm, written over m
     and dm (lora_gemm's prologue_backward: neither is read again), so the down projection's backward holds
@@ -129,12 +139,12 @@ def _swiglu_backward_(g, u, m, dm):
 
 
 # The compiled regions: everything between the frozen GEMMs (which run as they are, or dequantise NF4).
-def _qkv_rope(x, ln1, eps, ys, loras, cos, sin, heads: int, kv_heads: int, dropout: float, training: bool,
-              *head_norms):
+def _qkv_rope(x, ln1, eps, gemma: bool, ys, loras, cos, sin, heads: int, kv_heads: int, dropout: float,
+              training: bool, *head_norms):
     """LoRA branches (A, B, scale) of q/k/v (or of the fused qkv) added to their frozen outputs `ys`, then RoPE:
     (batch, seq, heads, dim). The norm is recomputed here from x (which backward keeps anyway) so the normed copy
     need not be kept."""
-    h = _recomputed(_rms_norm, x, ln1, eps)
+    h = _recomputed(_rms_norm, x, ln1, eps, gemma)
     ys = [y + _lora(h, *lora, dropout, training) for y, lora in zip(ys, loras)]
     return _rope(*_split_qkv(ys, heads, kv_heads), cos, sin, heads, kv_heads, *head_norms)
 
@@ -152,33 +162,42 @@ def _split_gate_up(ys):
     return ys if len(ys) == 2 else ys[0].chunk(2, -1)
 
 
-def _rope(q, k, v, cos, sin, heads: int, kv_heads: int, q_norm=None, k_norm=None, head_norm_eps: float = 0.0):
-    """RoPE over q and k, as (batch, seq, heads, dim); first, where given (Qwen3: Layer.head_norms), an RMSNorm
-    over each head of q and of k."""
+def _rope(q, k, v, cos, sin, heads: int, kv_heads: int, q_norm=None, k_norm=None, head_norm_eps: float = 0.0,
+          gemma: bool = False):
+    """RoPE over q and k, as (batch, seq, heads, dim); first, where given (Qwen3, Gemma 3: Layer.head_norms), an
+    RMSNorm over each head of q and of k."""
     b, n, _ = q.shape
     q, k, v = q.view(b, n, heads, -1), k.view(b, n, kv_heads, -1), v.view(b, n, kv_heads, -1)
     if q_norm is not None:
-        q, k = _rms_norm(q, q_norm, head_norm_eps), _rms_norm(k, k_norm, head_norm_eps)
+        q, k = _rms_norm(q, q_norm, head_norm_eps, gemma), _rms_norm(k, k_norm, head_norm_eps, gemma)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
 
-def _attn_residual_norm(x, a, yo, ao, bo, so, ln2, eps, dropout: float, training: bool):
-    """o projection's LoRA + residual, then the second RMSNorm."""
-    x = x + yo + _lora(a, ao, bo, so, dropout, training)
-    return x, _rms_norm(x, ln2, eps)
+def _post_residual(x, y, post, eps, gemma: bool):
+    """x + y, or (Gemma 2/3, `post` given) x + RMSNorm(y): a sublayer's output joining the residual stream."""
+    return x + y if post is None else x + _rms_norm(y, post, eps, gemma)
 
 
-def _gate_up(x, ln2, eps, ys, loras, dropout: float, training: bool):
+def _attn_residual_norm(x, a, yo, ao, bo, so, ln2, eps, gemma: bool, post, dropout: float, training: bool):
+    """o projection's LoRA + residual (through the post-attention norm where there is one), then the MLP's
+    input norm."""
+    x = _post_residual(x, yo + _lora(a, ao, bo, so, dropout, training), post, eps, gemma)
+    return x, _rms_norm(x, ln2, eps, gemma)
+
+
+def _gate_up(x, ln2, eps, gemma: bool, ys, loras, dropout: float, training: bool):
     """Gate/up (or the fused gate_up) with their LoRA branches (norm recomputed from x, as in _qkv_rope)."""
-    h = _recomputed(_rms_norm, x, ln2, eps)
+    h = _recomputed(_rms_norm, x, ln2, eps, gemma)
     return _split_gate_up([y + _lora(h, *lora, dropout, training) for y, lora in zip(ys, loras)])
 
 
-def _mlp_residual(x, g, u, yd, ad, bd, sd, dropout: float, training: bool):
-    """down projection's LoRA + residual; silu(g)*u is recomputed from g and u, kept anyway, so the
-    (tokens x intermediate) product is not kept a second time."""
-    return x + yd + _lora(_recomputed(_swiglu, g, u), ad, bd, sd, dropout, training)
+def _mlp_residual(x, g, u, yd, ad, bd, sd, gemma: bool, post, eps, dropout: float, training: bool):
+    """down projection's LoRA + residual (through the post-MLP norm where there is one); silu(g)*u (gelu for
+    Gemma) is recomputed from g and u, kept anyway, so the (tokens x intermediate) product is not kept a second
+    time."""
+    return _post_residual(x, yd + _lora(_recomputed(_glu, g, u, gemma), ad, bd, sd, dropout, training), post, eps,
+                          gemma)
 
 
 def _marked_recomputation():
@@ -202,9 +221,11 @@ class FastDecoder:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.scale = self.head_dim ** -0.5
-        self.window = spec.window
-        self.layers = layers_of(core)
+        self.scale = spec.attention_scale or self.head_dim ** -0.5
+        self.gemma, self.logit_softcap = spec.gemma, spec.logit_softcap
+        self.layers = layers_of(core, spec)
+        # the shortest sliding window of any layer (check_window)
+        self.window = min((L.window for L in self.layers if L.window), default=None)
         projections = [p for L in self.layers for p in L.projections()]
         for uid, p in enumerate(projections):
             p.uid = uid
@@ -234,6 +255,8 @@ class FastDecoder:
         self.attn_residual_norm: Callable = wrap(_attn_residual_norm)
         self.gate_up: Callable = wrap(_gate_up)
         self.swiglu: Callable = wrap(_swiglu)
+        self.geglu: Callable = wrap(_geglu)
+        self.post_residual: Callable = wrap(_post_residual)
         self.swiglu_backward_: Callable = wrap(_swiglu_backward_)
         self.mlp_residual: Callable = wrap(_mlp_residual)
         self.dropped: Callable = wrap(dropped)
@@ -350,21 +373,25 @@ class FastDecoder:
         needed again."""
         def attend(q, k, v):
             if unit is None:
-                return attention(q, k, v, layout, self.scale, self.window)
-            return self.stash.attention(unit, lambda *qkv: attention(*qkv, layout, self.scale, self.window), q, k, v)
+                return attention(q, k, v, layout, self.scale, L.window)
+            return self.stash.attention(unit, lambda *qkv: attention(*qkv, layout, self.scale, L.window), q, k, v)
 
         if self.lora_gemms:
-            qkv = project(lambda t: self.norm(t, L.ln1, L.eps), (x,), L.attention_inputs(), masks=masks)
+            qkv = project(lambda t: self.norm(t, L.ln1, L.eps, L.gemma), (x,), L.attention_inputs(), masks=masks)
             qkv = _split_qkv(qkv, self.heads, self.kv_heads)
             a = attend(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads, *L.head_norms())).flatten(2)
-            return project(None, (a,), (L.o,), residual=x, tail=unit is not None, masks=masks)[0], None
+            if L.post_attention is None:
+                return project(None, (a,), (L.o,), residual=x, tail=unit is not None, masks=masks)[0], None
+            y = project(None, (a,), (L.o,), masks=masks)[0]  # read by the norm after it: not a tail
+            return self.post_residual(x, y, L.post_attention, L.eps, L.gemma), None
         tr, drop, lora = self.model.training, self.dropout, _lora_args
-        h = self.norm(x, L.ln1, L.eps)
+        h = self.norm(x, L.ln1, L.eps, L.gemma)
         projs = L.attention_inputs()
-        q, k, v = self.qkv_rope(x, L.ln1, L.eps, [_base(h, p) for p in projs], [lora(p) for p in projs], cos, sin,
-                                self.heads, self.kv_heads, drop, tr, *L.head_norms())
+        q, k, v = self.qkv_rope(x, L.ln1, L.eps, L.gemma, [_base(h, p) for p in projs], [lora(p) for p in projs],
+                                cos, sin, self.heads, self.kv_heads, drop, tr, *L.head_norms())
         a = attend(q, k, v).flatten(2)
-        return self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, drop, tr)
+        return self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, L.gemma, L.post_attention,
+                                       drop, tr)
 
     def _mlp_half(self, x, h, L: Layer, masks: Masks | None, unit: int | None = None, kept: bool = False):
         """x + MLP(h), h = norm(x) (made here when None: an offloaded half starts from x alone). `kept`: this
@@ -372,16 +399,23 @@ class FastDecoder:
         units early."""
         if self.lora_gemms:
             outputs = KeptOutputs(self.stash, unit, (unit + 1, unit + 2)) if kept else None
-            g, u = _split_gate_up(project(lambda t: self.norm(t, L.ln2, L.eps), (x,), L.mlp_inputs(), masks=masks,
-                                          kept=outputs))
-            return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks,
-                           prologue_backward=self.swiglu_backward_)[0]
+            g, u = _split_gate_up(project(lambda t: self.norm(t, L.ln2, L.eps, L.gemma), (x,), L.mlp_inputs(),
+                                          masks=masks, kept=outputs))
+            if not L.gemma:
+                return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks,
+                               prologue_backward=self.swiglu_backward_)[0]
+            if L.post_mlp is None:
+                return project(self.geglu, (g, u), (L.down,), residual=x, tail=True, masks=masks)[0]
+            y = project(self.geglu, (g, u), (L.down,), masks=masks)[0]
+            return self.post_residual(x, y, L.post_mlp, L.eps, True)
         tr, drop, lora = self.model.training, self.dropout, _lora_args
         if h is None:
-            h = self.norm(x, L.ln2, L.eps)
+            h = self.norm(x, L.ln2, L.eps, L.gemma)
         projs = L.mlp_inputs()
-        g, u = self.gate_up(x, L.ln2, L.eps, [_base(h, p) for p in projs], [lora(p) for p in projs], drop, tr)
-        return self.mlp_residual(x, g, u, _base(self.swiglu(g, u), L.down), *lora(L.down), drop, tr)
+        g, u = self.gate_up(x, L.ln2, L.eps, L.gemma, [_base(h, p) for p in projs], [lora(p) for p in projs], drop,
+                            tr)
+        m = self.geglu(g, u) if L.gemma else self.swiglu(g, u)
+        return self.mlp_residual(x, g, u, _base(m, L.down), *lora(L.down), L.gemma, L.post_mlp, L.eps, drop, tr)
 
     def layout(self, segment_ids, position_ids, device, dtype: torch.dtype) -> PackedLayout:
         """Where the batch's samples lie (see attention.packed_layout); from CPU ids this needs no GPU sync."""
@@ -402,17 +436,23 @@ class FastDecoder:
         """Final-norm hidden states (batch, seq, dim)."""
         core = self.core
         x = core.embed_tokens(input_ids).to(dtype)
-        cos, sin = core.rotary_emb(x, position_ids)
-        cos, sin = cos.to(dtype), sin.to(dtype)
+        if self.gemma and not hasattr(core.embed_tokens, "embed_scale"):  # older transformers scale it in the model
+            x = x * torch.tensor(core.config.hidden_size ** 0.5, dtype=dtype)
+        # RoPE's cos and sin: one pair, or (Gemma 3) one per kind of layer
+        ropes = {kind: tuple(t.to(dtype) for t in (core.rotary_emb(x, position_ids) if kind is None else
+                                                   core.rotary_emb(x, position_ids, kind)))
+                 for kind in {L.rope_kind for L in self.layers}}
         masks = self.masks(x.device)  # given to each layer and to its recomputation alike
         if self.stash is not None:
             self.stash.in_flight = self.in_flight_bytes(x.shape[0] * x.shape[1], x.shape[1], x.element_size())
         for i, L in enumerate(self.layers):
+            cos, sin = ropes[L.rope_kind]
             if i in self.checkpointed and torch.is_grad_enabled():
                 if self.stash is not None:
                     # two offloaded units per layer, attention (2i) and MLP (2i+1): a layer's backward then
                     # holds one half's activations at a time, not both (the MLP's input goes to the host too)
-                    attn = lambda t, L=L, u=2 * i: self._attention_half(t, cos, sin, L, layout, masks, u)[0]  # noqa: E731
+                    attn = lambda t, L=L, u=2 * i, cs=(cos, sin): self._attention_half(  # noqa: E731
+                        t, *cs, L, layout, masks, u)[0]
                     mlp = lambda t, L=L, u=2 * i + 1, k=i in self.output_layers: self._mlp_half(  # noqa: E731
                         t, None, L, masks, u, k)
                     below, params = (2 * i - 1 if i - 1 in self.checkpointed else None), L.trainable()
@@ -427,7 +467,7 @@ class FastDecoder:
                 x = self._layer(x, cos, sin, L, layout, masks)
         if self.stash is not None:  # the copies still on their way out: their sources go before the loss's memory comes
             self.stash.flush()
-        return _rms_norm(x, core.norm.weight, norm_eps(core.norm))
+        return _rms_norm(x, core.norm.weight, norm_eps(core.norm), self.gemma)
 
     def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
                      layout: PackedLayout | None = None) -> torch.Tensor:
@@ -441,5 +481,6 @@ class FastDecoder:
         head = lm_head(self.model)
         weight = head.weight if head.weight.dtype == dtype else head.weight.to(dtype)
         targets = batch["targets"]
-        losses = chunked_token_losses(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1))
+        losses = chunked_token_losses(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
+                                      softcap=self.logit_softcap)
         return losses.view(targets.shape)

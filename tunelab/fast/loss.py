@@ -14,7 +14,7 @@ IGNORE = -100
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None):
         n = hidden.shape[0]
         losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden)
@@ -29,6 +29,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if may_skip and not bool(valid.any()):
                 continue
             logits = (h @ weight.t()).float()
+            if softcap:  # Gemma 2: cap * tanh(logits / cap); its derivative, 1 - tanh^2, is kept in `squash`
+                squash = logits.div_(softcap).tanh_()
+                logits = squash * softcap
+                squash = squash.square_().neg_().add_(1)
             lse = torch.logsumexp(logits, dim=-1)
             safe_t = torch.where(valid, t, torch.zeros_like(t))
             picked = logits.gather(1, safe_t[:, None]).squeeze(1)
@@ -38,6 +42,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
             grad_logits *= valid[:, None]
+            if softcap:
+                grad_logits *= squash
+                del squash
             grad_logits = grad_logits.to(hidden.dtype)
             grad_hidden[start:start + chunk_size] = grad_logits @ weight
             if weight_trains:
@@ -58,7 +65,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not torch.all(grad_losses == grad_losses.flatten()[0]):
                 raise RuntimeError("chunked_token_losses: a trainable head needs a uniform loss weight")
             dw = (grad_weight * grad_losses.flatten()[0]).to(ctx.weight_dtype)
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
 CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk: a 32k vocabulary gives 1,024-token chunks
@@ -75,8 +82,9 @@ def chunk_tokens(vocab: int) -> int:
 
 
 def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int | None = None) -> torch.Tensor:
+                         chunk_size: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Per-token cross entropy of `hidden @ weight.T` against `targets` (IGNORE gives 0), shape (tokens,).
     hidden: (tokens, dim); weight: (vocab, dim); targets: (tokens,); chunk_size: tokens per chunk
-    (default: chunk_tokens(vocab))."""
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size or chunk_tokens(weight.shape[0]))
+    (default: chunk_tokens(vocab)); softcap: the logits are capped to cap * tanh(logits / cap) first (Gemma 2)."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size or chunk_tokens(weight.shape[0]),
+                                            softcap)

@@ -66,6 +66,11 @@ class Layer:
     head_norm_eps: float = 0.0
     qkv: Proj | None = None  # Phi-3: q, k and v in one weight (PEFT puts one LoRA branch on it), in that order
     gate_up: Proj | None = None  # Phi-3: gate and up in one weight, halves in that order
+    post_attention: torch.Tensor | None = None  # Gemma 2/3: RMSNorm weights over the attention's and the MLP's
+    post_mlp: torch.Tensor | None = None  # outputs, before each joins the residual stream
+    gemma: bool = False  # Gemma's RMSNorm, (1 + w) in fp32, and GeGLU (see support.Spec)
+    window: int | None = None  # this layer attends to the last `window` tokens only
+    rope_kind: str | None = None  # Gemma 3: the layer kind whose RoPE this layer takes
 
     def attention_inputs(self) -> tuple[Proj, ...]:
         """The projections that read the attention's normed input: q, k, v (or the fused qkv)."""
@@ -80,11 +85,12 @@ class Layer:
 
     def head_norms(self) -> tuple:
         """What RoPE takes for the per-head norms of q and k: () where the layer has none."""
-        return () if self.q_norm is None else (self.q_norm, self.k_norm, self.head_norm_eps)
+        return () if self.q_norm is None else (self.q_norm, self.k_norm, self.head_norm_eps, self.gemma)
 
     def base_parts(self) -> list[torch.Tensor]:
         """The norm weights, base weights and biases (frozen under LoRA; trainable in full fine-tuning)."""
-        norms = [t for t in (self.ln1, self.ln2, self.q_norm, self.k_norm) if t is not None]
+        norms = [t for t in (self.ln1, self.ln2, self.q_norm, self.k_norm, self.post_attention, self.post_mlp)
+                 if t is not None]
         return norms + [t for p in self.projections() for t in (p.base.weight, p.bias) if t is not None]
 
     def trainable(self) -> list[torch.Tensor]:
@@ -107,18 +113,30 @@ def proj_of(module) -> Proj:
     return p
 
 
-def layers_of(core) -> list[Layer]:
-    """The decoder layers of `core` (decoder_core's), as the fast path reads them."""
+def layers_of(core, spec=None) -> list[Layer]:
+    """The decoder layers of `core` (decoder_core's), as the fast path reads them; `spec` (support.Spec) says
+    what they compute beyond a Llama layer."""
     layers = []
-    for layer in core.layers:
+    for i, layer in enumerate(core.layers):
         sa, mlp = layer.self_attn, layer.mlp
         optional = lambda m, name: proj_of(getattr(m, name)) if hasattr(m, name) else None  # noqa: E731
-        L = Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, norm_eps(layer.input_layernorm),
+        # Gemma 2/3 name the MLP's input norm pre_feedforward_layernorm; their post_attention_layernorm normalises
+        # the attention's output
+        pre_mlp = getattr(layer, "pre_feedforward_layernorm", None)
+        L = Layer(layer.input_layernorm.weight, (pre_mlp or layer.post_attention_layernorm).weight,
+                  norm_eps(layer.input_layernorm),
                   optional(sa, "q_proj"), optional(sa, "k_proj"), optional(sa, "v_proj"), proj_of(sa.o_proj),
                   optional(mlp, "gate_proj"), optional(mlp, "up_proj"), proj_of(mlp.down_proj),
                   qkv=optional(sa, "qkv_proj"), gate_up=optional(mlp, "gate_up_proj"))
+        if pre_mlp is not None:
+            L.post_attention, L.post_mlp = layer.post_attention_layernorm.weight, layer.post_feedforward_layernorm.weight
         if getattr(sa, "q_norm", None) is not None:
             L.q_norm, L.k_norm, L.head_norm_eps = sa.q_norm.weight, sa.k_norm.weight, norm_eps(sa.q_norm)
+        if spec is not None:
+            kind = spec.layer_kinds[i] if spec.layer_kinds else None
+            L.gemma = spec.gemma
+            L.window = spec.window if spec.layer_kinds is None or kind == "sliding_attention" else None
+            L.rope_kind = kind if spec.rope_per_kind else None
         layers.append(L)
     return layers
 

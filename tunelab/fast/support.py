@@ -35,6 +35,13 @@ class Spec:
     """What a supported model's layers compute beyond a Llama layer (nothing, for Llama itself)."""
     family: str
     window: int | None = None  # Mistral: every layer attends to the last `window` tokens only
+    # Gemma 2/3: the layers of kind 'sliding_attention' attend to the last `window` tokens, the others to all;
+    # Gemma 3 also gives each kind its own RoPE (rope_parameters keyed by kind)
+    layer_kinds: tuple[str, ...] | None = None
+    rope_per_kind: bool = False
+    gemma: bool = False  # RMSNorm scales by (1 + w) in fp32; GeGLU (tanh) instead of SwiGLU
+    attention_scale: float | None = None  # query_pre_attn_scalar ** -0.5 (default: head_dim ** -0.5)
+    logit_softcap: float | None = None  # Gemma 2: logits = cap * tanh(logits / cap)
 
 
 Check = Callable[[object], "str | None"]  # a config -> why the fast path cannot compute it (None: it can)
@@ -43,6 +50,39 @@ Check = Callable[[object], "str | None"]  # a config -> why the fast path cannot
 def _swiglu(cfg) -> str | None:
     act = getattr(cfg, "hidden_act", "silu")
     return None if act == "silu" else f"hidden_act {act!r} (the fast path computes SwiGLU with silu)"
+
+
+def _geglu(name: str) -> Check:
+    def check(cfg) -> str | None:
+        act = getattr(cfg, name, None)
+        return None if act in ("gelu_pytorch_tanh", "gelu_tanh") else \
+            f"{name} {act!r} (the fast path computes Gemma's GeGLU with tanh-approximated gelu)"
+    return check
+
+
+def _none(name: str, why: str) -> Check:
+    def check(cfg) -> str | None:
+        value = getattr(cfg, name, None)
+        return None if value in (None, False) else f"{name} {value!r} ({why})"
+    return check
+
+
+def _gemma_rope(cfg) -> str | None:
+    """RoPE of every kind of layer (Gemma 3 keys rope_parameters by layer kind) is a tested type."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if set(params) <= {"sliding_attention", "full_attention"} and params:
+        for kind in params.values():
+            reason = _tested_rope(type("Kind", (), {"rope_parameters": kind})())
+            if reason:
+                return reason
+        return None
+    return _tested_rope(cfg)
+
+
+def _layer_kinds(cfg) -> str | None:
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    extra = kinds - {"full_attention", "sliding_attention"}
+    return f"layer types {sorted(extra)} (the fast path has full and sliding-window attention)" if extra else None
 
 
 def _tested_rope(cfg) -> str | None:
@@ -109,6 +149,45 @@ FAMILIES: dict[str, Family] = {
                    modules=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj") + _NORMS,
                    spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
 }
+
+
+# Gemma 1/2/3 text: (1 + w) RMSNorm, GeGLU (tanh), the embedding scaled by sqrt(hidden) (inside the embedding
+# module), tied embeddings; Gemma 2/3 add norms after attention and after the MLP, query_pre_attn_scalar, and
+# sliding-window layers by layer_types; Gemma 2 softcaps the attention scores and the final logits; Gemma 3 has
+# per-head q/k norms and a RoPE per layer kind
+_GEMMA = {"attention_bias": _handled, "attention_dropout": _no_dropout("attention_dropout"),
+          "use_bidirectional_attention": _none("use_bidirectional_attention", "the fast path is causal")}
+_GEMMA2_NORMS = _LLAMA_MODULES + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+_GEMMA_LATER = {**_GEMMA, "hidden_activation": _geglu("hidden_activation"), "query_pre_attn_scalar": _handled,
+                "sliding_window": _handled, "layer_types": _layer_kinds, "final_logit_softcapping": _handled}
+
+
+def _gemma_spec(cfg, rope_per_kind: bool = False) -> dict:
+    kinds = getattr(cfg, "layer_types", None)
+    scalar = getattr(cfg, "query_pre_attn_scalar", None)
+    return {"gemma": True, "layer_kinds": tuple(kinds) if kinds else None,
+            "window": getattr(cfg, "sliding_window", None) if kinds else None, "rope_per_kind": rope_per_kind,
+            "attention_scale": scalar ** -0.5 if scalar else None,
+            "logit_softcap": getattr(cfg, "final_logit_softcapping", None)}
+
+
+FAMILIES.update({
+    "gemma": Family("GemmaModel", {**_GEMMA, "hidden_act": _geglu("hidden_act"), "rope_parameters": _tested_rope},
+                    spec=_gemma_spec),
+    "gemma2": Family("Gemma2Model", {**_GEMMA_LATER, "rope_parameters": _tested_rope,
+                                     "attn_logit_softcapping": _none(
+                                         "attn_logit_softcapping", "the fast path's attention kernels have no "
+                                         "softcapping")},
+                     modules=_GEMMA2_NORMS, spec=_gemma_spec),
+    "gemma3_text": Family("Gemma3TextModel", {**_GEMMA_LATER, "rope_parameters": _gemma_rope,
+                                              "attn_logit_softcapping": _none("attn_logit_softcapping", "the fast "
+                                                                              "path's attention has no softcapping"),
+                                              "_sliding_window_pattern": _handled},
+                          modules=_GEMMA2_NORMS + ("self_attn.q_norm", "self_attn.k_norm"),
+                          spec=lambda cfg: _gemma_spec(cfg, rope_per_kind=True)),
+    # InternLM 3 is Llama in transformers (its own config class, LlamaModel)
+    "internlm3": Family("LlamaModel", {**_COMMON, "attention_bias": _handled, "mlp_bias": _handled}),
+})
 
 
 def support(model) -> tuple[Spec | None, str | None]:

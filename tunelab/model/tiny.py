@@ -23,6 +23,18 @@ ARCHS = {
     "qwen3": ("Qwen3Config", {"head_dim": 48}, "qwen_chat"),  # head_dim != hidden / heads, per-head q/k norms
     "phi3": ("Phi3Config", {"head_dim": 48}, "phi3_chat"),  # fused qkv_proj and gate_up_proj
     "internlm": ("LlamaConfig", {"attention_bias": True}, "internlm_chat"),  # InternLM 1: Llama + qkvo bias
+    "internlm3": ("InternLM3Config", {"head_dim": 48}, "internlm2_chat"),  # Llama in transformers
+    # Gemma: (1 + w) norms, GeGLU, scaled embedding, head_dim 48; Gemma 2/3: post-sublayer norms, a sliding
+    # window on the first layer of two (transformers' 'sliding_attention' kind); Gemma 3: q/k norms, RoPE per kind
+    "gemma": ("GemmaConfig", {"head_dim": 48}, "gemma"),
+    "gemma2": ("Gemma2Config", {"head_dim": 48, "query_pre_attn_scalar": 32, "sliding_window": 24,
+                                "layer_types": ["sliding_attention", "full_attention"]}, "gemma"),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 48, "query_pre_attn_scalar": 32, "sliding_window": 24,
+                                    "layer_types": ["sliding_attention", "full_attention"],
+                                    "rope_parameters": {"sliding_attention": {"rope_type": "default",
+                                                                              "rope_theta": 10000.0},
+                                                        "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                           "rope_theta": 1000000.0}}}, "gemma"),
 }
 MARKERS = ["<|im_start|>", "<|im_end|>", "<|System|>", "<|User|>", "<|Bot|>", "<eoh>", "<eoa>", "<eosys>",
            "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
