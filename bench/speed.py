@@ -1,10 +1,12 @@
 """LoRA/QLoRA training speed and memory: HF transformers + PEFT (+ bitsandbytes), Unsloth and tunelab on the
-same Llama-2-7B-shaped model (random weights), each side in its own process, in one call.
+same model of a real model's shape (random weights; --shape, default Llama-2 7B), each side in its own process,
+in one call.
 
     python bench/speed.py                       # every side at 2,048 tokens, then the table
     python bench/speed.py --cases qlora8k,long  # other cases (see CASES)
     python bench/speed.py --side tunelab --tokens 2048      # one side (what the driver runs per process)
     python bench/speed.py --sides "lora2k=unsloth,lora2k=tunelab@32h"   # exactly these case=side pairs
+    python bench/speed.py --shape qwen3-8b      # llama2-7b (default), llama3-8b, qwen2.5-7b, qwen3-8b, gemma2-9b
 
 tunelab sides take `@N` (recompute only the first N layers) and `@Nh` (and keep their inputs on the host:
 offload_checkpoints, which also sends the gate/up outputs of the layers FastDecoder.output_layers_for picks);
@@ -39,8 +41,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5)
+sys.path.insert(0, str(HERE))
+from shape_model import SHAPES, build  # noqa: E402  (beside this script)
+
+SHAPE_NAME = os.environ.get("BENCH_SHAPE", "llama2-7b")  # --shape; the driver hands it to each side's process
+SHAPE = {"vocab_size": SHAPES[SHAPE_NAME][1]["vocab_size"]}  # what the sides read of it: the token ids drawn
 # case -> (sides, tokens per step)
 CASES = {
     "lora2k": (["hf", "unsloth", "tunelab"], 2048),
@@ -59,22 +64,8 @@ def _dropout() -> float:
 
 
 def make_model(path: Path) -> None:
-    """A random Llama-2-7B-shaped model and a tokenizer, saved once for every side to load."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tunelab.model.tiny import build_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**SHAPE, tie_word_embeddings=False, dtype="bfloat16")
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
-    model.save_pretrained(path, max_shard_size="5GB")
-    build_tokenizer().save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
+    """A random model of the --shape (bench/shape_model.py) and a tokenizer, saved once for every side to load."""
+    build(path, SHAPE_NAME, "cuda")
 
 
 # -- one side, in its own process -------------------------------------------------------------------------
@@ -402,12 +393,21 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="extra tunelab sides per case, e.g. lora2k=tunelab@0")
     ap.add_argument("--sides", default="", help="exactly these case=side pairs, in order (overrides --cases, "
                     "--only, --variants), e.g. lora2k=unsloth,lora2k=tunelab@9")
-    ap.add_argument("--model-dir", default=os.environ.get("BENCH_MODEL_DIR", "/tmp/llama2_7b_random"))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=SHAPE_NAME,
+                    help="the model's published dimensions (bench/shape_model.py); default llama2-7b")
+    ap.add_argument("--model-dir", default=os.environ.get("BENCH_MODEL_DIR"),
+                    help="where the model is made once (default /tmp/<shape>_random)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=int, default=420)
     ap.add_argument("--dropout", type=float, default=None, help="LoRA dropout of every side (default 0)")
     args = ap.parse_args()
+    os.environ["BENCH_SHAPE"] = args.shape
+    if args.shape != SHAPE_NAME:
+        SHAPE["vocab_size"] = SHAPES[args.shape][1]["vocab_size"]
+        globals()["SHAPE_NAME"] = args.shape
+    if args.model_dir is None:
+        args.model_dir = "/tmp/llama2_7b_random" if args.shape in ("llama2-7b", "7b") else f"/tmp/{args.shape}_random"
     if args.dropout is not None:
         os.environ["BENCH_DROPOUT"] = str(args.dropout)
     if args.side:

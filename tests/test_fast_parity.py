@@ -262,3 +262,20 @@ def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, t
     assert len(losses["on"]) == 4
     for a, b in zip(losses["on"], losses["off"]):
         assert abs(a - b) < 1e-4 * max(1.0, abs(b)), losses
+
+
+def test_bench_shapes_take_the_path_their_family_does():
+    """bench/speed.py --shape: each published shape builds its family's model, which takes the fast path, except
+    Gemma 2 as published (attention softcapping), which the log would send to the plain path."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("shape_model", Path(__file__).parents[1] / "bench" / "shape_model.py")
+    shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shapes)
+    for name in ("llama2-7b", "llama3-8b", "qwen2.5-7b", "qwen3-8b", "gemma2-9b"):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(shapes.config_of(name))
+        why = unsupported_reason(model)
+        assert (why is None) == (name != "gemma2-9b"), (name, why)
+    assert "attn_logit_softcapping 50.0" in why

@@ -161,7 +161,7 @@ def _dropped_input(flat: torch.Tensor, p, masks: Masks | None) -> torch.Tensor:
 def _shared(projs: Sequence, masks: Masks | None) -> list[int]:
     """The projections (two or more, else none) whose LoRA branches read the group's input undropped: their A
     matrices are stacked into one GEMM. At rank 64 each A product is a thin GEMM that reads the whole
-    (tokens x hidden) input for little work: stacked, q/k/v's three took 1.8-3x less time (bench/kernels.py
+    (tokens x hidden) input for little work: stacked, q/k/v's three took 1.8-3x less time (bench/kernel_timings.py
     --fusion, H200, 8,192 tokens), and the 7B 8,192-token QLoRA step 6 ms less (bench/RESULTS.md)."""
     shared = [i for i, p in enumerate(projs) if p.lora_a is not None and not _drops(p, masks)]
     return shared if len(shared) > 1 else []

@@ -1,8 +1,8 @@
 """Where a 7B-shaped step's GPU time goes, op by op: causal attention per SDPA backend (and PyTorch's varlen
 attention), the frozen GEMMs in bf16, and NF4 dequantisation, at the bench's sequence lengths.
 
-    python bench/kernels.py                 # the table (GPU only)
-    python bench/kernels.py --tokens 8192   # one length
+    python bench/kernel_timings.py                 # the table (GPU only)
+    python bench/kernel_timings.py --tokens 8192   # one length
 
 Each op runs forward and backward (input gradients only for the frozen GEMMs, as in LoRA) on fresh random
 inputs; times are CUDA-event medians. The "layer x 32" rows add up one decoder layer's share, to hold
