@@ -57,10 +57,10 @@ run() {  # name, then env assignments and tunelab arguments
 }
 run lora_1gpu CUDA_VISIBLE_DEVICES=0 "$PY" -m tunelab train "$OUT/lora.py"
 run lora_2gpu NPROC_PER_NODE=2 "$PY" -m tunelab train "$OUT/lora.py"
-run full_1gpu CUDA_VISIBLE_DEVICES=0 TUNELAB_FAULT=kill_after_step=8 "$PY" -m tunelab train "$OUT/full.py"
-run full_fsdp2 NPROC_PER_NODE=2 TUNELAB_FAULT=kill_after_step=8 "$PY" -m tunelab train "$OUT/full.py"
+run full_1gpu CUDA_VISIBLE_DEVICES=0 TUNELAB_FAULT=kill_after_step=8 PYTHONPATH="$PWD/tests/faults:${PYTHONPATH:-}" "$PY" -m tunelab train "$OUT/full.py"
+run full_fsdp2 NPROC_PER_NODE=2 TUNELAB_FAULT=kill_after_step=8 PYTHONPATH="$PWD/tests/faults:${PYTHONPATH:-}" "$PY" -m tunelab train "$OUT/full.py"
 if "$PY" -c "import deepspeed" 2>/dev/null; then
-    run full_zero3 NPROC_PER_NODE=2 TUNELAB_FAULT=kill_after_step=8 "$PY" -m tunelab train "$OUT/full.py" \
+    run full_zero3 NPROC_PER_NODE=2 TUNELAB_FAULT=kill_after_step=8 PYTHONPATH="$PWD/tests/faults:${PYTHONPATH:-}" "$PY" -m tunelab train "$OUT/full.py" \
         --deepspeed deepspeed_zero3
 else
     echo "== full_zero3: skipped, deepspeed is not installed (pip install 'tunelab[deepspeed]')"

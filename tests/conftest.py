@@ -124,3 +124,11 @@ def start_server(model: Path, log_file: Path, *args: str) -> tuple[subprocess.Po
             pass
         assert time.monotonic() < deadline, "server did not start: " + log_file.read_text()[-3000:]
         time.sleep(0.3)
+
+
+def fault_env(spec: str) -> dict[str, str]:
+    """Environment for a CLI subprocess with the faults of `spec` armed in every Python process of its run
+    (tests/fault_injection.py; the product has no hooks for them)."""
+    faults = str(Path(__file__).parent / "faults")
+    return {"TUNELAB_FAULT": spec,
+            "PYTHONPATH": os.pathsep.join(p for p in (faults, os.environ.get("PYTHONPATH", "")) if p)}

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_losses, write_config
+from conftest import fault_env, run_losses, write_config
 from tunelab.checkpoint import load_checkpoint
 from tunelab.config.schema import Config
 
@@ -50,7 +50,7 @@ def cfg_file(tmp_path_factory, tiny_llama, data_dir):
 def two_process_run(cfg_file):
     """NPROC_PER_NODE=2, with rank 0's tokenisation made slower (8 s) than the collective timeout (3 s)."""
     work = cfg_file.parent / "two"
-    cp = _run("train", cfg_file, "--work-dir", work, NPROC_PER_NODE=2, TUNELAB_FAULT="slow_tokenize=8",
+    cp = _run("train", cfg_file, "--work-dir", work, NPROC_PER_NODE=2, **fault_env("slow_tokenize=8"),
               TUNELAB_DIST_TIMEOUT=3)
     return work, cp
 
@@ -117,7 +117,7 @@ def test_killed_two_process_run_resumes_with_two_or_one(two_process_run, cfg_fil
     straight = run_losses(two_process_run[0])
     work = tmp_path / "killed"
     cp = _run("train", cfg_file, "--work-dir", work, "--cfg-options", "save_steps=3", NPROC_PER_NODE=2,
-              TUNELAB_FAULT="kill_after_step=4")
+              **fault_env("kill_after_step=4"))
     assert cp.returncode != 0
     assert sorted(p.name for p in work.glob("*.pth")) == ["iter_3.pth"]
     alone = tmp_path / "alone"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA, run_losses, write_config
+from conftest import DATA, fault_env, run_losses, write_config
 from test_fast import _batch, _gpu_lora_model_and_batch, _single_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -144,7 +144,7 @@ def llama_1b() -> Path:
 
 
 def _train(cfg: Path, work: Path, log: Path, *extra: str, fault: str = "", wait: bool = True):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TUNELAB_FAULT=fault)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(fault_env(fault) if fault else {}))
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg), "--work-dir", str(work),
                                  *extra], stdout=subprocess.DEVNULL, stderr=err, env=env)

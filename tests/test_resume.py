@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, run_losses, write_config
+from conftest import fault_env, run_cli, run_losses, write_config
 from tunelab.checkpoint import load_checkpoint
 
 
@@ -48,7 +48,7 @@ def test_resume_after_sigkill_is_exact(cfg_file, tmp_path, options):
     if options:
         assert "LoRA as GEMM groups" in cp.stderr and "inputs on the host" in cp.stderr, cp.stderr[-3000:]
     cp = _run("train", cfg_file, "--work-dir", tmp_path / "killed", *options,
-              env=_env(TUNELAB_FAULT="kill_after_step=23"))
+              env=_env(**fault_env("kill_after_step=23")))
     assert cp.returncode == -signal.SIGKILL
     assert load_checkpoint(tmp_path / "killed" / "iter_20.pth")["meta"]["step"] == 20
     cp = _run("train", cfg_file, "--work-dir", tmp_path / "killed", "--resume", *options)
@@ -68,7 +68,7 @@ def test_resume_after_sigkill_is_exact(cfg_file, tmp_path, options):
 def test_torn_checkpoint_write_keeps_previous(cfg_file, tmp_path):
     """Acceptance 2: a crash halfway through writing a checkpoint leaves the previous one usable."""
     work = tmp_path / "w"
-    cp = _run("train", cfg_file, "--work-dir", work, env=_env(TUNELAB_FAULT="crash_in_checkpoint_write=2"))
+    cp = _run("train", cfg_file, "--work-dir", work, env=_env(**fault_env("crash_in_checkpoint_write=2")))
     assert cp.returncode == -signal.SIGKILL
     assert not (work / "iter_10.pth").exists() and list(work.glob(".iter_10.pth.*.tmp"))
     assert Path((work / "last_checkpoint").read_text().strip()).name == "iter_5.pth"
@@ -118,7 +118,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(cfg_file, tmp_path):
     """Acceptance 4: non-finite losses are skipped and counted; after max_bad_steps in a row, a one-line stop."""
     work = tmp_path / "w"
     cp = _run("train", cfg_file, "--work-dir", work, "--cfg-options", "max_bad_steps=4", "save_steps=2",
-              env=_env(TUNELAB_FAULT="nan_loss_from_step=5"))
+              env=_env(**fault_env("nan_loss_from_step=5")))
     assert cp.returncode == 1, cp.stderr[-3000:]
     last = cp.stderr.strip().splitlines()[-1]
     assert last.startswith("tunelab: error: training stopped at step 8: 4 steps in a row had a non-finite")
@@ -149,7 +149,7 @@ def test_resume_from_every_position(tmp_path, tiny_llama, data_dir):
 
     for kill_after, resumed_at in [(3, None), (21, 20)]:
         work = tmp_path / f"killed_{kill_after}"
-        cp = _run("train", cfg, "--work-dir", work, env=_env(TUNELAB_FAULT=f"kill_after_step={kill_after}"))
+        cp = _run("train", cfg, "--work-dir", work, env=_env(**fault_env(f"kill_after_step={kill_after}")))
         assert cp.returncode == -signal.SIGKILL
         cp = _run("train", cfg, "--work-dir", work, "--resume")
         assert cp.returncode == 0, cp.stderr[-3000:]

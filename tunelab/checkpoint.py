@@ -12,7 +12,6 @@ from typing import Any, Iterator
 import torch
 
 from tunelab.errors import TrainingStopped, UserError
-from tunelab.faults import CrashingFile, fault
 from tunelab.fsutil import temp_dir_beside, temp_file_beside
 
 
@@ -25,9 +24,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_writes = 0
 
 
 class _WriteErrors:
@@ -49,15 +45,10 @@ class _WriteErrors:
 
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via `write(file)` to a temp file beside `path`, fsync, then rename over it."""
-    global _writes
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".pth":
-                _writes += 1
-                if fault("crash_in_checkpoint_write") == _writes:
-                    f = CrashingFile(f, after=4096)
             recorder = _WriteErrors(f)
             try:
                 write(recorder)

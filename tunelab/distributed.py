@@ -27,7 +27,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.faults import fault
 
 log = logging.getLogger("tunelab")
 
@@ -315,9 +314,6 @@ def tokenise_once(ctx: Context, cfg, model_path: str, work_dir: Path, build):
             with open(path, "rb") as f:
                 return pickle.load(f)
         log.info("tokenising on rank 0; the other ranks wait for %s", path)
-        delay = fault("slow_tokenize")
-        if delay:
-            time.sleep(delay)
         try:
             result = build()
         except UserError as exc:

@@ -29,7 +29,6 @@ import torch
 from tunelab.data.dataset import collate
 from tunelab.distributed import Context
 from tunelab.errors import UserError
-from tunelab.faults import fault
 
 log = logging.getLogger("tunelab")
 
@@ -121,7 +120,6 @@ class Engine:
         rank, bs = self.ctx.rank, cfg.batch_size
         n_targets = sum(s.n_targets for batch in window for s in batch)
         n_tokens = sum(len(s) for batch in window for s in batch)
-        poison = fault("nan_loss_from_step")
         total, bad = 0.0, False
         for i, batch in enumerate(window):
             last = i == len(window) - 1
@@ -131,8 +129,6 @@ class Engine:
             with self.sync(last):
                 loss = token_losses(self.model, collate(mine, tokenizer.pad_token_id), dtype).sum() / n_targets
                 loss = loss * weight
-                if poison is not None and step >= poison:
-                    loss = loss * float("inf")
                 finite = bool(torch.isfinite(loss))
                 bad |= not finite
                 self.backward(loss, last)  # even when not finite: every rank must take part in the reduction

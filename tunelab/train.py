@@ -31,7 +31,6 @@ from tunelab.data.dataset import Sequence, build_sequences, collate, model_atten
 from tunelab.data.encode import IGNORE, PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.errors import ConfigError, TrainingInterrupted, TrainingStopped, UserError
-from tunelab.faults import fault, kill_now
 from tunelab.model.generate import Sampling, generate
 from tunelab.model.load import (add_lora, load_model, load_tokenizer, resolve_dtype,
                                 resolve_model_path)
@@ -372,8 +371,6 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
                     monitor.step({"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
                                   "tokens_per_s": tokens / max(seconds, 1e-9), "memory_gb": _memory_gb(),
                                   "time": round(time.time() - started, 3)})
-                if fault("kill_after_step") == step:
-                    kill_now()
                 if stop_signal:
                     path = save(f"iter_{step}.pth", epoch)
                     signame = "SIGINT" if stop_signal[0] == signal.SIGINT else "SIGTERM"
@@ -425,13 +422,7 @@ def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg:
     t0 = time.time()
     n_targets = sum(s.n_targets for batch in window for s in batch)
     n_tokens = sum(len(s) for batch in window for s in batch)
-    poison = fault("nan_loss_from_step")
-    losses = []
-    for batch in window:
-        loss = forward_backward(model, collate(batch, tokenizer.pad_token_id), dtype, n_targets)
-        if poison is not None and step >= poison:
-            loss = loss * float("inf")
-        losses.append(loss)
+    losses = [forward_backward(model, collate(batch, tokenizer.pad_token_id), dtype, n_targets) for batch in window]
     total = torch.stack(losses).sum()
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float("inf"))
     finite = torch.isfinite(total) & torch.isfinite(norm)
