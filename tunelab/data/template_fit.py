@@ -113,7 +113,7 @@ def check_template_fit(tokenizer, template_name: str, model: str, check: bool = 
     if foreign:
         fits = matching_templates(tokenizer, rendering)
         also = f" (tunelab's {', '.join(repr(n) for n in fits[:3])} also write it)" if fits else ""
-        text = (f"prompt_template '{template_name}' does not fit {model}: it writes {', '.join(foreign[:4])}, which "
+        text = (f"prompt_template '{template_name}' does not fit {model}: it writes {', '.join(foreign[:6])}, which "
                 f"the model's tokenizer neither holds as tokens nor uses in its own chat format ({_shown(rendering)})")
         if check:
             raise ConfigError(f"{text}; set prompt_template = 'auto' to train in the model's own format{also}, or "
