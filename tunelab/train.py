@@ -238,10 +238,10 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
     # Data first: bad data must fail in seconds, not after a 7B model has loaded.
     model_path = resolve_model_path(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    # another family's format on this model stops here, before a work dir or a cache exists
+    # another family's format on this model stops here, before a work dir or a cache exists; the verdict is
+    # logged once the data has loaded, so that a data error stays the only line
     fit = check_template_fit(tokenizer, cfg.prompt_template, cfg.pretrained_model_name_or_path,
                              cfg.prompt_template_check)
-    (log.warning if fit.verdict == "conflict" else log.info)(fit.message)
     root = Path(work_dir) if work_dir else Path("work_dirs") / name
     if not (resume or cfg.auto_resume):
         refuse_existing_run(root)
@@ -251,6 +251,7 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
         processes = f" x {ctx.world_size} processes" if ctx.world_size > 1 else ""
         raise ConfigError(f"'batch_size' {cfg.batch_size}{processes} is larger than the dataset ({len(sequences)} "
                           f"sequences after packing); lower batch_size")
+    (log.warning if fit.verdict == "conflict" else log.info)(fit.message)
     fmt = PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM)
     resume = resume or ("auto" if cfg.auto_resume else None)
     checkpoint = None
