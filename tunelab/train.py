@@ -239,7 +239,7 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
     model_path = resolve_model_path(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     # another family's format on this model stops here, before a work dir or a cache exists; the verdict is
-    # logged once the data has loaded, so that a data error stays the only line
+    # logged with the run's first lines, so that an input error found on the way stays the only line
     fit = check_template_fit(tokenizer, cfg.prompt_template, cfg.pretrained_model_name_or_path,
                              cfg.prompt_template_check)
     root = Path(work_dir) if work_dir else Path("work_dirs") / name
@@ -251,7 +251,6 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
         processes = f" x {ctx.world_size} processes" if ctx.world_size > 1 else ""
         raise ConfigError(f"'batch_size' {cfg.batch_size}{processes} is larger than the dataset ({len(sequences)} "
                           f"sequences after packing); lower batch_size")
-    (log.warning if fit.verdict == "conflict" else log.info)(fit.message)
     fmt = PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM)
     resume = resume or ("auto" if cfg.auto_resume else None)
     checkpoint = None
@@ -272,6 +271,7 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
     monitor_type = RunMonitor if ctx.is_main else distributed.NullMonitor
     monitor = monitor_type(root, total_steps, cfg.log_interval, render_config(to_dict(cfg), name), name)
     try:
+        (log.warning if fit.verdict == "conflict" else log.info)(fit.message)
         return _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, monitor, checkpoint,
                     steps_per_epoch, total_steps, ctx, deepspeed)
     finally:
