@@ -35,6 +35,8 @@ def reference(t: Template, turns, system: str | None = None, bos: str = BOS, eos
         if i == 0 and t.system_in_instruction:
             inp = block + inp
         text += t.instruction.format(input=inp, round=i + 1)
+        if i == len(turns) - 1:
+            text += t.last_answer_prefix
         if out is None:
             break
         text += out
@@ -233,6 +235,11 @@ WITH_SYSTEM: dict[str, tuple[str, str, str]] = {
                '<|im_start|>system\nYou are brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
                '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
                '<|im_start|>assistant\nGoodbye<|im_end|>'),
+    # Qwen3 in non-thinking mode: the last answer opens with the empty think block
+    'qwen3': ('', '<|im_end|>',
+              '<|im_start|>system\nYou are brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+              '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
+              '<|im_start|>assistant\n<think>\n\n</think>\n\nGoodbye<|im_end|>'),
     'yi_chat': ('', '<|endoftext|>',
                 '<|im_start|>system\nYou are brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
                 '<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
@@ -253,6 +260,21 @@ WITH_SYSTEM: dict[str, tuple[str, str, str]] = {
     # Mistral's template puts the system text inside the first [INST]
     'mistral': ('<s>', '</s>', '<s>[INST] You are brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>'),
     'mixtral': ('<s>', '</s>', '<s>[INST] You are brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]Goodbye</s>'),
+    # Mistral v0.3 and the tekken models: no space before [/INST] (v0.3 keeps the one after [INST]); tunelab
+    # puts the system text in the first [INST]
+    'mistral_v3': ('<s>', '</s>', '<s>[INST] You are brief.\n\nHi[/INST]Hello</s>[INST] Bye[/INST]Goodbye</s>'),
+    'mistral_tekken': ('<s>', '</s>', '<s>[INST]You are brief.\n\nHi[/INST]Hello</s>[INST]Bye[/INST]Goodbye</s>'),
+    # Gemma 3 opens the first user turn with the system text and a blank line
+    'gemma3': ('<bos>', '<eos>',
+               '<bos><start_of_turn>user\nYou are brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n'
+               '<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\nGoodbye<end_of_turn>'),
+    'phi4': ('<|endoftext|>', '<|im_end|>',
+             '<|im_start|>system<|im_sep|>You are brief.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|>'
+             '<|im_start|>assistant<|im_sep|>Hello<|im_end|><|im_start|>user<|im_sep|>Bye<|im_end|>'
+             '<|im_start|>assistant<|im_sep|>Goodbye<|im_end|>'),
+    'phi4_mini': ('<|endoftext|>', '<|endoftext|>',
+                  '<|system|>You are brief.<|end|><|user|>Hi<|end|><|assistant|>Hello<|end|><|user|>Bye<|end|>'
+                  '<|assistant|>Goodbye<|end|>'),
     # Gemma has no system role; the system turn is XTuner's extension
     'gemma': ('<bos>', '<eos>',
               '<bos><start_of_turn>system\nYou are brief.<end_of_turn>\n<start_of_turn>user\nHi<end_of_turn>\n'

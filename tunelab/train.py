@@ -29,6 +29,7 @@ from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
 from tunelab.data.dataset import Sequence, build_sequences, collate, model_attention_mask, pack
 from tunelab.data.encode import IGNORE, PromptFormat
+from tunelab.data.template_fit import check_template_fit
 from tunelab.data.formats import Turn
 from tunelab.errors import ConfigError, TrainingInterrupted, TrainingStopped, UserError
 from tunelab.model.generate import Sampling, generate
@@ -236,6 +237,10 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
     # Data first: bad data must fail in seconds, not after a 7B model has loaded.
     model_path = resolve_model_path(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    # another family's format on this model stops here, before a work dir or a cache exists; the verdict is
+    # logged with the run's first lines, so that an input error found on the way stays the only line
+    fit = check_template_fit(tokenizer, cfg.prompt_template, cfg.pretrained_model_name_or_path,
+                             cfg.prompt_template_check)
     root = Path(work_dir) if work_dir else Path("work_dirs") / name
     if not (resume or cfg.auto_resume):
         refuse_existing_run(root)
@@ -265,6 +270,7 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
     monitor_type = RunMonitor if ctx.is_main else distributed.NullMonitor
     monitor = monitor_type(root, total_steps, cfg.log_interval, render_config(to_dict(cfg), name), name)
     try:
+        (log.warning if fit.verdict == "conflict" else log.info)(fit.message)
         return _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, monitor, checkpoint,
                     steps_per_epoch, total_steps, ctx, deepspeed)
     finally:

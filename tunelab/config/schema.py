@@ -57,6 +57,10 @@ class Config:
     prompt_template: str = setting(
         "default", "Chat template the samples are rendered with (tunelab chat uses the same); "
         "'auto' uses the tokenizer's own chat_template.", group="data")
+    prompt_template_check: bool = setting(
+        True, "Stop before training when prompt_template writes markers the model's tokenizer does not know "
+        "(another family's format, e.g. InternLM's <eoa> on a ChatML model); False keeps it on purpose.",
+        group="data")
     SYSTEM: str = setting("", "System text put in every sample that has none.", group="data")
     max_length: int = setting(2048, "Tokens per sample; longer samples are truncated (counted and "
                               "reported).", group="data", min=1)

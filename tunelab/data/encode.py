@@ -62,6 +62,15 @@ class PromptFormat:
         ids, _ = self.encode(turns, open_last)
         return self.tokenizer.decode(ids)
 
+    def text(self, turns: list[Turn]) -> str:
+        """The dialogue as the template writes it, bos/eos tokens spelled out, before any tokenisation:
+        what the template check compares with the tokenizer's own chat_template."""
+        if self.template is None:
+            raise ValueError("PromptFormat.text is for named templates; 'auto' is the tokenizer's own rendering")
+        bos = self.tokenizer.bos_token if self.template.bos and self.tokenizer.bos_token else ""
+        eos = self.tokenizer.eos_token or ""
+        return bos + "".join(text + (eos if add_eos else "") for text, _, add_eos in self._segments_template(turns))
+
     def _system_for(self, turns: list[Turn]) -> str:
         return turns[0].system or self.system or (self.template.default_system if self.template else "")
 
@@ -81,6 +90,8 @@ class PromptFormat:
                         prompt += block
             # {round} first, so braces inside the user's text are never touched
             prompt += t.instruction.replace("{round}", str(i + 1)).replace("{input}", user_text)
+            if i == len(turns) - 1:
+                prompt += t.last_answer_prefix
             segments.append((prompt, False, False))
             has_output = bool(turn.output)
             ends = t.end_history_turns or i == len(turns) - 1

@@ -6,9 +6,11 @@ A dialogue [(system, in1, out1), (in2, out2), ...] renders as
     + separator + instruction.format(input=in2, round=2) + out2 + suffix + ...
 
 with the tokenizer's bos token in front when `bos` is True and its eos token after each output when
-`suffix` is ''. Two switches cover the formats that do not fit that line: `system_in_instruction` puts
-the system block inside the first instruction, in front of in1 (Llama-2, current Mistral), and
-`end_history_turns=False` ends only the last answer (ChatGLM writes nothing between turns). Each template reproduces its model's published chat format (the HF tokenizer_config
+`suffix` is ''. Three switches cover the formats that do not fit that line: `system_in_instruction` puts
+the system block inside the first instruction, in front of in1 (Llama-2, current Mistral),
+`end_history_turns=False` ends only the last answer (ChatGLM writes nothing between turns), and
+`last_answer_prefix` is prompt text put before the last answer only (Qwen3 closes an empty think block there).
+Each template reproduces its model's published chat format (the HF tokenizer_config
 chat_template or the model's own repo) within what that scheme can express. Conventions:
 
 * The prompt ends where the published generation prompt ends. Where a published template writes a
@@ -42,6 +44,7 @@ class Template:
     prefix: str = ''     # literal text that starts every dialogue, after the bos token (ChatGLM's [gMASK]sop)
     system_in_instruction: bool = False  # the system block goes inside the first instruction, before the input (Llama-2's <<SYS>>)
     end_history_turns: bool = True       # False: only the dialogue's last answer gets the suffix/eos (ChatGLM writes none between turns)
+    last_answer_prefix: str = ''         # prompt text before the last answer only (Qwen3's empty <think> block, its non-thinking mode)
     notes: str = ''      # one line: which published format this follows
 
 
@@ -114,6 +117,9 @@ qwen_chat = _add(Template(
     notes='Qwen/Qwen1.5/Qwen2 chat: ChatML with no bos and the default system "You are a helpful assistant."'))
 _alias('chatml', dataclasses.replace(qwen_chat, default_system=''),
        'plain ChatML (<|im_start|>role\\n...<|im_end|>), no bos, no default system; fits Qwen3 without <think>')
+_alias('qwen3', dataclasses.replace(qwen_chat, default_system='', last_answer_prefix='<think>\n\n</think>\n\n'),
+       'Qwen3 (0.6B-32B) chat_template in non-thinking mode: ChatML, no bos, no default system; the last answer '
+       'opens with an empty <think></think> block, as the template writes with enable_thinking=False')
 _alias('yi_chat', dataclasses.replace(qwen_chat, default_system=''),
        '01-ai Yi chat models: ChatML with no bos and no default system')
 _add(Template(
@@ -140,15 +146,36 @@ mistral = _add(Template(
     suffix='', separator='', stop_words=(), system_in_instruction=True,
     notes='Mistral-7B-Instruct chat_template: <s>[INST] system\\n\\nu [/INST]a</s>[INST] ...; system in the first [INST]'))
 _alias('mixtral', mistral, 'Mixtral-8x7B-Instruct-v0.1 chat_template: same as mistral')
+mistral_v3 = _add(dataclasses.replace(
+    mistral, name='mistral_v3', instruction='[INST] {input}[/INST]',
+    notes=('Mistral-7B-Instruct-v0.3 chat_template: <s>[INST] u[/INST] a</s>[INST] ...; the published one puts '
+           'the system text in the last [INST] (shown only when the prompt ends in a user turn), tunelab in the first')))
+_add(dataclasses.replace(
+    mistral_v3, name='mistral_tekken', instruction='[INST]{input}[/INST]',
+    notes=('Mistral-Nemo-Instruct-2407 / Ministral-8B-Instruct-2410 (tekken tokenizer) chat_template: '
+           '<s>[INST]u[/INST]a</s>, no spaces inside [INST]; the system text as in mistral_v3')))
 _add(Template(
     'gemma', system='<start_of_turn>system\n{system}<end_of_turn>\n',
     instruction='<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n',
     suffix='<end_of_turn>', separator='\n', stop_words=('<end_of_turn>',),
     notes="gemma(-2)-it chat_template after <bos>; the system turn is XTuner's extension (gemma has none)"))
 _add(Template(
+    'gemma3', system='{system}\n\n', instruction='<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n',
+    suffix='<end_of_turn>', separator='\n', stop_words=('<end_of_turn>',), system_in_instruction=True,
+    notes='gemma-3-*-it chat_template after <bos>: gemma turns; the system text opens the first user turn, then a blank line'))
+_add(Template(
     'phi3_chat', system='<|system|>\n{system}<|end|>\n', instruction='<|user|>\n{input}<|end|>\n<|assistant|>\n',
     suffix='<|end|>', separator='\n', stop_words=('<|end|>', '<|endoftext|>'),
     notes='Phi-3-mini-instruct chat_template: <s><|role|>\\n...<|end|>\\n blocks'))
+_add(Template(
+    'phi4', system='<|im_start|>system<|im_sep|>{system}<|im_end|>',
+    instruction='<|im_start|>user<|im_sep|>{input}<|im_end|><|im_start|>assistant<|im_sep|>',
+    suffix='<|im_end|>', separator='', stop_words=('<|im_end|>', '<|endoftext|>'), bos=False,
+    notes='microsoft/phi-4 chat_template: <|im_start|>role<|im_sep|>...<|im_end|> blocks, no newlines, no bos'))
+_add(Template(
+    'phi4_mini', system='<|system|>{system}<|end|>', instruction='<|user|>{input}<|end|><|assistant|>',
+    suffix='<|end|>', separator='', stop_words=('<|end|>', '<|endoftext|>'), bos=False,
+    notes='Phi-4-mini-instruct chat_template: <|role|>...<|end|> blocks, no newlines, no bos'))
 deepseek = _add(Template(
     'deepseek', system='{system}\n\n', instruction='User: {input}\n\nAssistant:',
     suffix='', separator='', stop_words=(),
@@ -239,7 +266,8 @@ def template_to_jinja(t: Template) -> str:
         lines.append("{%- if system_text -%}{{- " + system_block + " -}}{%- endif -%}")
     lines += [
         "{#- add_generation_prompt needs nothing: a user turn already ends with the assistant header -#}",
-        "{%- set ns = namespace(round=0) -%}",
+        "{%- set ns = namespace(round=0, users=(loop_messages | selectattr('role', 'equalto', 'user') | list "
+        "| length)) -%}",
         "{%- for message in loop_messages -%}",
         "{%- if message['role'] == 'user' -%}",
         "{%- set ns.round = ns.round + 1 -%}",
@@ -254,6 +282,10 @@ def template_to_jinja(t: Template) -> str:
                   else "{%- if loop.last -%}{{- " + end + " -}}{%- endif -%}")
     lines += [
         "{{- " + _jinja_concat(t.instruction, {'input': 'user_text', 'round': 'ns.round'}) + " -}}",
+    ]
+    if t.last_answer_prefix:
+        lines.append("{%- if ns.round == ns.users -%}{{- " + lit(t.last_answer_prefix) + " -}}{%- endif -%}")
+    lines += [
         "{%- elif message['role'] == 'assistant' -%}",
         "{{- message['content'] -}}" + end_answer,
         "{%- else -%}",

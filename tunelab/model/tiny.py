@@ -76,15 +76,18 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE tokenizer trained on a small built-in corpus, as a transformers fast tokenizer."""
+def build_tokenizer(vocab_size: int = 1024, markers: list[str] | None = None):
+    """A byte-level BPE tokenizer trained on a small built-in corpus, as a transformers fast tokenizer. Its
+    special tokens are every family's markers, or only `markers` (a one-family vocabulary, as real models
+    have, for the template-fit tests)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from tunelab.data.templates import TEMPLATES
 
     specials = ["<s>", "</s>", "<pad>"]
-    for word in MARKERS + [w for t in TEMPLATES.values() for w in t.stop_words]:
+    every_family = MARKERS + [w for t in TEMPLATES.values() for w in t.stop_words]
+    for word in every_family if markers is None else markers:
         if word not in specials:
             specials.append(word)
     bpe = Tokenizer(models.BPE())
@@ -109,15 +112,16 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 128, layers: int 
 
 
 def build_tiny_model(target: Path | str, arch: str = "llama", hidden_size: int = 128, layers: int = 2,
-                     seed: int = 0) -> Path:
-    """Write a tiny random model + tokenizer of the given architecture to `target` (atomically)."""
+                     seed: int = 0, markers: list[str] | None = None, chat_template: str | None = None) -> Path:
+    """Write a tiny random model + tokenizer of the given architecture to `target` (atomically); `markers` and
+    `chat_template` replace the tokenizer's special tokens (build_tokenizer) and its family chat template."""
     import transformers
 
     from tunelab.data.templates import get_template, template_to_jinja
 
     target = Path(target)
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = template_to_jinja(get_template(ARCHS[arch][2]))
+    tokenizer = build_tokenizer(markers=markers)
+    tokenizer.chat_template = chat_template or template_to_jinja(get_template(ARCHS[arch][2]))
     config = tiny_config(arch, len(tokenizer), hidden_size, layers, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
