@@ -1,6 +1,8 @@
 """Tiny models: real architectures and a real tokenizer that round-trips Chinese, loaded the standard way."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,14 +32,21 @@ def test_tokenizer_round_trips_chinese_and_markers(tiny_llama):
 
 
 def test_builtin_model_is_built_once(monkeypatch, tmp_path):
+    """The first use builds the model under TUNELAB_HOME; later ones find it there and build nothing."""
+    from tunelab.model import tiny
+
     monkeypatch.setenv("TUNELAB_HOME", str(tmp_path))
     path = resolve_model_path("builtin:tiny-qwen2")
-    stamp = (tmp_path / "models").stat().st_mtime_ns
+    stamp = (Path(path) / "config.json").stat().st_mtime_ns
+
+    def build_again(*args, **kwargs):
+        raise AssertionError("built a second time")
+    monkeypatch.setattr(tiny, "build_tiny_model", build_again)
     assert resolve_model_path("builtin:tiny-qwen2") == path
+    assert (Path(path) / "config.json").stat().st_mtime_ns == stamp
     assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "qwen2"
     with pytest.raises(UserError, match="builtin:tiny-llama"):
         resolve_model_path("builtin:tiny-gpt5")
-    assert stamp
 
 
 def test_qlora_training_is_unchanged_by_an_evaluation_forward(tiny_llama):
