@@ -59,16 +59,16 @@ def load_device(kind: str, cfg, device: str, deepspeed: dict | None) -> str:
     return "cpu" if shards and cfg.algorithm != "qlora" else device
 
 
-def wrap(ctx: Context, model, cfg, dtype: torch.dtype, deepspeed: dict | None, work_dir: Path) -> "Engine":
+def wrap(ctx: Context, model, cfg, dtype: torch.dtype, deepspeed: dict | None, work_dir: Path) -> "TrainingEngine":
     """The engine that trains `model` (which is wrapped, sharded or partitioned in place as needed)."""
     kind = choose(ctx, cfg, deepspeed)
-    engine = {"single": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}[kind]
+    engine = {"single": TrainingEngine, "ddp": DDPEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}[kind]
     if kind != "single":
         log.info("parallel: %s over %d processes", kind, ctx.world_size)
     return engine(ctx, model, cfg, dtype, deepspeed, work_dir)
 
 
-class Engine:
+class TrainingEngine:
     """One process: the model as it is. Subclasses change how gradients are reduced and state is saved."""
     kind = "single"
 
@@ -154,7 +154,7 @@ class Engine:
         return float(every[:, 0].sum()), bool(every[:, 1].any()), int(every[:, 2].max())
 
 
-class DDPEngine(Engine):
+class DDPEngine(TrainingEngine):
     """PyTorch DistributedDataParallel. Frozen weights (a LoRA/QLoRA base) are left out of DDP's bookkeeping:
     every rank loaded them from the same files, and only trainable gradients need reducing."""
     kind = "ddp"
@@ -204,7 +204,7 @@ def _block_classes(model) -> set[str]:
     return names
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(TrainingEngine):
     """PyTorch FSDP2: each transformer block, then the whole model, is a `fully_shard` unit; every rank holds
     1/world_size of the weights, gradients and optimizer state. Checkpoints hold full (gathered) state,
     so they resume with any number of processes and `convert pth_to_hf` reads them as they are."""
@@ -252,7 +252,7 @@ class FSDPEngine(Engine):
                                  options=StateDictOptions(full_state_dict=True))
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(TrainingEngine):
     """DeepSpeed ZeRO 1/2/3 (with CPU offload), configured by tunelab.deepspeed_config. DeepSpeed averages
     gradients over ranks and divides the loss by its accumulation steps; the loss is scaled back so that the
     step's gradient equals the single-process one. The engine writes its sharded optimizer state beside each

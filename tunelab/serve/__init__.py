@@ -77,14 +77,14 @@ def serve(opts: ServeOptions) -> int:
 
     from tunelab.chat import load_chat_model
     from tunelab.serve.app import Limits, create_app
-    from tunelab.serve.engine import Engine
+    from tunelab.serve.worker import GenerationWorker
 
     if opts.max_queue < 1 or opts.max_tokens_limit < 1 or opts.max_body_bytes < 1024:
         raise UserError("--max-queue and --max-tokens-limit must be at least 1, --max-body-bytes at least 1024")
     sock = _bind(opts.host, opts.port)
     model, tokenizer, fmt = load_chat_model(opts.chat)
     name = opts.model_name or default_model_name(opts.chat)
-    engine = Engine(model, tokenizer, max_queue=opts.max_queue)
+    engine = GenerationWorker(model, tokenizer, max_queue=opts.max_queue)
     context = getattr(model.config, "max_position_embeddings", None)
     limits = Limits(max_body_bytes=opts.max_body_bytes, max_tokens=opts.max_tokens_limit)
     sampling = opts.chat.sampling

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunelab.data.encode import PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.model.generate import Sampling
-from tunelab.serve.engine import Engine, Job, QueueFull
+from tunelab.serve.worker import GenerationWorker, Job, QueueFull
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks whether its client is still there
 
@@ -151,7 +151,7 @@ def parse_request(data: dict) -> ChatRequest:
 
 
 # -- the app ------------------------------------------------------------------------------------------
-def create_app(engine: Engine, fmt: PromptFormat, model_name: str, sampling: Sampling, extra_stop: list[str],
+def create_app(engine: GenerationWorker, fmt: PromptFormat, model_name: str, sampling: Sampling, extra_stop: list[str],
                limits: Limits, api_key: str | None = None, context_length: int | None = None) -> FastAPI:
     """The FastAPI application serving `engine` under the name `model_name`."""
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None)

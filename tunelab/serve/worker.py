@@ -34,7 +34,7 @@ class Job:
     queued_at: float = field(default_factory=time.monotonic)
 
 
-class Engine:
+class GenerationWorker:
     """Owns the model; `submit` queues a job (or raises QueueFull), the worker thread runs jobs in order."""
 
     def __init__(self, model, tokenizer, max_queue: int = 32):
