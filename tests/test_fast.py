@@ -321,7 +321,7 @@ def test_lora_gemm_group_passes_gradcheck():
     torch.testing.assert_close(got, projs[0].base(a) + 0.5 * (a @ projs[0].lora_a.t()) @ projs[0].lora_b.t())
     assert torch.autograd.gradcheck(lambda a, *w: project(None, (a,), projs[:1])[0], (a, *loras[:2]))
     # a prologue with a backward of its own, which writes its gradients over t and dt (SwiGLU, as for down)
-    from tunelab.fast.decoder import _swiglu, _swiglu_backward_
+    from tunelab.fast.regions import swiglu as _swiglu, swiglu_backward_ as _swiglu_backward_
 
     gate, up = rand(2, n, d_in, grad=True), rand(2, n, d_in, grad=True)
 
@@ -1105,9 +1105,9 @@ def test_nf4_kernel_falls_back_to_bitsandbytes_where_it_cannot_run(caplog):
 @GPU
 def test_gpu_swiglu_gradients_are_written_in_place():
     """The down projection's group, compiled as the fast path runs it: with SwiGLU's own backward
-    (decoder._swiglu_backward_) its backward allocates two (tokens x intermediate) tensors fewer than with
+    (regions.swiglu_backward_) its backward allocates two (tokens x intermediate) tensors fewer than with
     autograd's, and gives the same gradients (bf16)."""
-    from tunelab.fast.decoder import _swiglu, _swiglu_backward_
+    from tunelab.fast.regions import swiglu as _swiglu, swiglu_backward_ as _swiglu_backward_
     from tunelab.fast.parts import Proj
     from tunelab.fast.lora_gemm import project
 

@@ -28,7 +28,6 @@ from contextlib import nullcontext
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.fast.attention import PackedLayout, attention, packed_layout, windowed
@@ -36,7 +35,10 @@ from tunelab.fast.dropout import Masks, add_dropped, dropped
 from tunelab.fast.lora_gemm import project, recomputing
 from tunelab.fast.loss import chunked_token_losses
 from tunelab.fast.offload import HostStash, KeptOutputs, offloaded
-from tunelab.fast.parts import Layer, Proj, decoder_core, layers_of, lm_head, norm_eps
+from tunelab.fast.parts import Layer, decoder_core, layers_of, lm_head, norm_eps
+from tunelab.fast.regions import (attn_residual_norm, frozen_projection, gate_up, geglu, lora_args,
+                                  mlp_residual, post_residual, qkv_rope, rms_norm, rope, split_gate_up, split_qkv,
+                                  swiglu, swiglu_backward_)
 from tunelab.fast.support import support
 
 # The forward's link to the host carries the recomputed layers' inputs, and what room it has left carries the
@@ -55,149 +57,6 @@ FLOP_PER_LINK_BYTE = 13_000
 # tokens none do (attention, not the link, paces the step), and a resident layer there added 1.5 GiB to the
 # peak (12.28 against 10.78) for no speed.
 RESIDENT_LAYERS = 1
-
-
-def _rms_norm(x, weight, eps, gemma: bool = False):
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    if gemma:  # Gemma scales by (1 + w), in fp32
-        return (x32 * (1.0 + weight.float())).to(dtype)
-    return (weight * x32.to(dtype)).to(dtype)  # as HF computes it, then in the compute dtype
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class _FrozenLinear4bit(torch.autograd.Function):
-    """x @ W.T for a frozen NF4 weight that is dequantised again in backward instead of being kept: the
-    bf16 copy of a layer's weights lives only while its GEMMs run."""
-
-    @staticmethod
-    def forward(ctx, x, proj: "Proj"):
-        ctx.proj = proj
-        return F.linear(x, proj.weight(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad @ ctx.proj.weight(grad.dtype), None
-
-
-def _base(x, p: Proj):
-    """The frozen projection (no LoRA); nothing beyond the weight itself is kept for backward."""
-    if getattr(p.base.weight, "quant_state", None) is not None:
-        y = _FrozenLinear4bit.apply(x, p)
-        return y if p.bias is None else y + p.bias.to(y.dtype)
-    return F.linear(x, p.weight(x.dtype), None if p.bias is None else p.bias.to(x.dtype))
-
-
-def _lora_args(p: Proj) -> tuple:
-    """A projection's LoRA branch as the compiled regions take it: (A, B, scale)."""
-    return p.lora_a, p.lora_b, p.scale
-
-
-def _lora(x, a, b, scale, dropout: float, training: bool):
-    if a is None:
-        return 0
-    xa = F.dropout(x, dropout, training) if dropout else x
-    return F.linear(F.linear(xa, a.to(x.dtype)), b.to(x.dtype)) * scale
-
-
-def _recomputed(fn, *args):
-    """fn(*args), recomputed in backward instead of kept: for cheap pointwise work over tensors that backward
-    keeps anyway. Inside a compiled region the checkpoint tells the partitioner so; left to itself it kept
-    the normed inputs and the SwiGLU product, 4.7 of a layer's ~16 hidden-sized saved tensors."""
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
-
-
-def _swiglu(g, u):
-    return F.silu(g) * u
-
-
-def _geglu(g, u):
-    return F.gelu(g, approximate="tanh") * u
-
-
-def _glu(g, u, gemma: bool):
-    return _geglu(g, u) if gemma else _swiglu(g, u)
-
-
-def _swiglu_backward_(g, u, m, dm):
-    """SwiGLU's gradients for gate and up, given its output m = silu(g) * u and m's gradient dm, written over m
-    and dm (lora_gemm's prologue_backward: neither is read again), so the down projection's backward holds
-    four (tokens x intermediate) tensors, not autograd's six (its m, dm and two new gradients beside gate and
-    up). The 7B 8,192-token QLoRA step's peak was in that backward: it fell from 7.25 to 7.12 GiB on an H200
-    (bench/RESULTS.md)."""
-    wide = torch.promote_types(g.dtype, torch.float32)  # bf16 computes in fp32 (as autograd's kernel does)
-    g32, dm32 = g.to(wide), dm.to(wide)
-    s = torch.sigmoid(g32)
-    m.copy_(dm32 * u.to(wide) * s * (1 + g32 * (1 - s)))  # silu'(g) = s (1 + g (1 - s))
-    dm.copy_(dm32 * g32 * s)
-    return m, dm
-
-
-# The compiled regions: everything between the frozen GEMMs (which run as they are, or dequantise NF4).
-def _qkv_rope(x, ln1, eps, gemma: bool, ys, loras, cos, sin, heads: int, kv_heads: int, dropout: float,
-              training: bool, *head_norms):
-    """LoRA branches (A, B, scale) of q/k/v (or of the fused qkv) added to their frozen outputs `ys`, then RoPE:
-    (batch, seq, heads, dim). The norm is recomputed here from x (which backward keeps anyway) so the normed copy
-    need not be kept."""
-    h = _recomputed(_rms_norm, x, ln1, eps, gemma)
-    ys = [y + _lora(h, *lora, dropout, training) for y, lora in zip(ys, loras)]
-    return _rope(*_split_qkv(ys, heads, kv_heads), cos, sin, heads, kv_heads, *head_norms)
-
-
-def _split_qkv(ys, heads: int, kv_heads: int):
-    """q, k, v from the outputs of Layer.attention_inputs: as they are, or split from the fused qkv (Phi-3)."""
-    if len(ys) == 3:
-        return ys
-    d = ys[0].shape[-1] // (heads + 2 * kv_heads)
-    return ys[0].split([heads * d, kv_heads * d, kv_heads * d], -1)
-
-
-def _split_gate_up(ys):
-    """gate, up from the outputs of Layer.mlp_inputs: as they are, or the halves of the fused gate_up (Phi-3)."""
-    return ys if len(ys) == 2 else ys[0].chunk(2, -1)
-
-
-def _rope(q, k, v, cos, sin, heads: int, kv_heads: int, q_norm=None, k_norm=None, head_norm_eps: float = 0.0,
-          gemma: bool = False):
-    """RoPE over q and k, as (batch, seq, heads, dim); first, where given (Qwen3, Gemma 3: Layer.head_norms), an
-    RMSNorm over each head of q and of k."""
-    b, n, _ = q.shape
-    q, k, v = q.view(b, n, heads, -1), k.view(b, n, kv_heads, -1), v.view(b, n, kv_heads, -1)
-    if q_norm is not None:
-        q, k = _rms_norm(q, q_norm, head_norm_eps, gemma), _rms_norm(k, k_norm, head_norm_eps, gemma)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
-
-
-def _post_residual(x, y, post, eps, gemma: bool):
-    """x + y, or (Gemma 2/3, `post` given) x + RMSNorm(y): a sublayer's output joining the residual stream."""
-    return x + y if post is None else x + _rms_norm(y, post, eps, gemma)
-
-
-def _attn_residual_norm(x, a, yo, ao, bo, so, ln2, eps, gemma: bool, post, dropout: float, training: bool):
-    """o projection's LoRA + residual (through the post-attention norm where there is one), then the MLP's
-    input norm."""
-    x = _post_residual(x, yo + _lora(a, ao, bo, so, dropout, training), post, eps, gemma)
-    return x, _rms_norm(x, ln2, eps, gemma)
-
-
-def _gate_up(x, ln2, eps, gemma: bool, ys, loras, dropout: float, training: bool):
-    """Gate/up (or the fused gate_up) with their LoRA branches (norm recomputed from x, as in _qkv_rope)."""
-    h = _recomputed(_rms_norm, x, ln2, eps, gemma)
-    return _split_gate_up([y + _lora(h, *lora, dropout, training) for y, lora in zip(ys, loras)])
-
-
-def _mlp_residual(x, g, u, yd, ad, bd, sd, gemma: bool, post, eps, dropout: float, training: bool):
-    """down projection's LoRA + residual (through the post-MLP norm where there is one); silu(g)*u (gelu for
-    Gemma) is recomputed from g and u, kept anyway, so the (tokens x intermediate) product is not kept a second
-    time."""
-    return _post_residual(x, yd + _lora(_recomputed(_glu, g, u, gemma), ad, bd, sd, dropout, training), post, eps,
-                          gemma)
 
 
 def _marked_recomputation():
@@ -249,16 +108,16 @@ class FastDecoder:
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         wrap = torch.compile if compile else (lambda f: f)
-        self.norm: Callable = wrap(_rms_norm)
-        self.rope: Callable = wrap(_rope)
-        self.qkv_rope: Callable = wrap(_qkv_rope)
-        self.attn_residual_norm: Callable = wrap(_attn_residual_norm)
-        self.gate_up: Callable = wrap(_gate_up)
-        self.swiglu: Callable = wrap(_swiglu)
-        self.geglu: Callable = wrap(_geglu)
-        self.post_residual: Callable = wrap(_post_residual)
-        self.swiglu_backward_: Callable = wrap(_swiglu_backward_)
-        self.mlp_residual: Callable = wrap(_mlp_residual)
+        self.norm: Callable = wrap(rms_norm)
+        self.rope: Callable = wrap(rope)
+        self.qkv_rope: Callable = wrap(qkv_rope)
+        self.attn_residual_norm: Callable = wrap(attn_residual_norm)
+        self.gate_up: Callable = wrap(gate_up)
+        self.swiglu: Callable = wrap(swiglu)
+        self.geglu: Callable = wrap(geglu)
+        self.post_residual: Callable = wrap(post_residual)
+        self.swiglu_backward_: Callable = wrap(swiglu_backward_)
+        self.mlp_residual: Callable = wrap(mlp_residual)
         self.dropped: Callable = wrap(dropped)
         self.add_dropped: Callable = wrap(add_dropped)
 
@@ -378,19 +237,19 @@ class FastDecoder:
 
         if self.lora_gemms:
             qkv = project(lambda t: self.norm(t, L.ln1, L.eps, L.gemma), (x,), L.attention_inputs(), masks=masks)
-            qkv = _split_qkv(qkv, self.heads, self.kv_heads)
+            qkv = split_qkv(qkv, self.heads, self.kv_heads)
             a = attend(*self.rope(*qkv, cos, sin, self.heads, self.kv_heads, *L.head_norms())).flatten(2)
             if L.post_attention is None:
                 return project(None, (a,), (L.o,), residual=x, tail=unit is not None, masks=masks)[0], None
             y = project(None, (a,), (L.o,), masks=masks)[0]  # read by the norm after it: not a tail
             return self.post_residual(x, y, L.post_attention, L.eps, L.gemma), None
-        tr, drop, lora = self.model.training, self.dropout, _lora_args
+        tr, drop, lora = self.model.training, self.dropout, lora_args
         h = self.norm(x, L.ln1, L.eps, L.gemma)
         projs = L.attention_inputs()
-        q, k, v = self.qkv_rope(x, L.ln1, L.eps, L.gemma, [_base(h, p) for p in projs], [lora(p) for p in projs],
+        q, k, v = self.qkv_rope(x, L.ln1, L.eps, L.gemma, [frozen_projection(h, p) for p in projs], [lora(p) for p in projs],
                                 cos, sin, self.heads, self.kv_heads, drop, tr, *L.head_norms())
         a = attend(q, k, v).flatten(2)
-        return self.attn_residual_norm(x, a, _base(a, L.o), *lora(L.o), L.ln2, L.eps, L.gemma, L.post_attention,
+        return self.attn_residual_norm(x, a, frozen_projection(a, L.o), *lora(L.o), L.ln2, L.eps, L.gemma, L.post_attention,
                                        drop, tr)
 
     def _mlp_half(self, x, h, L: Layer, masks: Masks | None, unit: int | None = None, kept: bool = False):
@@ -399,7 +258,7 @@ class FastDecoder:
         units early."""
         if self.lora_gemms:
             outputs = KeptOutputs(self.stash, unit, (unit + 1, unit + 2)) if kept else None
-            g, u = _split_gate_up(project(lambda t: self.norm(t, L.ln2, L.eps, L.gemma), (x,), L.mlp_inputs(),
+            g, u = split_gate_up(project(lambda t: self.norm(t, L.ln2, L.eps, L.gemma), (x,), L.mlp_inputs(),
                                           masks=masks, kept=outputs))
             if not L.gemma:
                 return project(self.swiglu, (g, u), (L.down,), residual=x, tail=True, masks=masks,
@@ -408,14 +267,14 @@ class FastDecoder:
                 return project(self.geglu, (g, u), (L.down,), residual=x, tail=True, masks=masks)[0]
             y = project(self.geglu, (g, u), (L.down,), masks=masks)[0]
             return self.post_residual(x, y, L.post_mlp, L.eps, True)
-        tr, drop, lora = self.model.training, self.dropout, _lora_args
+        tr, drop, lora = self.model.training, self.dropout, lora_args
         if h is None:
             h = self.norm(x, L.ln2, L.eps, L.gemma)
         projs = L.mlp_inputs()
-        g, u = self.gate_up(x, L.ln2, L.eps, L.gemma, [_base(h, p) for p in projs], [lora(p) for p in projs], drop,
+        g, u = self.gate_up(x, L.ln2, L.eps, L.gemma, [frozen_projection(h, p) for p in projs], [lora(p) for p in projs], drop,
                             tr)
         m = self.geglu(g, u) if L.gemma else self.swiglu(g, u)
-        return self.mlp_residual(x, g, u, _base(m, L.down), *lora(L.down), L.gemma, L.post_mlp, L.eps, drop, tr)
+        return self.mlp_residual(x, g, u, frozen_projection(m, L.down), *lora(L.down), L.gemma, L.post_mlp, L.eps, drop, tr)
 
     def layout(self, segment_ids, position_ids, device, dtype: torch.dtype) -> PackedLayout:
         """Where the batch's samples lie (see attention.packed_layout); from CPU ids this needs no GPU sync."""
@@ -467,7 +326,7 @@ class FastDecoder:
                 x = self._layer(x, cos, sin, L, layout, masks)
         if self.stash is not None:  # the copies still on their way out: their sources go before the loss's memory comes
             self.stash.flush()
-        return _rms_norm(x, core.norm.weight, norm_eps(core.norm), self.gemma)
+        return rms_norm(x, core.norm.weight, norm_eps(core.norm), self.gemma)
 
     def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype,
                      layout: PackedLayout | None = None) -> torch.Tensor:
