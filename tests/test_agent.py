@@ -126,13 +126,13 @@ def test_older_stop_word_flag_ends_the_answer(agent_model):
 # --- in-process: the same trained model ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def loaded(agent_model):
-    from tunelab.chat import ChatOptions, load_chat_model
+    from tunelab.chat.session import ChatOptions, load_chat_model
 
     return load_chat_model(ChatOptions(model=str(agent_model["adapter"]), lagent=True))
 
 
 def _agent(loaded, tools, **kw):
-    from tunelab.agent import ReActAgent
+    from tunelab.chat.agent import ReActAgent
     from tunelab.model.generate import Sampling
 
     model, tokenizer, fmt = loaded
@@ -205,7 +205,7 @@ def test_unknown_tool_and_step_limit(loaded):
 
 # --- flags and defaults (no trained model needed) --------------------------------------------------------------
 def test_parse_step_and_tool_argument():
-    from tunelab.agent import parse_step, tool_argument
+    from tunelab.chat.agent import parse_step, tool_argument
 
     step = parse_step('Thought: sum\nAction: Calculator\nAction Input: {"expression": "1+2"}\nResponse: 3\nFinal Answer: 3')
     assert (step.action, step.action_input, step.final) == ("Calculator", '{"expression": "1+2"}', None)
@@ -217,8 +217,8 @@ def test_parse_step_and_tool_argument():
 
 
 def test_system_choice():
-    from tunelab.agent import agent_system_prompt
-    from tunelab.chat import ChatOptions, choose_system
+    from tunelab.chat.agent import agent_system_prompt
+    from tunelab.chat.session import ChatOptions, choose_system
     from tunelab.config.catalogue import DATASETS
     from tunelab.errors import UserError
 
@@ -249,7 +249,7 @@ def test_chat_flags_of_the_spec(tiny_llama):
 
 
 def test_wrong_template_warns(agent_model, capsys):
-    from tunelab.chat import ChatOptions, load_chat_model
+    from tunelab.chat.session import ChatOptions, load_chat_model
 
     load_chat_model(ChatOptions(model=str(agent_model["adapter"]), prompt_template="llama2_chat"))
     assert "differs from 'internlm_chat', the template this model was trained with" in capsys.readouterr().err

@@ -345,7 +345,7 @@ def test_check_dataset_counts_skips_truncation_and_drops(tiny_llama, tmp_path):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cfg = _cfg(f, pretrained_model_name_or_path=str(tiny_llama), prompt_template="internlm_chat",
                max_length=64, skip_bad_records=True)
-    report = check_dataset(cfg)
+    report = check_dataset(cfg, lambda cfg: load_tokenizer(str(tiny_llama)))
     assert f"{f}: format conversation, 3 records (2 usable, 1 bad and skipped, 0 filtered out)" in report
     assert ("samples: 1 kept, 1 truncated (longer than max_length=64), 1 dropped (no answer token within "
             "max_length), 1 empty outputs") in report

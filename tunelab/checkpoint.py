@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from tunelab.errors import TrainingStopped, UserError
-from tunelab.fsutil import temp_dir_beside, temp_file_beside
+from tunelab.fsutil import temp_file_beside
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -144,23 +142,6 @@ def remove_stale_temp_files(work_dir: Path) -> None:
     """Temp files left by a write that was interrupted (never a complete checkpoint)."""
     for tmp in work_dir.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder that becomes `target` only if the block finishes: no half-written outputs."""
-    target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"{target}: the output folder exists and is not empty; choose another or delete it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(target)
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, value: Any) -> None:

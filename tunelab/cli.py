@@ -224,7 +224,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from tunelab.chat import ChatOptions, chat
+    from tunelab.chat.session import ChatOptions, chat
     from tunelab.model.generate import Sampling
 
     # without plugins the command stop word is just another stop word (XTuner's old flags)
@@ -243,7 +243,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from tunelab.chat import ChatOptions
+    from tunelab.chat.session import ChatOptions
     from tunelab.model.generate import Sampling
     from tunelab.serve import ServeOptions, serve
 
@@ -265,7 +265,7 @@ def cmd_check_dataset(args) -> int:
     from tunelab.data.inspect import check_dataset
 
     cfg, _ = load_config(args.config, args.cfg_options)
-    print(check_dataset(cfg))
+    print(check_dataset(cfg, _tokenizer_for))
     return EXIT_OK
 
 
@@ -274,8 +274,14 @@ def cmd_log_dataset(args) -> int:
     from tunelab.data.inspect import show_first_sample
 
     cfg, _ = load_config(args.config, args.cfg_options)
-    print(show_first_sample(cfg, args.show))
+    print(show_first_sample(cfg, args.show, _tokenizer_for))
     return EXIT_OK
+
+
+def _tokenizer_for(cfg):
+    from tunelab.model.load import load_tokenizer, resolve_model_path
+
+    return load_tokenizer(resolve_model_path(cfg.pretrained_model_name_or_path), cfg.trust_remote_code)
 
 
 def cmd_data(args) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from tunelab.checkpoint import atomic_dir, load_checkpoint
+from tunelab.checkpoint import load_checkpoint
+from tunelab.fsutil import atomic_dir
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
 from tunelab.errors import UserError

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from tunelab.errors import UserError
 
 
 def umask_mode(base: int) -> int:
@@ -26,3 +31,20 @@ def temp_dir_beside(target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     os.chmod(tmp, umask_mode(0o777))
     return tmp
+
+
+@contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder that becomes `target` only if the block finishes: no half-written outputs."""
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"{target}: the output folder exists and is not empty; choose another or delete it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir_beside(target)
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -314,7 +314,7 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
             export_trained(model, tokenizer, cfg, root / "hf", weights)
 
     if step >= total_steps:  # resumed from the final checkpoint: only the export may be missing
-        done = (root / "hf").is_dir()  # written whole or not at all (checkpoint.atomic_dir)
+        done = (root / "hf").is_dir()  # written whole or not at all (fsutil.atomic_dir)
         log.info("the run is complete (step %d of %d)%s", step, total_steps,
                  f"; its adapter/model is in {root / 'hf'}" if done else "; writing its adapter/model")
         if not done:

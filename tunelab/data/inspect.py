@@ -7,6 +7,7 @@ token for token what the training loop gets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from tunelab.config.schema import Config
 from tunelab.data.dataset import DataStats, build_sequences, encode_sample, load_dialogues
@@ -14,12 +15,6 @@ from tunelab.data.encode import IGNORE, PromptFormat
 
 MASK = "[...]"  # stands for one run of consecutive untrained tokens in masked_text
 SHOW = ("text", "masked_text", "input_ids", "labels", "all")
-
-
-def _tokenizer(cfg: Config):
-    from tunelab.model.load import load_tokenizer, resolve_model_path
-
-    return load_tokenizer(resolve_model_path(cfg.pretrained_model_name_or_path), cfg.trust_remote_code)
 
 
 @dataclass
@@ -48,14 +43,15 @@ class _Tally:
                 f"tokens per sample (before truncation): {tokens}"]
 
 
-def check_dataset(cfg: Config) -> str:
+def check_dataset(cfg: Config, tokenizer_for: Callable[[Config], Any]) -> str:
     """Validate every record of cfg.data_path and return a report: per file the format and record counts,
     samples, truncated and dropped samples, empty outputs and token lengths; then totals and the packed
     sequence count. A bad record raises DataError as in training unless skip_bad_records is on, in which
-    case it is counted (and the first few are listed)."""
+    case it is counted (and the first few are listed). `tokenizer_for(cfg)` loads the model's tokenizer (the model
+    layer's), once the data has been read, so a data error is reported before a model error."""
     stats = DataStats()
     dialogues = load_dialogues(cfg, stats)
-    tokenizer = _tokenizer(cfg)
+    tokenizer = tokenizer_for(cfg)
     fmt = PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM)
     out = [f"check-custom-dataset: prompt_template {cfg.prompt_template}, max_length {cfg.max_length}, "
            f"skip_bad_records {cfg.skip_bad_records}"]
@@ -108,7 +104,7 @@ def masked_text(tokenizer, ids: list[int], labels: list[int]) -> str:
     return "".join(parts)
 
 
-def show_first_sample(cfg: Config, show: str) -> str:
+def show_first_sample(cfg: Config, show: str, tokenizer_for: Callable[[Config], Any]) -> str:
     """The first sample of the data as the model gets it (after truncation to max_length), preceded by the
     format chosen for its file. show: text (decoded input_ids), masked_text (see `masked_text`), input_ids,
     labels (aligned with input_ids, -100 where nothing is trained; the loop shifts them itself), or all."""
@@ -117,7 +113,7 @@ def show_first_sample(cfg: Config, show: str) -> str:
     stats = DataStats()
     dialogues = load_dialogues(cfg, stats)
     where, turns = dialogues[0]
-    tokenizer = _tokenizer(cfg)
+    tokenizer = tokenizer_for(cfg)
     seq, truncated = encode_sample(PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM), turns, cfg.max_length)
     ids = seq.input_ids
     labels = [IGNORE] + seq.targets[:-1]  # targets[t] is the label of token t+1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.checkpoint import atomic_dir
+from tunelab.fsutil import atomic_dir
 from tunelab.data.loading import BUILTIN_DATA
 
 VERSION = 2  # bump whenever the build changes, so stale cached models are not reused

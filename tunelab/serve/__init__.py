@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.chat import ChatOptions
+from tunelab.chat.session import ChatOptions
 from tunelab.errors import UserError
 
 log = logging.getLogger("tunelab")
@@ -75,7 +75,7 @@ def serve(opts: ServeOptions) -> int:
     _require_backend()
     import uvicorn
 
-    from tunelab.chat import load_chat_model
+    from tunelab.chat.session import load_chat_model
     from tunelab.serve.app import Limits, create_app
     from tunelab.serve.worker import GenerationWorker
 

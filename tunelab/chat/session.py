@@ -51,7 +51,7 @@ def _adapter_base(adapter: Path) -> str:
 def _mode_system(opts: ChatOptions) -> str:
     """The system text of the chosen mode, used when neither the user nor the training run gives one."""
     if opts.lagent:
-        from tunelab.agent import agent_system_prompt
+        from tunelab.chat.agent import agent_system_prompt
 
         return agent_system_prompt(opts.plugins or _all_tools())
     if opts.plugins:
@@ -74,7 +74,7 @@ def choose_system(opts: ChatOptions, meta: dict) -> str:
     if opts.system is not None:
         text = opts.system
     elif opts.system_template:
-        from tunelab.data.system_templates import get_system_template
+        from tunelab.chat.system_templates import get_system_template
         from tunelab.tools.plugins import plugin_system_prompt
 
         try:
@@ -188,7 +188,7 @@ def chat(opts: ChatOptions, stdin=None, stdout=None) -> int:
         stdout.flush()
 
     if opts.lagent:
-        from tunelab.agent import ReActAgent, run_agent_turn
+        from tunelab.chat.agent import ReActAgent, run_agent_turn
 
         agent = ReActAgent(model, tokenizer, fmt, opts.plugins or _all_tools(), opts.sampling, stop_words,
                            show=show, stream=opts.streamer)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 def system_templates() -> dict[str, str]:
     """name -> system text."""
-    from tunelab.agent import agent_system_prompt
+    from tunelab.chat.agent import agent_system_prompt
     from tunelab.config.catalogue import DATASETS
     from tunelab.tools import TOOLS
     from tunelab.tools.plugins import plugin_system_prompt
