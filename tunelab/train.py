@@ -114,7 +114,7 @@ def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.algorithm in ("lora", "qlora"):
         # the fast path needs no fp32 copies of norms/embeddings/head (prepare_model_for_kbit_training)
-        model = add_lora(model, cfg, quantized=bits is not None, prepare=not want_fast)
+        model = add_lora(model, cfg, quantized=bits is not None, prepare=not want_fast, model_path=model_path)
     if want_fast:
         fast.attach(model, cfg, device)
     return model
@@ -329,6 +329,7 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
                      "tunelab_format": 1, "world_size": ctx.world_size},
             "config": to_dict(cfg), "model": weights,
             "peft_config": peft_config_dict(model), "optimizer": optimizer_state,
+            "initial_adapter": getattr(model, "tunelab_initial_adapter", None),  # PiSSA/OLoRA: for the export
             "scheduler": scheduler.state_dict(), "rng": rng, "rng_ranks": rng_ranks,
         }
         path = save_checkpoint(root, filename, state, cfg.save_total_limit)
