@@ -260,7 +260,7 @@ _PISSA_NITER = re.compile(r"^pissa_niter_([1-9][0-9]*)$")
 def _check_adapter_variant(cfg: Config, where: str) -> None:
     """lora_init's value, and the variants that need a given algorithm or exclude each other."""
     init = cfg.lora_init
-    if init not in LORA_INITS[:-1] and not _PISSA_NITER.match(init):
+    if (init not in LORA_INITS or init == "pissa_niter_<N>") and not _PISSA_NITER.match(init):
         raise ConfigError(f"{where}: 'lora_init' must be one of {', '.join(LORA_INITS)}, got {init!r}"
                           f"{suggest(init, LORA_INITS)}")
     variant = [f"{k} = {getattr(cfg, k)!r}" for k in ("use_rslora", "use_dora", "lora_init")
