@@ -93,6 +93,30 @@ def test_trained_variant_loads_in_plain_peft_with_the_trained_logits(variant, ti
         assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 16
 
 
+def test_resume_trains_on_the_residual_base_the_checkpoint_started_from(tiny_llama):
+    """PiSSA/OLoRA resume: a run whose own start differs from the checkpoint's (here a fast SVD against a full
+    one) puts its base back to the residual the checkpoint trained on: the same logits as the saved run."""
+    from peft import get_peft_model_state_dict
+
+    from tunelab.train import _load_weights
+
+    saved = build_model(_cfg(**_config(tiny_llama, "unused", lora_init="pissa")), str(tiny_llama), "cpu",
+                        torch.float32)
+    with torch.no_grad():
+        for name, p in saved.named_parameters():
+            if "lora_" in name:
+                p.add_(0.01 * torch.randn_like(p))  # trained a little
+    state = {"meta": {"algorithm": "lora"}, "initial_adapter": saved.tunelab_initial_adapter,
+             "model": {k: v.clone() for k, v in get_peft_model_state_dict(saved).items()}}
+    resumed = build_model(_cfg(**_config(tiny_llama, "unused", lora_init="pissa_niter_1")), str(tiny_llama), "cpu",
+                          torch.float32)
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    load_trainable_state(resumed, "lora", state["model"])
+    assert (_logits(resumed, ids) - _logits(saved, ids)).abs().max() > 1e-3  # the starts do differ
+    _load_weights(state, resumed, _cfg(**_config(tiny_llama, "unused", lora_init="pissa_niter_1")), fingerprint="")
+    torch.testing.assert_close(_logits(resumed, ids), _logits(saved, ids), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("variant", ["rslora", "pissa", "olora"])
 def test_fast_path_runs_the_variants_with_the_plain_paths_losses_and_grads(variant, tiny_llama):
     """fast_path 'on' (CPU) with the config's rsLoRA, PiSSA or OLoRA: the fast path reads PEFT's scale and the
@@ -198,8 +222,8 @@ def test_bad_variant_settings_are_one_line_and_exit_2(values, expect, tiny_llama
 
     monkeypatch.setattr("tunelab.train.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.chdir(tmp_path)
-    cfg = write_config(tmp_path / "bad.py", **_config(tiny_llama, data_dir / "self_cognition" /
-                                                      "personal_assistant.json", **values))
+    data = data_dir / "self_cognition" / "personal_assistant.json"
+    cfg = write_config(tmp_path / "bad.py", **_config(tiny_llama, data, **values))
     assert main(["train", str(cfg)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("tunelab: error: ") and expect in lines[0], lines
@@ -208,7 +232,8 @@ def test_bad_variant_settings_are_one_line_and_exit_2(values, expect, tiny_llama
 
 def test_bad_variant_from_the_command_line(tiny_llama, data_dir, tmp_path):
     """The same through the CLI process and --cfg-options: one line on stderr, exit code 2."""
-    cfg = write_config(tmp_path / "c.py", **_config(tiny_llama, data_dir / "self_cognition" / "personal_assistant.json"))
+    data = data_dir / "self_cognition" / "personal_assistant.json"
+    cfg = write_config(tmp_path / "c.py", **_config(tiny_llama, data))
     cp = run_cli("train", cfg, "--cfg-options", "lora_init='svd'", cwd=tmp_path)
     lines = [line for line in cp.stderr.splitlines() if line.strip()]
     assert cp.returncode == 2 and len(lines) == 1 and "'lora_init' must be one of" in lines[0], cp.stderr[-2000:]
