@@ -16,8 +16,8 @@ from tunelab.fsutil import atomic_dir
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
 from tunelab.errors import UserError
-from tunelab.model.load import (check_adapter_fits, load_model, load_tokenizer, read_metadata, resolve_model_path,
-                                write_metadata)
+from tunelab.model.load import (check_adapter_fits, load_model, load_tokenizer, moves_base_weights, read_metadata,
+                                resolve_model_path, write_metadata)
 
 _SHARD = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
@@ -56,6 +56,32 @@ def _write_adapter(folder: Path, weights: dict[str, torch.Tensor], peft_config: 
         f"```bash\ntunelab chat {base} --adapter <this folder>\n```\n", encoding="utf-8")
 
 
+def original_base_adapter(weights: dict[str, torch.Tensor], peft_config: dict,
+                          initial: dict[str, torch.Tensor] | None, source: str) -> tuple[dict, dict]:
+    """A PiSSA/OLoRA adapter as a plain LoRA adapter of the original base (other adapters as they are).
+
+    They train on W_res = W - s B0 A0 (B0 A0: the adapter's start); the trained model W_res + s B A is the
+    original W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0], a LoRA of rank 2r with the same scale s (alpha
+    doubled, or times sqrt(2) with rsLoRA). PEFT documents this conversion for save_pretrained's
+    path_initial_model_for_weight_conversion; merge, chat and plain PEFT then load it on the original base."""
+    if not peft_config or not moves_base_weights(str(peft_config.get("init_lora_weights"))):
+        return weights, peft_config
+    if initial is None:
+        raise UserError(f"{source}: lora_init '{peft_config['init_lora_weights']}' moved part of the base weights "
+                        f"into the adapter, and this checkpoint does not hold the adapter's start, which the export "
+                        f"needs; convert a tunelab .pth checkpoint, or use the run's hf/ folder")
+    converted = dict(weights)
+    for key, value in weights.items():
+        if ".lora_A." in key:
+            converted[key] = torch.cat([value, initial[key].to(value)], dim=0)
+        elif ".lora_B." in key:
+            converted[key] = torch.cat([value, -initial[key].to(value)], dim=1)
+    widen = 2 ** 0.5 if peft_config.get("use_rslora") else 2
+    config = dict(peft_config, r=2 * peft_config["r"], lora_alpha=widen * peft_config["lora_alpha"],
+                  init_lora_weights=True)
+    return converted, config
+
+
 def _write_full(folder: Path, weights: dict[str, torch.Tensor], base: str, fp32: bool, max_shard_size: str,
                 trust_remote_code: bool) -> None:
     """A complete HF model folder from a full fine-tune's weights (built on the meta device, no copy)."""
@@ -76,12 +102,14 @@ def export_trained(model, tokenizer, cfg: Config, target: Path, weights: dict | 
 
     base = resolve_model_path(cfg.pretrained_model_name_or_path)
     weights = weights if weights is not None else trainable_state(model, cfg.algorithm)
-    _export(weights, peft_config_dict(model), cfg, base, target, tokenizer,
-            fp32=False, max_shard_size="2GB", overwrite=True)
+    _export(weights, peft_config_dict(model), cfg, base, target, tokenizer, fp32=False, max_shard_size="2GB",
+            overwrite=True, initial=getattr(model, "tunelab_initial_adapter", None))
 
 
 def _export(weights, peft_config, cfg: Config, base: str, target: Path, tokenizer, fp32: bool,
-            max_shard_size: str, overwrite: bool = False) -> None:
+            max_shard_size: str, overwrite: bool = False, initial: dict | None = None, source: str = "") -> None:
+    if cfg.algorithm != "full":  # before any folder is written
+        weights, peft_config = original_base_adapter(weights, peft_config, initial, source or str(target))
     with atomic_dir(target, overwrite=overwrite) as tmp:
         if cfg.algorithm == "full":
             _write_full(tmp, weights, base, fp32, max_shard_size, cfg.trust_remote_code)
@@ -105,7 +133,8 @@ def pth_to_hf(cfg: Config, pth: str, save_dir: str, fp32: bool = False, max_shar
                         f"'{cfg.algorithm}'; pass the config the checkpoint was trained with")
     base = resolve_model_path(cfg.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    _export(state["model"], state.get("peft_config"), cfg, base, Path(save_dir), tokenizer, fp32, max_shard_size)
+    _export(state["model"], state.get("peft_config"), cfg, base, Path(save_dir), tokenizer, fp32, max_shard_size,
+            initial=state.get("initial_adapter"), source=pth)
 
 
 def merge(base: str, adapter: str, save_dir: str, max_shard_size: str = "2GB", device: str = "cpu",

@@ -14,7 +14,7 @@ import torch
 
 from tunelab.errors import UserError
 
-_LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)\.")
+_LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
 
 def is_engine_folder(path: str | Path) -> bool:
@@ -64,9 +64,13 @@ def load_engine_folder(path: str | Path, cfg) -> dict:
         model = {k[k.index("base_model.model."):].replace(".default.", "."): v for k, v in weights.items()
                  if _LORA.search(k) and "base_model.model." in k}
         targets = sorted({_LORA.split(k)[0].rsplit(".", 1)[-1] for k in model})
+        # DoRA's magnitudes: PEFT's files name them without the module's '.weight'
+        model = {re.sub(r"\.lora_magnitude_vector\.weight$", ".lora_magnitude_vector", k): v
+                 for k, v in model.items()}
         peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_r,
                        "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "bias": "none",
-                       "target_modules": targets}
+                       "target_modules": targets, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
+                       "init_lora_weights": True if cfg.lora_init in ("default", "loftq") else cfg.lora_init}
     if not model:
         raise UserError(f"{path}: no {'LoRA adapter' if cfg.algorithm != 'full' else 'model'} weights in this "
                         f"checkpoint folder; check the config's algorithm ('{cfg.algorithm}')")

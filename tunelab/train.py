@@ -114,7 +114,7 @@ def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.algorithm in ("lora", "qlora"):
         # the fast path needs no fp32 copies of norms/embeddings/head (prepare_model_for_kbit_training)
-        model = add_lora(model, cfg, quantized=bits is not None, prepare=not want_fast)
+        model = add_lora(model, cfg, quantized=bits is not None, prepare=not want_fast, model_path=model_path)
     if want_fast:
         fast.attach(model, cfg, device)
     return model
@@ -334,6 +334,7 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
                      "tunelab_format": 1, "world_size": ctx.world_size},
             "config": to_dict(cfg), "model": weights,
             "peft_config": peft_config_dict(model), "optimizer": optimizer_state,
+            "initial_adapter": getattr(model, "tunelab_initial_adapter", None),  # PiSSA/OLoRA: for the export
             "scheduler": scheduler.state_dict(), "rng": rng, "rng_ranks": rng_ranks,
         }
         path = save_checkpoint(root, filename, state, cfg.save_total_limit)
@@ -461,6 +462,26 @@ def _load_weights(state: dict, model, cfg: Config, fingerprint: str) -> None:
         log.warning("warning: the data differ from the checkpoint's; the resumed run will not match the "
                     "original exactly")
     load_trainable_state(model, cfg.algorithm, state["model"])
+    if state.get("initial_adapter") and getattr(model, "tunelab_initial_adapter", None) is not None:
+        _use_checkpoints_start(model, state["initial_adapter"])
+
+
+@torch.no_grad()
+def _use_checkpoints_start(model, start: dict[str, torch.Tensor]) -> None:
+    """PiSSA/OLoRA: put the base back to the residual the run trained on, W - s B0 A0 with the checkpoint's
+    B0 A0. This run's own start can differ (a randomised SVD, singular vectors of another device or library)."""
+    from peft.tuners.lora import LoraLayer
+
+    ours = model.tunelab_initial_adapter
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        key = f"{name}.lora_"  # PEFT's file layout, as tunelab_initial_adapter holds it
+        weight, scale = module.get_base_layer().weight, module.scaling["default"]
+        then = start[key + "B.weight"].float() @ start[key + "A.weight"].float()
+        now = ours[key + "B.weight"].float() @ ours[key + "A.weight"].float()
+        weight.add_((scale * (now - then)).to(weight))
+    model.tunelab_initial_adapter = {k: v.clone() for k, v in start.items()}
 
 
 def _restore(state: dict, par, optimizer, scheduler, ctx: distributed.Context) -> int:

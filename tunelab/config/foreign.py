@@ -171,7 +171,8 @@ def _read_model(model: Any, values: dict, ignored: list, used: set) -> None:
     if isinstance(quant, dict) and quant.get("load_in_8bit") is True:
         ignored.append("model.llm.quantization_config (8-bit: tunelab trains LoRA on 4-bit or full precision)")
     for xtuner_key, key in (("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout"),
-                            ("target_modules", "lora_target_modules")):
+                            ("target_modules", "lora_target_modules"), ("use_rslora", "use_rslora"),
+                            ("use_dora", "use_dora")):
         if lora is not None and xtuner_key in lora and _is_data(lora[xtuner_key]):
             values[key] = lora[xtuner_key]
 

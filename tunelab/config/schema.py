@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,6 +126,18 @@ class Config:
     lora_target_modules: Union[str, list] = setting(
         "all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) "
         "or a list of names such as ['q_proj', 'v_proj'].", group="lora")
+    use_rslora: bool = setting(
+        False, "Rank-stabilised LoRA: scale = lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r, so "
+        "that high ranks keep learning.", group="lora")
+    use_dora: bool = setting(
+        False, "DoRA: a trained magnitude per output on top of the LoRA direction. Slower; trains on the "
+        "plain path (the fast path computes plain LoRA).", group="lora")
+    lora_init: str = setting(
+        "default", "How adapters start: default (A random, B zero), gaussian (A normal), pissa (the top "
+        "singular vectors of each weight, moved out of the base; pissa_niter_N: a fast SVD with N iterations), "
+        "olora (QR of each weight, moved out of the base), both with algorithm 'lora'; loftq (algorithm "
+        "'qlora': the adapter starts at the 4-bit base's rounding error, read from the base's .safetensors). "
+        "Saved adapters always apply to the original base model.", group="lora")
 
     # --- evaluation, saving, logging -------------------------------------------------------
     evaluation_inputs: list = setting(
@@ -240,7 +253,37 @@ def build_config(values: dict[str, Any], where: str) -> Config:
                           f"evaluation_inputs, evaluation_data_path or validation_split (or drop evaluation_freq)")
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"{where}: 'lora_dropout' must be < 1, got {cfg.lora_dropout!r}")
+    _check_adapter_variant(cfg, where)
     return cfg
+
+
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora", "loftq")
+_PISSA_NITER = re.compile(r"^pissa_niter_([1-9][0-9]*)$")
+
+
+def _check_adapter_variant(cfg: Config, where: str) -> None:
+    """lora_init's value, and the variants that need a given algorithm or exclude each other."""
+    init = cfg.lora_init
+    if (init not in LORA_INITS or init == "pissa_niter_<N>") and not _PISSA_NITER.match(init):
+        raise ConfigError(f"{where}: 'lora_init' must be one of {', '.join(LORA_INITS)}, got {init!r}"
+                          f"{suggest(init, LORA_INITS)}")
+    variant = [f"{k} = {getattr(cfg, k)!r}" for k in ("use_rslora", "use_dora", "lora_init")
+               if getattr(cfg, k) != FIELDS[k].default]
+    if cfg.algorithm == "full" and variant:
+        raise ConfigError(f"{where}: '{variant[0]}' sets up LoRA adapters, which algorithm 'full' does not train; "
+                          f"use algorithm 'lora' or 'qlora', or drop it")
+    moves_base = init.startswith("pissa") or init == "olora"
+    if moves_base and cfg.algorithm == "qlora":
+        # PEFT cannot run PiSSA on 4-bit weights; OLoRA would re-quantise the residual, so the saved adapter
+        # (trained against that) would not give the same model on the original 4-bit base
+        raise ConfigError(f"{where}: 'lora_init' {init!r} moves part of each weight out of the base, which a 4-bit "
+                          f"base cannot hold exactly; use algorithm 'lora', or lora_init 'loftq' for QLoRA")
+    if init == "loftq" and cfg.algorithm != "qlora":
+        raise ConfigError(f"{where}: 'lora_init' 'loftq' starts the adapter at a 4-bit base's rounding error; "
+                          f"it needs algorithm 'qlora', got {cfg.algorithm!r}")
+    if init == "loftq" and cfg.use_dora:
+        raise ConfigError(f"{where}: 'use_dora' with lora_init 'loftq' is not supported (DoRA's magnitudes are "
+                          f"measured before LoftQ sets the adapter); use one of them")
 
 
 def _columns_are_flat(cols: dict) -> bool:

@@ -33,6 +33,9 @@ def use_fast_path(cfg, device: str, model) -> bool:
     reason = unsupported_reason(model)
     if reason is None and cfg.algorithm in ("lora", "qlora"):
         reason = targets_reason(model, cfg.lora_target_modules)
+    if reason is None and cfg.algorithm in ("lora", "qlora") and getattr(cfg, "use_dora", False):
+        # the same words as support._modules_reason, which sees DoRA once PEFT has added it
+        reason = "use_dora: DoRA adapters (the fast path computes plain LoRA; the plain path runs DoRA)"
     if reason is not None:
         log.info("fast path off: %s", reason)
     return reason is None

@@ -103,9 +103,10 @@ def load_model(path: str, *, dtype: torch.dtype, bits: int | None = None, device
     return model
 
 
-def add_lora(model, cfg, quantized: bool, prepare: bool = True):
+def add_lora(model, cfg, quantized: bool, prepare: bool = True, model_path: str | None = None):
     """Wrap a model with fresh LoRA adapters as the config says. `prepare` runs PEFT's k-bit preparation
-    (fp32 norms/embeddings, input gradients) on a quantized model, which the plain forward needs."""
+    (fp32 norms/embeddings, input gradients) on a quantized model, which the plain forward needs. `model_path`:
+    the base's folder, whose full-precision weights lora_init 'loftq' reads."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -113,12 +114,79 @@ def add_lora(model, cfg, quantized: bool, prepare: bool = True):
     if quantized and prepare:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    init = getattr(cfg, "lora_init", "default")
+    # loftq: PEFT's own LoftQ runs on CUDA only and ignores the LoRA scale; tunelab sets A and B itself below
+    peft_init = True if init in ("default", "loftq") else init
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
+                      use_rslora=getattr(cfg, "use_rslora", False), use_dora=getattr(cfg, "use_dora", False),
+                      init_lora_weights=peft_init)
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as exc:
         raise UserError(f"lora_target_modules {cfg.lora_target_modules!r}: {exc}") from None
+    if init == "loftq":
+        _loftq_init(model, model_path or resolve_model_path(cfg.pretrained_model_name_or_path))
+    if moves_base_weights(init):
+        from peft import get_peft_model_state_dict
+
+        # the adapter's start, which PiSSA/OLoRA took out of the base: what an exported adapter subtracts so
+        # that it applies to the original base (convert.original_base_adapter)
+        model.tunelab_initial_adapter = {k: v.detach().cpu().clone()
+                                         for k, v in get_peft_model_state_dict(model).items() if ".lora_" in k}
+    return model
+
+
+def moves_base_weights(lora_init: str) -> bool:
+    """PiSSA and OLoRA start the adapter at part of each weight and subtract that part from the base."""
+    return lora_init.startswith("pissa") or lora_init == "olora"
+
+
+@torch.no_grad()
+def _loftq_init(model, model_path: str) -> None:
+    """LoftQ with the 4-bit base as loaded (one alternation): each adapter starts at the best rank-r
+    approximation of W - dequant(NF4(W)), W read from the base's .safetensors, so base + adapter is closer to
+    W than the base alone. The base weights stay as loaded, so the adapter applies to the original base."""
+    import bitsandbytes as bnb
+
+    read = _safetensors_reader(model_path)
+    for name, module in model.base_model.model.named_modules():
+        weight = getattr(getattr(module, "base_layer", None), "weight", None)
+        if not hasattr(module, "lora_A") or getattr(weight, "quant_state", None) is None:
+            continue
+        original = read(f"{name}.weight").to(weight.device, torch.float32)
+        residual = original - bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+        U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+        for adapter in module.lora_A:
+            r, scale = module.r[adapter], module.scaling[adapter]
+            root = (S[:r] / scale).sqrt()  # scale * B @ A = U_r S_r Vh_r
+            lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            lora_a.copy_((root[:, None] * Vh[:r]).to(lora_a.dtype))
+            lora_b.copy_((U[:, :r] * root).to(lora_b.dtype))
+
+
+def _safetensors_reader(model_path: str):
+    """name -> full-precision tensor from a model folder's model.safetensors (or its shards)."""
+    from safetensors import safe_open
+
+    folder = Path(model_path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = {k: folder / v for k, v in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+    elif (folder / "model.safetensors").is_file():
+        files = None
+    else:
+        raise UserError(f"lora_init 'loftq' reads the base's full-precision weights from its .safetensors files; "
+                        f"{model_path} has none")
+
+    def read(name: str) -> torch.Tensor:
+        file = folder / "model.safetensors" if files is None else files.get(name)
+        if file is not None:
+            with safe_open(str(file), "pt") as f:
+                if name in f.keys():
+                    return f.get_tensor(name)
+        raise UserError(f"lora_init 'loftq': {model_path} has no weight '{name}' in its .safetensors files")
+    return read
 
 
 def _keep_4bit_layout(model) -> None:
