@@ -58,7 +58,7 @@ def test_trained_variant_loads_in_plain_peft_with_the_trained_logits(variant, ti
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.chat import ChatOptions, load_chat_model
+    from tunelab.chat.session import ChatOptions, load_chat_model
 
     values = _config(tiny_llama, data_dir / "self_cognition" / "personal_assistant.json", **VARIANTS[variant])
     cp = run_cli("train", write_config(tmp_path / "v.py", **values), cwd=tmp_path)
