@@ -62,7 +62,7 @@ def config_of(shape: str, vocab_size: int | None = None, **ids):
 def build(out: Path, shape: str, device: str) -> Path:
     import transformers
 
-    from tunelab.data.templates import get_template, template_to_jinja
+    from tunelab.config.templates import get_template, template_to_jinja
     from tunelab.model.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()

@@ -16,7 +16,9 @@ import torch
 from conftest import run_cli, write_config
 from test_fast import _batch, _losses_and_grads, _wake_lora_b
 from tunelab.config.loader import load_config
-from tunelab.train import build_model, load_trainable_state, token_losses
+from tunelab.train import build_model
+from tunelab.model.state import load_trainable_state
+from tunelab.model.losses import token_losses
 
 
 def _config(model: Path, data: Path | str, **over) -> dict:

@@ -10,7 +10,7 @@ from tunelab.config import catalogue
 from tunelab.config.catalogue import ALGORITHMS, BUILTIN, DATASETS, DEMO, FAMILIES, SUFFIXES
 from tunelab.config.loader import load_config, read_config_file, render_config
 from tunelab.config.schema import FIELDS, default_value, to_dict
-from tunelab.data.templates import TEMPLATES
+from tunelab.config.templates import TEMPLATES
 
 DEMOS = ("demo", "demo_qlora", "demo_full")
 GENERATED = sorted(set(BUILTIN) - set(DEMOS))

@@ -95,7 +95,7 @@ def test_equivalent_configs_take_the_same_sequences_per_step(tiny_llama):
     """What makes the runs above equal: N ranks x batch_size B x accumulation A, one process x B*N x A and one
     process x B x A*N all group the epoch's sequences into the same steps (the last one short)."""
     from tunelab.data.dataset import Sequence
-    from tunelab.train import _epoch_windows
+    from tunelab.step import epoch_windows
 
     sequences = [Sequence([i], [i], [0], [0]) for i in range(23)]
 
@@ -103,7 +103,7 @@ def test_equivalent_configs_take_the_same_sequences_per_step(tiny_llama):
         cfg = Config(pretrained_model_name_or_path="x", data_path="y", batch_size=batch_size,
                      accumulative_counts=accumulative_counts)
         return [sorted(s.input_ids[0] for micro in window for s in micro)
-                for window in _epoch_windows(sequences, cfg, 1, world)]
+                for window in epoch_windows(sequences, cfg, 1, world)]
 
     ranks = steps(1, 2, 2)
     assert len(ranks) == 6 and [len(s) for s in ranks] == [4, 4, 4, 4, 4, 3]

@@ -21,7 +21,7 @@ from tunelab.fast.decoder import FastDecoder
 from tunelab.fast.loss import IGNORE, chunked_token_losses
 from tunelab.fast.support import unsupported_reason
 from tunelab.model.load import add_lora, load_model
-from tunelab.train import token_losses
+from tunelab.model.losses import token_losses
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

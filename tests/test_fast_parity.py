@@ -24,7 +24,7 @@ from tunelab.fast.loss import IGNORE
 from tunelab.fast.support import FAMILIES, TESTED_ROPE, unsupported_reason
 from tunelab.model.load import add_lora
 from tunelab.model.tiny import tiny_config
-from tunelab.train import token_losses
+from tunelab.model.losses import token_losses
 
 VOCAB = 512
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,

@@ -57,7 +57,7 @@ def test_qlora_training_is_unchanged_by_an_evaluation_forward(tiny_llama):
     from test_fast import _batch, _cfg, _losses_and_grads, _wake_lora_b
     from tunelab.fast.decoder import FastDecoder
     from tunelab.model.load import add_lora, load_model
-    from tunelab.train import token_losses
+    from tunelab.model.losses import token_losses
 
     cfg = _cfg(tiny_llama, algorithm="qlora")
     model = add_lora(load_model(str(tiny_llama), dtype=torch.float32, bits=4, device="cpu"), cfg, quantized=True,

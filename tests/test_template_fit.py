@@ -12,7 +12,7 @@ from published_chat_templates import GEMMA3, MISTRAL_V03, PHI4, QWEN3
 
 from conftest import edit_config, run_cli
 from tunelab.data.template_fit import check_template_fit, matching_templates
-from tunelab.data.templates import TEMPLATES, template_to_jinja
+from tunelab.config.templates import TEMPLATES, template_to_jinja
 from tunelab.errors import ConfigError
 
 CHATML_MARKERS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]

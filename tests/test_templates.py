@@ -9,7 +9,7 @@ import jinja2
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tunelab.data.templates import (
+from tunelab.config.templates import (
     TEMPLATES, Template, UnknownTemplateError, get_template, template_names, template_to_jinja)
 
 BOS, EOS = '<s>', '</s>'

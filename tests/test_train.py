@@ -12,7 +12,8 @@ from tunelab.data.dataset import build_sequences, collate, encode_sample
 from tunelab.data.encode import IGNORE, PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.model.load import load_model, load_tokenizer
-from tunelab.train import lr_lambda, token_losses, train
+from tunelab.train import lr_lambda, train
+from tunelab.model.losses import token_losses
 
 
 def _cfg(model_dir, data, **over):
@@ -161,11 +162,12 @@ def test_qlora_losses_do_not_change_with_evaluations_between_steps(tiny_llama, t
 
 
 def test_optimizer_step_skips_a_bad_step_on_the_device_as_on_the_host(tiny_llama, data_dir, monkeypatch):
-    """`_optimizer_step` with a fused AdamW (the skip decided on the device, one wait for the GPU) takes the
+    """`optimizer_step` with a fused AdamW (the skip decided on the device, one wait for the GPU) takes the
     same steps as with a plain AdamW (the skip decided on the host); a step whose loss is not finite returns
     None and leaves the weights, the moments and the step count as they were."""
-    from tunelab import train as train_module
-    from tunelab.train import _optimizer_step, _skips_on_device, build_model
+    from tunelab import step as step_module
+    from tunelab.step import optimizer_step, skips_on_device
+    from tunelab.train import build_model
 
     cfg = _cfg(tiny_llama, data_dir / "xtuner_toy", max_length=256, accumulative_counts=2, max_norm=1.0)
     tokenizer = load_tokenizer(str(tiny_llama))
@@ -179,18 +181,18 @@ def test_optimizer_step_skips_a_bad_step_on_the_device_as_on_the_host(tiny_llama
         for p in params:  # LoRA B starts at zero; give every parameter a gradient from the first step
             p.data.normal_(0, 0.02)
         optimizer = torch.optim.AdamW(params, lr=1e-3, fused=fused)
-        assert _skips_on_device(optimizer) == fused
-        losses = [_optimizer_step(model, window, optimizer, params, cfg, tokenizer, torch.float32, 1)[0]]
+        assert skips_on_device(optimizer) == fused
+        losses = [optimizer_step(model, window, optimizer, params, cfg, tokenizer, torch.float32, 1)[0]]
         before = [p.detach().clone() for p in params]
         moments = [optimizer.state[p]["exp_avg"].clone() for p in params]
         with monkeypatch.context() as m:  # a non-finite loss in this step (tests/fault_injection.py does it so)
-            m.setattr(train_module, "forward_backward", lambda *a, f=train_module.forward_backward: f(*a) * float("inf"))
-            assert _optimizer_step(model, window, optimizer, params, cfg, tokenizer, torch.float32, 2)[0] is None
+            m.setattr(step_module, "forward_backward", lambda *a, f=step_module.forward_backward: f(*a) * float("inf"))
+            assert optimizer_step(model, window, optimizer, params, cfg, tokenizer, torch.float32, 2)[0] is None
         assert all(torch.equal(p, b) for p, b in zip(params, before))
         assert all(torch.equal(optimizer.state[p]["exp_avg"], m) for p, m in zip(params, moments))
         assert all(float(optimizer.state[p]["step"]) == 1 for p in params)
         assert p.grad is None
-        losses.append(_optimizer_step(model, window, optimizer, params, cfg, tokenizer, torch.float32, 3)[0])
+        losses.append(optimizer_step(model, window, optimizer, params, cfg, tokenizer, torch.float32, 3)[0])
         assert not any(torch.equal(p, b) for p, b in zip(params, before)), "the good step after it did not update"
         runs[fused] = losses, [p.detach().clone() for p in params]
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)

@@ -101,7 +101,7 @@ class TrainingEngine:
 
     def state(self, model, optimizer, algorithm: str, tag: str | None) -> tuple[dict, dict | None]:
         """(trainable weights, optimizer state) to checkpoint; called on every rank, meaningful on rank 0."""
-        from tunelab.train import trainable_state
+        from tunelab.model.state import trainable_state
 
         return trainable_state(model, algorithm), optimizer.state_dict() if optimizer is not None else None
 
@@ -114,7 +114,7 @@ class TrainingEngine:
                        stop: list[int]) -> tuple[float | None, int, float]:
         """One optimizer step of several ranks: this rank's share of each micro-batch, then one agreement
         on (loss, any rank non-finite, any rank signalled) so that every rank skips or stops together."""
-        from tunelab.train import token_losses
+        from tunelab.model.losses import token_losses
 
         t0 = time.time()
         rank, bs = self.ctx.rank, cfg.batch_size
@@ -297,7 +297,7 @@ class DeepSpeedEngine(TrainingEngine):
 
     def state(self, model, optimizer, algorithm, tag):
         from tunelab.deepspeed_config import zero_stage
-        from tunelab.train import trainable_state
+        from tunelab.model.state import trainable_state
 
         if optimizer is not None and tag:
             folder = self.work_dir / "deepspeed"

@@ -20,21 +20,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tunelab import distributed, parallel
 from tunelab.checkpoint import (find_resume_checkpoint, refuse_existing_run, remove_stale_temp_files,
                                 save_checkpoint)
 from tunelab.config.loader import render_config
 from tunelab.config.schema import Config, to_dict
-from tunelab.data.dataset import Sequence, build_sequences, collate, model_attention_mask, pack
-from tunelab.data.encode import IGNORE, PromptFormat
+from tunelab.data.dataset import Sequence, build_sequences, collate, pack
+from tunelab.data.encode import PromptFormat
 from tunelab.data.template_fit import check_template_fit
 from tunelab.data.formats import Turn
 from tunelab.errors import ConfigError, TrainingInterrupted, TrainingStopped, UserError
 from tunelab.model.generate import Sampling, generate
 from tunelab.model.load import (add_lora, load_model, load_tokenizer, resolve_dtype,
                                 resolve_model_path)
+from tunelab.model.losses import token_losses
+from tunelab.step import epoch_windows, optimizer_step
+from tunelab.model.save import export_trained
+from tunelab.model.state import load_trainable_state, peft_config_dict
 from tunelab.monitor import RunMonitor
 
 log = logging.getLogger("tunelab")
@@ -65,40 +68,6 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Per-token cross entropy (0 where the target is ignored), shape (batch, seq)."""
-    device = next(p for p in model.parameters()).device
-    fast = getattr(model, "tunelab_fast", None)
-    if fast is not None and model.training:
-        return fast.token_losses(batch, dtype)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    autocast = device.type == "cuda" and dtype != torch.float32
-    # without autocast (CPU keeps fp32 weights) attention runs in the weights' dtype, and so must its mask
-    mask_dtype = dtype if autocast else next(p.dtype for p in model.parameters() if p.is_floating_point())
-    config = getattr(model, "module", model).config  # through a DDP or DeepSpeed wrapper
-    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    attention_mask=model_attention_mask(config, batch["segment_ids"], mask_dtype),
-                    use_cache=False)
-    logits = out.logits.float()
-    losses = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
-                             reduction="none")
-    return losses.view(batch["targets"].shape)
-
-
-def forward_backward(model, batch: dict[str, torch.Tensor], dtype: torch.dtype, n_targets: int) -> torch.Tensor:
-    """loss = (sum of the batch's per-token losses) / n_targets; adds its gradient to the parameters and
-    returns it (0-dim, detached). On the fast path with CUDA graphs the micro-batch is one replayed graph."""
-    graphs = getattr(model, "tunelab_graphs", None)
-    if graphs is not None and model.training:
-        loss = graphs.forward_backward(batch, dtype, n_targets)
-        if loss is not None:
-            return loss
-    loss = token_losses(model, batch, dtype).sum() / n_targets
-    loss.backward()
-    return loss.detach()
-
-
 def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
     """The model to train: full weights, or a frozen (4-bit for QLoRA) base with LoRA adapters."""
     from tunelab import fast
@@ -118,38 +87,6 @@ def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
     if want_fast:
         fast.attach(model, cfg, device)
     return model
-
-
-def trainable_state(model, algorithm: str) -> dict[str, torch.Tensor]:
-    """What a checkpoint stores: the adapter in PEFT's file layout, or every weight for full tuning."""
-    if algorithm == "full":
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
-def load_trainable_state(model, algorithm: str, state: dict[str, torch.Tensor]) -> None:
-    if algorithm == "full":
-        model.load_state_dict(state)
-        return
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise UserError(f"the checkpoint's adapter does not fit this model (e.g. {unexpected[0]}); resume with "
-                        f"the config it was trained with")
-
-
-def peft_config_dict(model) -> dict | None:
-    config = getattr(model, "peft_config", {}).get("default")
-    if config is None:
-        return None
-    d = config.to_dict()
-    if isinstance(d.get("target_modules"), (set, list)):
-        d["target_modules"] = sorted(d["target_modules"])
-    return d
 
 
 def data_fingerprint(sequences: list[Sequence]) -> str:
@@ -307,8 +244,7 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
     monitor.set_position(step)
 
     def export() -> None:
-        from tunelab.convert import export_trained  # convert imports this module
-
+    
         weights, _ = par.state(model, None, cfg.algorithm, None)  # on every rank
         if ctx.is_main:
             export_trained(model, tokenizer, cfg, root / "hf", weights)
@@ -351,12 +287,12 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
         bad_in_a_row, started = 0, time.time()
         first_epoch = step // steps_per_epoch + 1
         for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch) + 1):
-            windows = _epoch_windows(sequences, cfg, epoch, ctx.world_size)
+            windows = epoch_windows(sequences, cfg, epoch, ctx.world_size)
             for index, window in enumerate(windows):
                 if (epoch - 1) * steps_per_epoch + index < step:
                     continue  # done before the resume
                 if par.kind == "single":
-                    loss, tokens, seconds = _optimizer_step(model, window, optimizer, params, cfg, tokenizer,
+                    loss, tokens, seconds = optimizer_step(model, window, optimizer, params, cfg, tokenizer,
                                                             dtype, step + 1)
                 else:  # this rank's share of the window; all ranks agree on loss, skips and signals
                     loss, tokens, seconds = par.optimizer_step(window, optimizer, params, cfg, tokenizer, dtype,
@@ -403,54 +339,6 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
     monitor.plot()
     log.info("done: %d steps; adapter/model in %s", step, root / "hf")
     return TrainResult(root, model, tokenizer, step)
-
-
-def _epoch_windows(sequences: list[Sequence], cfg: Config, epoch: int,
-                   world: int = 1) -> list[list[list[Sequence]]]:
-    """The epoch's optimizer steps, each a list of micro-batches. The order depends only on (seed, epoch),
-    so a resumed run sees exactly the batches the uninterrupted run would have. With `world` processes a
-    micro-batch holds batch_size x world sequences, of which each rank trains on its own batch_size."""
-    order = list(range(len(sequences)))
-    if cfg.shuffle:
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-    size = cfg.batch_size * world
-    micro = [[sequences[i] for i in order[j:j + size]] for j in range(0, len(order), size)]
-    return [micro[i:i + cfg.accumulative_counts] for i in range(0, len(micro), cfg.accumulative_counts)]
-
-
-def _optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg: Config, tokenizer, dtype,
-                    step: int) -> tuple[float | None, int, float]:
-    """One optimizer step; the loss is the mean over all target tokens of the window. Returns loss None
-    (and leaves the weights and the optimizer's state untouched) when the loss or the gradient is not finite.
-
-    The host waits for the GPU once, at the end: the finiteness test runs on the device, and a fused AdamW
-    skips its update there (`found_inf`, as under a gradient scaler), so clipping and the update are queued
-    while the micro-batches still run instead of after them, with the GPU idle in between."""
-    t0 = time.time()
-    n_targets = sum(s.n_targets for batch in window for s in batch)
-    n_tokens = sum(len(s) for batch in window for s in batch)
-    losses = [forward_backward(model, collate(batch, tokenizer.pad_token_id), dtype, n_targets) for batch in window]
-    total = torch.stack(losses).sum()
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float("inf"))
-    finite = torch.isfinite(total) & torch.isfinite(norm)
-    on_device = _skips_on_device(optimizer)
-    if on_device:
-        optimizer.found_inf = (~finite).float()
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    value, ok = torch.stack([total.float(), finite.float()]).tolist()  # the one wait for the GPU
-    if ok and not on_device:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return (value if ok else None), n_tokens, time.time() - t0
-
-
-def _skips_on_device(optimizer) -> bool:
-    """Whether `optimizer` can be told on the device to skip a step: torch's fused Adam/AdamW reads a
-    `found_inf` tensor and then leaves the weights, moments and step count as they were."""
-    return isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in optimizer.param_groups)
 
 
 def _load_weights(state: dict, model, cfg: Config, fingerprint: str) -> None:

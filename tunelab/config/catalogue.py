@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# model key -> hub id, prompt template (tunelab/data/templates.py), whether the family needs
+# model key -> hub id, prompt template (tunelab/config/templates.py), whether the family needs
 # trust_remote_code, and its nominal size in billions of parameters (as in the model's name).
 # Base (non-chat) models use the 'default' template, as XTuner does; chat models their own.
 _TUTORIAL_FAMILIES: dict[str, dict[str, Any]] = {  # the families of the XTuner 0.1.x tutorial

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import catalogue, foreign
-from tunelab.config.schema import (FIELDS, GROUP_TITLES, REQUIRED, Config, build_config, check_value, default_value,
-                                   suggest)
+from tunelab.config.schema import (DATASET_FORMATS, FIELDS, GROUP_TITLES, REQUIRED, Config, build_config, check_value,
+                                   default_value, suggest)
 from tunelab.errors import ConfigError
 
 log = logging.getLogger("tunelab")
@@ -97,17 +97,16 @@ def load_config(spec: str, overrides: list[str] | None = None) -> tuple[Config, 
 
 
 def _check_names(cfg: Config, where: str) -> None:
-    from tunelab.data.formats import FORMATS
-    from tunelab.data.templates import UnknownTemplateError, get_template
+    from tunelab.config.templates import UnknownTemplateError, get_template
 
     if cfg.prompt_template != "auto":
         try:
             get_template(cfg.prompt_template)
         except UnknownTemplateError as exc:
             raise ConfigError(f"{where}: 'prompt_template': {exc}") from None
-    if cfg.dataset_format != "auto" and cfg.dataset_format not in FORMATS:
+    if cfg.dataset_format != "auto" and cfg.dataset_format not in DATASET_FORMATS:
         raise ConfigError(f"{where}: 'dataset_format': unknown format '{cfg.dataset_format}'"
-                          f"{suggest(cfg.dataset_format, FORMATS)}; valid: auto, {', '.join(FORMATS)}")
+                          f"{suggest(cfg.dataset_format, DATASET_FORMATS)}; valid: auto, {', '.join(DATASET_FORMATS)}")
 
 
 def render_config(values: dict[str, Any], name: str) -> str:

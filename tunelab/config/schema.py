@@ -26,6 +26,11 @@ def setting(default: Any, help: str, *, group: str, min: float | None = None, gt
     return field(default=default, metadata=meta)
 
 
+# The record formats tunelab.data.formats reads, in the order it tries them (its FORMATS, tests/test_layers.py)
+DATASET_FORMATS = ("conversation", "openai", "msagent", "sharegpt", "alpaca", "query_response", "oasst", "guanaco",
+                   "text")
+
+
 @dataclass
 class Config:
     """A tunelab run. Every field is a top-level name in a config file."""
@@ -48,8 +53,7 @@ class Config:
         "folder (its *train* files, else all data files), a hub dataset id, or a list of these.",
         group="data")
     dataset_format: str = setting(
-        "auto", "Record format: auto (detected per file), conversation, alpaca, openai, sharegpt, "
-        "guanaco, query_response, msagent, oasst, text.", group="data")
+        "auto", "Record format: auto (detected per file), " + ", ".join(DATASET_FORMATS) + ".", group="data")
     dataset_columns: dict = setting(
         {}, "Rename record fields before the format is detected, file column -> format field, e.g. "
         "{'prompt': 'query', 'completion': 'response'}; a renamed field replaces one of the same name. "

@@ -3,7 +3,7 @@ prompt the model sees at chat time is token for token the one it was trained on.
 from __future__ import annotations
 
 from tunelab.data.formats import Turn
-from tunelab.data.templates import Template, get_template
+from tunelab.config.templates import Template, get_template
 from tunelab.errors import DataError
 
 IGNORE = -100

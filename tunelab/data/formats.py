@@ -6,30 +6,14 @@ their exact conversions are documented on each converter; msagent and oasst are 
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from tunelab.data.loading import Record
+from tunelab.data.msagent import is_msagent, msagent
+from tunelab.data.turns import BadRecord, Filtered, Turn
 from tunelab.errors import DataError
-
-
-@dataclass
-class Turn:
-    """One exchange: the prompt side (system, input) and the trained side (output)."""
-    input: str
-    output: str
-    system: str = ""
-
-
-class BadRecord(ValueError):
-    """A record that does not fit its format; the message says what is missing."""
-
-
-class Filtered(Exception):
-    """A well-formed record that the data itself marks as not for training (a deleted or failed-review OASST
-    prompt, a prompt nobody answered): counted and reported, never an error."""
 
 
 def _text(record: dict, key: str, required: bool = True) -> str:
@@ -137,134 +121,6 @@ def _query_response(record: dict) -> list[Turn]:
 def _plain_text(record: dict) -> list[Turn]:
     """`{"text": ...}` without guanaco markers: continued pre-training, the whole text is the (trained) output."""
     return [Turn("", _text(record, "text"))]
-
-
-# --- MSAgent-Bench (ReAct) ---------------------------------------------------------------------------
-_CALL_OR_RESULT = re.compile(r"<\|startofthink\|>(.*?)<\|endofthink\|>|<\|startofexec\|>(.*?)<\|endofexec\|>", re.S)
-_FENCE = re.compile(r"^\s*```[A-Za-z]*:?\s*(.*?)\s*```\s*$", re.S)
-_REACT_CALL = re.compile(r"^Action:[^\n]*\n\s*Action Input:", re.M)
-_REACT_WORD = re.compile(r"^(?:Thought|Action|Action Input|Observation|Final Answer):", re.M)
-_OBSERVATION = re.compile(r"^Observation:.*?(?=^(?:Thought|Action|Final Answer):|\Z)", re.S | re.M)
-
-
-def _is_msagent(r: Any) -> bool:
-    """ShareGPT-like, but an assistant message holds MSAgent markers or a ReAct `Action:`/`Action Input:` call."""
-    said = [m.get("value") for m in (r.get("conversations") if isinstance(r, dict) else None) or []
-            if isinstance(m, dict) and m.get("from") == "assistant"]
-    return any(isinstance(v, str) and ("<|startofthink|>" in v or "<|startofexec|>" in v or _REACT_CALL.search(v))
-               for v in said)
-
-
-def _unfence(text: str) -> str:
-    match = _FENCE.match(text)
-    return (match.group(1) if match else text).strip()
-
-
-def _tool_call(block: str) -> str:
-    try:
-        call = json.loads(_unfence(block))
-    except json.JSONDecodeError as exc:
-        raise BadRecord(f"the tool call in <|startofthink|> is not valid JSON ({exc.msg})") from None
-    if not isinstance(call, dict) or not isinstance(call.get("api_name"), str):
-        raise BadRecord("the tool call in <|startofthink|> has no string 'api_name'")
-    # the 'url' of MSAgent-Bench calls is the tool's deployment address, not something the model should learn
-    return f"Action: {call['api_name']}\nAction Input: {json.dumps(call.get('parameters', {}), ensure_ascii=False)}"
-
-
-def _marker_steps(value: str) -> list[tuple[bool, str]]:
-    """MSAgent-Bench markers -> ordered (is_tool_result, text) steps in the ReAct protocol."""
-    steps, out, loose, pos = [], [], "", 0
-    for m in _CALL_OR_RESULT.finditer(value):
-        loose += value[pos:m.start()]
-        pos = m.end()
-        if m.group(1) is not None:  # a call: the text before it is the thought behind it
-            if loose.strip():
-                out.append(f"Thought: {loose.strip()}")
-            out.append(_tool_call(m.group(1)))
-        else:  # a result ends the trained output; it becomes the (masked) input of the next turn
-            if loose.strip():  # text between a call and its result (none in the real data): kept as is
-                out.append(loose.strip())
-            if not out:
-                raise BadRecord("a tool result (<|startofexec|>) has no tool call before it")
-            steps += [(False, "\n".join(out)), (True, f"Response: {_unfence(m.group(2))}")]
-            out = []
-        loose = ""
-    loose += value[pos:]
-    if "<|startofthink|>" in loose or "<|startofexec|>" in loose:
-        raise BadRecord("an unclosed <|startofthink|> or <|startofexec|> block")
-    if loose.strip():
-        out.append(f"Final Answer: {loose.strip()}")
-    if out:
-        steps.append((False, "\n".join(out)))
-    return steps
-
-
-def _react_steps(value: str) -> list[tuple[bool, str]]:
-    """Text already in ReAct form: kept verbatim, only cut at each `Observation:` (the tool result)."""
-    steps, pos = [], 0
-    for m in _OBSERVATION.finditer(value):
-        before = value[pos:m.start()].strip()
-        if not before:
-            raise BadRecord("an 'Observation:' has no 'Action:' before it")
-        steps += [(False, before), (True, m.group(0).strip())]
-        pos = m.end()
-    if value[pos:].strip():
-        steps.append((False, value[pos:].strip()))
-    return steps
-
-
-def _msagent(record: dict) -> list[Turn]:
-    """MSAgent-Bench `conversations` (from system/user/assistant) -> ReAct turns; tool results are never trained.
-
-    An assistant message with `<|startofthink|>`/`<|startofexec|>` markers becomes, in order:
-
-        Thought: <text before a call>            (only when that text is not blank)
-        Action: <api_name>
-        Action Input: <parameters as compact JSON, ensure_ascii=False; the call's 'url' is dropped>
-        -- end of the trained output; next turn's input (masked): --
-        Response: <the result, its ```JSON fence removed>
-        -- next trained output: --
-        Thought: ... / Action: ... (another call) or Final Answer: <the text after the last result>
-
-    Lines are joined with "\\n"; no Thought is invented where the data has none. Each tool round-trip splits
-    into Turn(user text or previous Response, Thought/Action) + Turn("Response: ...", what follows), so the
-    tool result sits in `input`. A message without markers or ReAct words is a direct reply:
-    "Final Answer: <text>". A message already written in ReAct text (ms-swift's ms_agent form: Action /
-    Action Input / Observation / Thought / Final Answer, its own system prompt naming `Observation`) is kept
-    word for word and only cut at each `Observation: ...` block, which goes to the next turn's input. A tool
-    result that ends a message (no text after it) is put before the next user text in that turn's input.
-    """
-    messages = record["conversations"]
-    if not isinstance(messages, list) or not messages:
-        raise BadRecord("'conversations' must be a non-empty list of {from, value} messages")
-    turns: list[Turn] = []
-    system, pending = str(record.get("system") or ""), []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
-            raise BadRecord(f"conversations[{i}] must be an object with a string 'value'")
-        role, text = msg.get("from"), msg["value"]
-        if role == "system":
-            system = text
-        elif role in ("user", "human"):
-            pending.append(text)
-        elif role in ("assistant", "gpt"):
-            if "<|startofthink|>" in text or "<|startofexec|>" in text:
-                steps = _marker_steps(text)
-            elif _REACT_WORD.search(text):
-                steps = _react_steps(text)
-            else:
-                steps = [(False, f"Final Answer: {text.strip()}")] if text.strip() else [(False, "")]
-            for is_result, step in steps:
-                if is_result:
-                    pending.append(step)
-                else:
-                    turns.append(Turn("\n".join(pending), step))
-                    pending = []
-        else:
-            raise BadRecord(f"conversations[{i}]: unknown from '{role}' (expected system, user, assistant)")
-    if turns:
-        turns[0].system = system
-    return turns
 
 
 # --- OpenAssistant export (message trees or message lists) --------------------------------------------
@@ -376,7 +232,7 @@ FORMATS: dict[str, tuple[Callable[[Any], bool], Callable[[Any], list[Turn]]]] = 
     "conversation": (lambda r: isinstance(r, dict) and "conversation" in r, _conversation),
     "openai": (lambda r: (isinstance(r, dict) and "messages" in r)
                or (isinstance(r, list) and bool(r) and isinstance(r[0], dict) and "role" in r[0]), _openai),
-    "msagent": (_is_msagent, _msagent),  # before sharegpt: both use `conversations`
+    "msagent": (is_msagent, msagent),  # before sharegpt: both use `conversations`
     "sharegpt": (lambda r: isinstance(r, dict) and "conversations" in r, _sharegpt),
     "alpaca": (lambda r: isinstance(r, dict) and "instruction" in r and "output" in r, _alpaca),
     "query_response": (lambda r: isinstance(r, dict) and "query" in r and "response" in r, _query_response),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from tunelab.data.encode import PromptFormat
 from tunelab.data.formats import Turn
-from tunelab.data.templates import TEMPLATES, Template, get_template
+from tunelab.config.templates import TEMPLATES, Template, get_template
 from tunelab.errors import ConfigError
 
 # plain words that no template rewrites, so they can be found again in either rendering

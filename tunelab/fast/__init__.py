@@ -1,6 +1,6 @@
 """The fast training path (GPU): fused, compiled, padding-free, chunked-loss forward over the model's own
 parameters. `use_fast_path` decides; `attach` builds it (and its CUDA graphs); train.token_losses and
-train.forward_backward use them when attached."""
+step.forward_backward use them when attached."""
 from __future__ import annotations
 
 import logging

@@ -131,7 +131,7 @@ def add_lora(model, cfg, quantized: bool, prepare: bool = True, model_path: str 
         from peft import get_peft_model_state_dict
 
         # the adapter's start, which PiSSA/OLoRA took out of the base: what an exported adapter subtracts so
-        # that it applies to the original base (convert.original_base_adapter)
+        # that it applies to the original base (model.save.original_base_adapter)
         model.tunelab_initial_adapter = {k: v.detach().cpu().clone()
                                          for k, v in get_peft_model_state_dict(model).items() if ".lora_" in k}
     return model

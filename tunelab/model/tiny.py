@@ -83,7 +83,7 @@ def build_tokenizer(vocab_size: int = 1024, markers: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tunelab.data.templates import TEMPLATES
+    from tunelab.config.templates import TEMPLATES
 
     specials = ["<s>", "</s>", "<pad>"]
     every_family = MARKERS + [w for t in TEMPLATES.values() for w in t.stop_words]
@@ -117,7 +117,7 @@ def build_tiny_model(target: Path | str, arch: str = "llama", hidden_size: int =
     `chat_template` replace the tokenizer's special tokens (build_tokenizer) and its family chat template."""
     import transformers
 
-    from tunelab.data.templates import get_template, template_to_jinja
+    from tunelab.config.templates import get_template, template_to_jinja
 
     target = Path(target)
     tokenizer = build_tokenizer(markers=markers)
