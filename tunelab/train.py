@@ -9,7 +9,7 @@ checkpoint on Ctrl-C/SIGTERM, skips non-finite steps and stops after `max_bad_st
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -130,14 +130,10 @@ def load_training_data(cfg: Config, tokenizer) -> tuple[list[Sequence], list[Seq
         sequences, stats = build_sequences(cfg, tokenizer)
         val: list[Sequence] = []
         if cfg.evaluation_data_path:
-            held_out = copy.copy(cfg)
-            held_out.data_path = cfg.evaluation_data_path
-            val, val_stats = build_sequences(held_out, tokenizer)
+            val, val_stats = build_sequences(dataclasses.replace(cfg, data_path=cfg.evaluation_data_path), tokenizer)
             log.info("validation %s", val_stats.summary())
         return sequences, val, stats
-    unpacked = copy.copy(cfg)
-    unpacked.pack_to_max_length = False
-    samples, stats = build_sequences(unpacked, tokenizer)
+    samples, stats = build_sequences(dataclasses.replace(cfg, pack_to_max_length=False), tokenizer)
     order = list(range(len(samples)))
     random.Random(cfg.seed + 1).shuffle(order)
     n_val = max(1, round(len(samples) * cfg.validation_split))
@@ -167,8 +163,8 @@ def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None 
 
 def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resume: str | None,
            ctx: distributed.Context, deepspeed: dict | None) -> TrainResult:
-    if seed is not None:
-        cfg.seed = seed
+    if seed is not None:  # --seed: a new Config, the loaded one stays as it was
+        cfg = dataclasses.replace(cfg, seed=seed)
     seed_everything(cfg.seed)
 
     # Data first: bad data must fail in seconds, not after a 7B model has loaded.
