@@ -96,6 +96,7 @@ def _react(a: int, b: int) -> list[str]:
 
 # --- acceptance 1 and 5: the agent through the CLI ------------------------------------------------------------
 @pytest.mark.parametrize("how", ["adapter_folder", "base_and_adapter", "merged_8bit"])
+@pytest.mark.slow
 def test_lagent_runs_the_calculator_and_answers_with_its_result(how, agent_model):
     """No --prompt-template and no --system: both come from the training run (tunelab.json)."""
     a, b = HELD_OUT[0] if how != "base_and_adapter" else HELD_OUT[1]
@@ -110,6 +111,7 @@ def test_lagent_runs_the_calculator_and_answers_with_its_result(how, agent_model
     assert cp.stdout.splitlines() == _react(a, b)
 
 
+@pytest.mark.slow
 def test_plugins_stop_at_the_command_run_it_and_resume(agent_model):
     cp = _chat(agent_model["adapter"], "--with-plugins", "calculate", "--system", PLUGIN_SYSTEM,
                input="Use the calculator on 64*5.\n")
@@ -117,6 +119,7 @@ def test_plugins_stop_at_the_command_run_it_and_resume(agent_model):
     assert cp.stdout == 'Calculate("64*5")<eoc>\n<|Results|>:\nCalculate("64*5") => 320\n<eor>\nIt is 320.\n'
 
 
+@pytest.mark.slow
 def test_older_stop_word_flag_ends_the_answer(agent_model):
     cp = _chat(agent_model["adapter"], "--answer-stop-word", "Action Input:", input="What is 356+239?\n")
     assert cp.returncode == 0, cp.stderr[-3000:]
@@ -234,6 +237,7 @@ def test_system_choice():
         choose_system(ChatOptions(model="m", system_template="nope"), {})
 
 
+@pytest.mark.slow
 def test_chat_flags_of_the_spec(tiny_llama):
     cp = run_cli("chat", "--help")
     for flag in ["--adapter", "--prompt-template", "--system", "--system-template", "--bits", "--torch-dtype",

@@ -41,6 +41,7 @@ def test_missing_data_file(good, tmp_path):
     assert "./MedQA2019-structured-train.jsonl" in line and "not found" in line
 
 
+@pytest.mark.slow
 def test_hub_dataset_offline(good, tmp_path):
     cfg = write_config(tmp_path / "c.py", **dict(good, data_path="timdettmers/openassistant-guanaco"))
     line = _one_error_line(run_cli("train", cfg, cwd=tmp_path))
@@ -86,6 +87,7 @@ def test_unknown_template_lists_valid_names(good, tmp_path):
         assert name in line
 
 
+@pytest.mark.slow
 def test_record_without_trainable_output(good, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"conversation": [{"input": "q", "output": "a"}]}) + "\n"
@@ -96,6 +98,7 @@ def test_record_without_trainable_output(good, tmp_path):
     assert not (tmp_path / "work_dirs").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_wrong_type_and_bad_values(good, tmp_path):
     for key, value, expect in [("lr", "high", "'lr' must be a number"), ("lr", -1.0, "'lr' must be > 0"),
                                ("max_length", 0, "'max_length' must be >= 1"), ("lora_r", 0, "'lora_r' must be >= 1"),

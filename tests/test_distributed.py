@@ -55,6 +55,7 @@ def two_process_run(cfg_file):
     return work, cp
 
 
+@pytest.mark.slow
 def test_two_processes_survive_slow_tokenisation_and_write_once(two_process_run):
     """Acceptance 3 and 'one set of checkpoints': ranks > 0 poll for rank 0's cache instead of waiting in a
     collective (a barrier would time out after 3 s); only rank 0 logs and writes."""
@@ -74,6 +75,7 @@ def test_two_processes_survive_slow_tokenisation_and_write_once(two_process_run)
     assert "ChildFailedError" not in cp.stderr and "Traceback" not in cp.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_global_batch(two_process_run, cfg_file, tmp_path):
     """Acceptance 1: 2 processes x batch_size 1 x accumulation 2 = one process with batch_size 2: the same 4
     sequences per step, the same per-step losses and final adapter."""
@@ -111,6 +113,7 @@ def test_equivalent_configs_take_the_same_sequences_per_step(tiny_llama):
     assert ranks == steps(1, 1, 4)  # 4 ranks without accumulation too
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes_with_two_or_one(two_process_run, cfg_file, tmp_path):
     """Killed after step 4 (checkpoint at step 3): `--resume` with 2 processes, or with 1 process and the same
     global batch, continues with the losses of the uninterrupted run."""
@@ -134,6 +137,7 @@ def test_killed_two_process_run_resumes_with_two_or_one(two_process_run, cfg_fil
     _assert_same_losses(straight, run_losses(alone), range(4, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_with_fsdp2(cfg_file, tmp_path):
     """algorithm = 'full' on 2 processes shards with FSDP2; losses match one process, and the gathered
     checkpoint converts with pth_to_hf."""
@@ -156,6 +160,7 @@ def test_full_fine_tuning_with_fsdp2(cfg_file, tmp_path):
     torch.testing.assert_close(saved[key], weights[key])
 
 
+@pytest.mark.slow
 def test_bad_data_on_two_processes_is_one_line_and_exit_2(cfg_file, tmp_path):
     """Rank 0 fails tokenising; rank 1 stops waiting; the launcher returns the rank's exit code, one line."""
     bad = tmp_path / "bad.jsonl"
@@ -168,6 +173,7 @@ def test_bad_data_on_two_processes_is_one_line_and_exit_2(cfg_file, tmp_path):
     assert "Traceback" not in cp.stderr and "ChildFailedError" not in cp.stderr
 
 
+@pytest.mark.slow
 def test_deepspeed_missing_or_unknown_is_one_line_and_exit_2(cfg_file, tmp_path):
     """Acceptance 4. An importable module that raises ImportError stands for an absent DeepSpeed."""
     shadow = tmp_path / "shadow"
@@ -261,6 +267,7 @@ def test_cache_key_follows_data_and_encoding(tiny_llama, data_dir, tmp_path):
     assert cache_key(cfg, str(tiny_llama)) != key  # the data's bytes
 
 
+@pytest.mark.slow
 def test_pth_to_hf_reads_a_distributed_checkpoint_folder(tiny_llama, data_dir, tmp_path):
     """A PyTorch Distributed Checkpoint folder (FSDP's sharded format) of a LoRA model converts to the same
     adapter PEFT itself would save."""

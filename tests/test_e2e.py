@@ -11,6 +11,7 @@ ANSWER = "我是不要葱姜蒜大佬的小助手，内在是上海AI实验室�
 
 
 @pytest.mark.parametrize("variant,arch", [("demo", "internlm"), ("demo_qlora", "llama"), ("demo_full", "qwen2")])
+@pytest.mark.slow
 def test_tutorial_story(variant, arch, tiny_models, data_dir, tmp_path):
     cp = run_cli("copy-cfg", variant, tmp_path)
     assert cp.returncode == 0, cp.stderr

@@ -1070,6 +1070,7 @@ def _nf4_check(device: str) -> list[str]:
     return wrong
 
 
+@pytest.mark.slow
 def test_nf4_kernel_matches_bitsandbytes_in_triton_interpreter(tmp_path):
     """The NF4 kernel's arithmetic on the CPU, under Triton's interpreter (a subprocess: the interpreter is
     chosen when Triton first compiles)."""

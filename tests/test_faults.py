@@ -93,6 +93,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_stops_with_one_lin
 
 
 @pytest.mark.parametrize("kill_at", ["first", "last"])
+@pytest.mark.slow
 def test_merge_killed_midway_leaves_nothing_that_looks_like_a_model(tiny_llama, tiny_llama_adapter, tmp_path, kill_at):
     """Killed after the first or the last weight shard: no `merged` folder; chat and a new merge see none."""
     out = tmp_path / "merged"

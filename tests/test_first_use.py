@@ -45,6 +45,7 @@ def test_data_commands_write_files_with_the_umask_mode(tmp_path, umask):
 
 
 # -- interactive chat -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_interactive_chat_starts_with_a_hint_about_reset_and_exit(tiny_llama):
     """On a terminal (a pty here) chat says how to clear and quit before the first prompt."""
     import pty
@@ -142,6 +143,7 @@ def test_chat_on_some_other_file_says_it_is_a_file(tmp_path):
     assert "is a file, not a model folder" in line and "config.json" in line
 
 
+@pytest.mark.slow
 def test_a_folder_where_a_checkpoint_belongs_is_named_a_folder(good_config, tmp_path):
     folder = tmp_path / "work"
     folder.mkdir()
@@ -193,6 +195,7 @@ def test_no_message_points_at_documents_the_user_does_not_have():
         assert "SPEC" not in text, f"{source} mentions SPEC, a document users do not have"
 
 
+@pytest.mark.slow
 def test_keys_near_a_format_get_the_exact_dataset_columns_mapping(tiny_llama, tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"say {w}", "input": "", "answer": w}) + "\n"
@@ -205,6 +208,7 @@ def test_keys_near_a_format_get_the_exact_dataset_columns_mapping(tiny_llama, tm
     assert cp.returncode == 0 and "format alpaca, 2 records" in cp.stdout, cp.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_bad_cfg_option_blames_the_command_line_not_the_file(good_config, tmp_path):
     line = _one_error_line(run_cli("train", good_config, "--cfg-options", "lr=fast", cwd=tmp_path))
     assert line == "tunelab: error: --cfg-options: 'lr' must be a number, got 'fast'"
@@ -213,6 +217,7 @@ def test_a_bad_cfg_option_blames_the_command_line_not_the_file(good_config, tmp_
 
 
 # -- an unedited hub dataset id, offline ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_unreachable_hub_dataset_fails_at_once(tiny_llama, tmp_path, monkeypatch):
     """No offline variables set and the Hub unreachable (a closed local port stands in for it): the clear line
     comes within 2 s of a local failure that does the same work, not after half a minute of retries."""
@@ -248,6 +253,7 @@ def narrower_llama(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("narrow") / "narrow-llama", "llama", hidden_size=64)
 
 
+@pytest.mark.slow
 def test_merge_onto_the_wrong_base_is_one_line_naming_both_models(tiny_llama_adapter, narrower_llama, tiny_llama,
                                                                   tmp_path):
     out = tmp_path / "merged"
@@ -259,6 +265,7 @@ def test_merge_onto_the_wrong_base_is_one_line_naming_both_models(tiny_llama_ada
     assert cp.returncode == 0 and (out / "config.json").is_file(), cp.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_chat_with_an_adapter_on_the_wrong_base_is_one_line(tiny_llama_adapter, narrower_llama, tiny_llama):
     line = _one_error_line(run_cli("chat", narrower_llama, "--adapter", tiny_llama_adapter, input="hi\n"))
     assert f"was trained on '{tiny_llama}'" in line and f"'{narrower_llama}'" in line

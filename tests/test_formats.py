@@ -82,6 +82,7 @@ def test_every_real_file_loads_with_its_format(data_dir, rel):
     assert not any("{{NAME}}" in t.output or "{{AUTHOR}}" in t.output for _, turns in dialogues for t in turns)
 
 
+@pytest.mark.slow
 def test_check_custom_dataset_on_every_real_file(data_dir, tiny_llama, tmp_path):
     paths = [str(data_dir / rel) for rel in sorted(FILES)]
     cfg = write_config(tmp_path / "c.py", pretrained_model_name_or_path=str(tiny_llama),
@@ -358,6 +359,7 @@ def test_masked_text_rendering(tokenizer):
     assert masked_text(tokenizer, ids, labels) == "[...]Hello!<eoa>[...]Ciao.<eoa>"
 
 
+@pytest.mark.slow
 def test_cli_log_dataset(base, data_dir, tmp_path, tokenizer):
     f = data_dir / "self_cognition" / "personal_assistant.json"
     cfg = write_config(tmp_path / "c.py", **base, data_path=str(f))

@@ -45,6 +45,7 @@ def _one_line_error(cp) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_tutorial_custom_data_story(xlsx, tiny_llama, tmp_path):
     """xlsx -> conversation JSON Lines -> 7:3 split -> copy-cfg, two edits -> train: the loss falls."""
     cp = run_cli("data", "xlsx2jsonl", xlsx, "--sheet", "DrugQA", "--input-col", "A", "--output-col", "D",

@@ -41,6 +41,7 @@ FAST_OFFLOADED = ("--cfg-options", "fast_path=on", "gradient_checkpointing=True"
 
 
 @pytest.mark.parametrize("options", [(), FAST_OFFLOADED], ids=["plain", "fast_offloaded"])
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(cfg_file, tmp_path, options):
     """Acceptance 1: killed at step 23 and resumed, steps 24..40 have the losses of an uninterrupted run."""
     cp = _run("train", cfg_file, "--work-dir", tmp_path / "straight", *options)
@@ -65,6 +66,7 @@ def test_resume_after_sigkill_is_exact(cfg_file, tmp_path, options):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_torn_checkpoint_write_keeps_previous(cfg_file, tmp_path):
     """Acceptance 2: a crash halfway through writing a checkpoint leaves the previous one usable."""
     work = tmp_path / "w"
@@ -79,6 +81,7 @@ def test_torn_checkpoint_write_keeps_previous(cfg_file, tmp_path):
     assert not list(work.glob(".*.tmp"))  # the torn temp file was cleaned up
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back(cfg_file, tmp_path):
     work = tmp_path / "w"
     cp = _run("train", cfg_file, "--work-dir", work, "--cfg-options", "max_steps=10")
@@ -96,6 +99,7 @@ def test_resume_without_checkpoint_is_bad_input(cfg_file, tmp_path):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_saves_checkpoint_and_exits_cleanly(cfg_file, tmp_path, sig, code):
     """Acceptance 3: SIGINT (Ctrl-C) or SIGTERM writes a checkpoint and exits without a traceback."""
     work = tmp_path / "w"
@@ -114,6 +118,7 @@ def test_signal_saves_checkpoint_and_exits_cleanly(cfg_file, tmp_path, sig, code
     assert state["meta"]["step"] >= 3
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_the_run_stops(cfg_file, tmp_path):
     """Acceptance 4: non-finite losses are skipped and counted; after max_bad_steps in a row, a one-line stop."""
     work = tmp_path / "w"

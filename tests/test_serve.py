@@ -78,6 +78,7 @@ def ask(question: str, **extra) -> dict:
     return {"model": "assistant", "messages": [{"role": "user", "content": question}], **extra}
 
 
+@pytest.mark.slow
 def test_openai_client_answers_like_chat(server, chat_answers):
     api = client(server)
     assert [m.id for m in api.models.list()] == ["assistant"]
@@ -280,6 +281,7 @@ def stop_button_cancels(page, server: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_serve_bad_input_exits_2(trained, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

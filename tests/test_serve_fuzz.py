@@ -107,6 +107,7 @@ def malformed(draw) -> bytes:
     return json.dumps(body).encode()
 
 
+@pytest.mark.slow
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server):
     client, proc = server
     answered: list[int] = []

@@ -207,6 +207,7 @@ def test_tutorial_internlm_config_on_a_chatml_model_stops_before_training(chatml
 
 @pytest.mark.parametrize("template, said", [("auto", "prompt_template 'auto'"),
                                             ("qwen3", "lays turns out as the chat_template")])
+@pytest.mark.slow
 def test_matching_template_on_the_chatml_model_trains_without_complaint(chatml_models, data_dir, tmp_path,
                                                                           template, said):
     from transformers import AutoTokenizer
@@ -222,6 +223,7 @@ def test_matching_template_on_the_chatml_model_trains_without_complaint(chatml_m
     assert exported == (QWEN3 if template == "auto" else template_to_jinja(TEMPLATES["qwen3"]))
 
 
+@pytest.mark.slow
 def test_base_model_without_chat_template_trains_the_configured_template(chatml_models, data_dir, tmp_path):
     cfg = _copied_tutorial_config(tmp_path, chatml_models["base"], data_dir)
     cp = run_cli("train", cfg, cwd=tmp_path)

@@ -69,6 +69,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
 
 
+@pytest.mark.slow
 def test_adapter_and_merge_interop(tiny_models, data_dir, tmp_path, monkeypatch):
     """Acceptance 3: pth_to_hf output loads with PEFT and matches the trained model (1e-4); the merged model
     matches base + adapter (1e-3)."""
@@ -111,6 +112,7 @@ def test_adapter_and_merge_interop(tiny_models, data_dir, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "merged" / "tunelab.json").read_text())["prompt_template"] == "internlm_chat"
 
 
+@pytest.mark.slow
 def test_medqa_trains_with_only_data_path_changed(data_dir, tmp_path):
     """Acceptance 4: the tutorial's pretty-printed JSON array named .jsonl trains; the loss falls in 30 steps."""
     cp = run_cli("copy-cfg", "demo", tmp_path)
@@ -140,6 +142,7 @@ def test_bf16_config_trains_on_cpu(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("fast_path", ["off", "on"])
+@pytest.mark.slow
 def test_qlora_losses_do_not_change_with_evaluations_between_steps(tiny_llama, tmp_path, fast_path):
     """`tunelab train demo_qlora` on the CPU, plain and fast path, LoRA dropout 0.1: evaluating (generating)
     before training and every second step leaves the training losses exactly as without evaluations: the
