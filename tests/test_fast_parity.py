@@ -21,7 +21,7 @@ from tunelab.data.dataset import Sequence, collate, pack
 from tunelab.fast import use_fast_path
 from tunelab.fast.decoder import FastDecoder
 from tunelab.fast.loss import IGNORE
-from tunelab.fast.support import FAMILIES, TESTED_ROPE, unsupported_reason
+from tunelab.fast.support import FAMILIES, TESTED_ROPE, gpu_reason, unsupported_reason
 from tunelab.model.load import add_lora
 from tunelab.model.tiny import tiny_config
 from tunelab.model.losses import token_losses
@@ -279,3 +279,12 @@ def test_bench_shapes_take_the_path_their_family_does():
         why = unsupported_reason(model)
         assert (why is None) == (name != "gemma2-9b"), (name, why)
     assert "attn_logit_softcapping 50.0" in why
+
+
+def test_families_tested_on_the_cpu_only_keep_the_plain_path_on_a_gpu():
+    """Gemma's rows have passed on the CPU only: on a GPU the fast path steps aside for them and says why; the
+    Llama-shaped families, tested on a GPU, do not."""
+    for name in ("gemma", "gemma2", "gemma3"):
+        why = gpu_reason(_tiny(name, wrap=False))
+        assert why is not None and "on the CPU only" in why and "plain path" in why, (name, why)
+    assert gpu_reason(_tiny("llama", wrap=False)) is None and gpu_reason(_tiny("internlm3", wrap=False)) is None

@@ -26,11 +26,13 @@ def use_fast_path(cfg, device: str, model) -> bool:
     """Whether the fast path runs: the config and the device ask for it ('auto': LoRA/QLoRA on CUDA) and
     the (not yet LoRA-wrapped) model is one it supports. Decided before LoRA is added, because the plain
     path needs PEFT's k-bit preparation and transformers' own checkpointing, which the fast path does not."""
-    from tunelab.fast.support import targets_reason, unsupported_reason
+    from tunelab.fast.support import gpu_reason, targets_reason, unsupported_reason
 
     if not _asked_for(cfg, device, say_why=True):
         return False
     reason = unsupported_reason(model)
+    if reason is None and str(device).startswith("cuda"):
+        reason = gpu_reason(model)
     if reason is None and cfg.algorithm in ("lora", "qlora"):
         reason = targets_reason(model, cfg.lora_target_modules)
     if reason is None and cfg.algorithm in ("lora", "qlora") and getattr(cfg, "use_dora", False):

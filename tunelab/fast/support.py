@@ -190,6 +190,20 @@ FAMILIES.update({
 })
 
 
+# Families whose parity rows have passed on the CPU only: on a GPU (bf16, compiled, varlen attention, CUDA graphs)
+# they run the plain path until test_gpu_fast_path_matches_plain_path_bf16 has passed for them
+CPU_TESTED_ONLY = frozenset({"gemma", "gemma2", "gemma3_text"})
+
+
+def gpu_reason(model) -> str | None:
+    """Why the fast path must not run this model on a GPU although it runs it on the CPU (None: it may)."""
+    kind = getattr(getattr(decoder_core(model), "config", None), "model_type", None)
+    if kind in CPU_TESTED_ONLY:
+        return (f"model type {kind!r} has passed its fast-path parity test on the CPU only; on a GPU it runs the "
+                f"plain path until its GPU parity test has run")
+    return None
+
+
 def support(model) -> tuple[Spec | None, str | None]:
     """(what the fast path computes for `model`, None), or (None, why it cannot run it, in one line)."""
     core = decoder_core(model)
