@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA, fault_env, run_losses, write_config
+from conftest import DATA, fault_env, run_losses
 from test_fast import _batch, _gpu_lora_model_and_batch, _single_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

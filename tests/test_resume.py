@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fault_env, run_cli, run_losses, write_config
+from conftest import fault_env, run_losses, write_config
 from tunelab.checkpoint import load_checkpoint
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import edit_config, run_cli
 from tunelab.config.loader import load_config
 from tunelab.data.dataset import build_sequences, collate, encode_sample
-from tunelab.data.encode import IGNORE, PromptFormat
+from tunelab.data.encode import PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.model.load import load_model, load_tokenizer
 from tunelab.train import lr_lambda, train
