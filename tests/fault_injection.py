@@ -89,7 +89,7 @@ def _patches(faults: dict[str, int]) -> dict[str, list]:
         # one process: the micro-batch's loss, after its backward; several: the engines' per-token losses
         add("tunelab.step", "optimizer_step", stepping("single"))
         add("tunelab.step", "forward_backward", poisoned("single"))
-        add("tunelab.parallel", "TrainingEngine.optimizer_step", stepping("engine"))
+        add("tunelab.parallel", "DataParallelEngine.optimizer_step", stepping("engine"))
         add("tunelab.model.losses", "token_losses", poisoned("engine"))
     if "crash_in_checkpoint_write" in faults:
         writes = [0]

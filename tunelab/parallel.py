@@ -29,6 +29,7 @@ import torch
 from tunelab.data.dataset import collate
 from tunelab.distributed import Context
 from tunelab.errors import UserError
+from tunelab.step import optimizer_step
 
 log = logging.getLogger("tunelab")
 
@@ -112,6 +113,16 @@ class TrainingEngine:
 
     def optimizer_step(self, window, optimizer, params, cfg, tokenizer, dtype, step: int,
                        stop: list[int]) -> tuple[float | None, int, float]:
+        """One optimizer step (tunelab.step.optimizer_step): (loss or None where it was skipped, tokens, seconds).
+        `stop` holds a signal caught meanwhile; one process has no one to agree with on it."""
+        return optimizer_step(self.model, window, optimizer, params, cfg, tokenizer, dtype, step)
+
+
+class DataParallelEngine(TrainingEngine):
+    """Several processes, each training on its share of every micro-batch; subclasses reduce the gradients."""
+
+    def optimizer_step(self, window, optimizer, params, cfg, tokenizer, dtype, step: int,
+                       stop: list[int]) -> tuple[float | None, int, float]:
         """One optimizer step of several ranks: this rank's share of each micro-batch, then one agreement
         on (loss, any rank non-finite, any rank signalled) so that every rank skips or stops together."""
         from tunelab.model.losses import token_losses
@@ -154,7 +165,7 @@ class TrainingEngine:
         return float(every[:, 0].sum()), bool(every[:, 1].any()), int(every[:, 2].max())
 
 
-class DDPEngine(TrainingEngine):
+class DDPEngine(DataParallelEngine):
     """PyTorch DistributedDataParallel. Frozen weights (a LoRA/QLoRA base) are left out of DDP's bookkeeping:
     every rank loaded them from the same files, and only trainable gradients need reducing."""
     kind = "ddp"
@@ -204,7 +215,7 @@ def _block_classes(model) -> set[str]:
     return names
 
 
-class FSDPEngine(TrainingEngine):
+class FSDPEngine(DataParallelEngine):
     """PyTorch FSDP2: each transformer block, then the whole model, is a `fully_shard` unit; every rank holds
     1/world_size of the weights, gradients and optimizer state. Checkpoints hold full (gathered) state,
     so they resume with any number of processes and `convert pth_to_hf` reads them as they are."""
@@ -252,7 +263,7 @@ class FSDPEngine(TrainingEngine):
                                  options=StateDictOptions(full_state_dict=True))
 
 
-class DeepSpeedEngine(TrainingEngine):
+class DeepSpeedEngine(DataParallelEngine):
     """DeepSpeed ZeRO 1/2/3 (with CPU offload), configured by tunelab.deepspeed_config. DeepSpeed averages
     gradients over ranks and divides the loss by its accumulation steps; the loss is scaled back so that the
     step's gradient equals the single-process one. The engine writes its sharded optimizer state beside each

@@ -35,7 +35,7 @@ from tunelab.model.generate import Sampling, generate
 from tunelab.model.load import (add_lora, load_model, load_tokenizer, resolve_dtype,
                                 resolve_model_path)
 from tunelab.model.losses import token_losses
-from tunelab.step import epoch_windows, optimizer_step
+from tunelab.step import epoch_windows
 from tunelab.model.save import export_trained
 from tunelab.model.state import load_trainable_state, peft_config_dict
 from tunelab.monitor import RunMonitor
@@ -287,12 +287,8 @@ def _run(cfg, name, root, model_path, tokenizer, sequences, val, stats, fmt, mon
             for index, window in enumerate(windows):
                 if (epoch - 1) * steps_per_epoch + index < step:
                     continue  # done before the resume
-                if par.kind == "single":
-                    loss, tokens, seconds = optimizer_step(model, window, optimizer, params, cfg, tokenizer,
-                                                            dtype, step + 1)
-                else:  # this rank's share of the window; all ranks agree on loss, skips and signals
-                    loss, tokens, seconds = par.optimizer_step(window, optimizer, params, cfg, tokenizer, dtype,
-                                                               step + 1, stop_signal)
+                loss, tokens, seconds = par.optimizer_step(window, optimizer, params, cfg, tokenizer, dtype, step + 1,
+                                                           stop_signal)
                 scheduler.step()
                 step += 1
                 if loss is None:
