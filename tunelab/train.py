@@ -156,9 +156,12 @@ def train(cfg: Config, name: str, work_dir: str | None = None, seed: int | None 
     this is one rank of a data-parallel job (tunelab/parallel.py); deepspeed: a DeepSpeed config dict."""
     ctx = distributed.setup(need_group=deepspeed is not None)
     try:
-        return _train(cfg, name, work_dir, seed, resume, ctx, deepspeed)
-    finally:
+        result = _train(cfg, name, work_dir, seed, resume, ctx, deepspeed)
+    except BaseException:
         distributed.teardown(ctx)
+        raise
+    distributed.teardown(ctx, finished=True)
+    return result
 
 
 def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resume: str | None,
