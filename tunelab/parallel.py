@@ -70,7 +70,7 @@ def wrap(ctx: Context, model, cfg, dtype: torch.dtype, deepspeed: dict | None, w
 
 
 class TrainingEngine:
-    """One process: the model as it is. Subclasses change how gradients are reduced and state is saved."""
+    """One process: the model as it is. Subclasses change how the step runs and how state is saved."""
     kind = "single"
 
     def __init__(self, ctx: Context, model, cfg, dtype, deepspeed, work_dir: Path):
@@ -80,25 +80,6 @@ class TrainingEngine:
         fused = all(p.is_cuda for p in params) or None  # one kernel for all parameters on a GPU
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                  fused=fused)
-
-    def sync(self, last: bool):
-        """Context for one micro-batch's backward: reduce gradients only on the window's last one."""
-        return nullcontext()
-
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        (loss * self.ctx.world_size).backward()  # the engines average over ranks; undo it
-
-    def apply(self, optimizer, params, max_norm: float) -> bool:
-        """Clip and step; False (weights untouched) when the gradient is not finite."""
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-            norm = norm.full_tensor()
-        if not torch.isfinite(norm):
-            optimizer.zero_grad(set_to_none=True)
-            return False
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return True
 
     def state(self, model, optimizer, algorithm: str, tag: str | None) -> tuple[dict, dict | None]:
         """(trainable weights, optimizer state) to checkpoint; called on every rank, meaningful on rank 0."""
@@ -120,6 +101,25 @@ class TrainingEngine:
 
 class DataParallelEngine(TrainingEngine):
     """Several processes, each training on its share of every micro-batch; subclasses reduce the gradients."""
+
+    def sync(self, last: bool):
+        """Context for one micro-batch's backward: reduce gradients only on the window's last one."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        (loss * self.ctx.world_size).backward()  # the engines average over ranks; undo it
+
+    def apply(self, optimizer, params, max_norm: float) -> bool:
+        """Clip and step; False (weights untouched) when the gradient is not finite."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
 
     def optimizer_step(self, window, optimizer, params, cfg, tokenizer, dtype, step: int,
                        stop: list[int]) -> tuple[float | None, int, float]:
