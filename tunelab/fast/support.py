@@ -71,11 +71,7 @@ def _gemma_rope(cfg) -> str | None:
     """RoPE of every kind of layer (Gemma 3 keys rope_parameters by layer kind) is a tested type."""
     params = getattr(cfg, "rope_parameters", None) or {}
     if set(params) <= {"sliding_attention", "full_attention"} and params:
-        for kind in params.values():
-            reason = _tested_rope(type("Kind", (), {"rope_parameters": kind})())
-            if reason:
-                return reason
-        return None
+        return next(filter(None, (_rope_reason(kind, 1.0) for kind in params.values())), None)
     return _tested_rope(cfg)
 
 
@@ -86,11 +82,15 @@ def _layer_kinds(cfg) -> str | None:
 
 
 def _tested_rope(cfg) -> str | None:
-    params = getattr(cfg, "rope_parameters", None) or {}
+    return _rope_reason(getattr(cfg, "rope_parameters", None) or {}, getattr(cfg, "partial_rotary_factor", 1.0))
+
+
+def _rope_reason(params: dict, partial_default) -> str | None:
+    """Why the fast path cannot compute RoPE of these rope_parameters (None: it can)."""
     kind = params.get("rope_type", "default")
     if kind not in TESTED_ROPE:
         return f"rope type {kind!r} (tested: {', '.join(TESTED_ROPE)})"
-    partial = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    partial = params.get("partial_rotary_factor", partial_default)
     if partial not in (None, 1.0):
         return f"partial_rotary_factor {partial} (the fast path rotates whole heads)"
     return None
