@@ -25,7 +25,7 @@ Every side: LoRA r=64, alpha=16, dropout 0 (`--dropout P`: P) on q/k/v/o/gate/up
 checkpointing (Unsloth: its own "unsloth" offloaded variant), fused AdamW, gradient clipping at 1.0, one
 sequence per step, random token ids; tokens/s over the timed steps after warm-up (compilation happens in
 warm-up), peak = the most memory allocated by PyTorch during warm-up and timed steps. The tunelab side runs
-`tunelab.step.optimizer_step`, the very step `tunelab train` runs. The packed case draws real sample lengths
+`tunelab.train.step.optimizer_step`, the very step `tunelab train` runs. The packed case draws real sample lengths
 (bench/sample_lengths.json): the HF baseline pads each batch of 4 samples, tunelab packs them; tokens/s counts
 real tokens only.
 """
@@ -120,7 +120,7 @@ def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int, 
 
     from tunelab.config.loader import load_config
     from tunelab.model.load import load_tokenizer
-    from tunelab.train import build_model
+    from tunelab.train.setup import build_model
 
     values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora", lora_r=64,
                   lora_alpha=16, lora_dropout=_dropout(), lora_target_modules=TARGETS, max_length=max(tokens, 2048),
@@ -181,7 +181,7 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
         if tokens else []
     t_load = time.time()
     if side.startswith("tunelab"):
-        from tunelab.step import optimizer_step
+        from tunelab.train.step import optimizer_step
         cfg, model, params, optimizer, tokenizer = _tunelab_setup(path, qlora, tokens or 8192, layers, offload)
         if "a" in variants and getattr(model, "tunelab_fast", None) is not None:
             model.tunelab_fast.swiglu_backward_ = None  # A/B: autograd differentiates SwiGLU (not in place)

@@ -7,7 +7,7 @@ TUNELAB_FAULT holds comma-separated `name=value` pairs:
   kill_after_step=N           SIGKILL the process right after optimizer step N is logged (every rank)
   crash_in_checkpoint_write=N SIGKILL the process halfway through writing the N-th .pth checkpoint of the run
   nan_loss_from_step=N        every training loss from optimizer step N on is non-finite
-  slow_tokenize=N             local rank 0 sleeps N seconds before tokenising (the other ranks must outwait it)
+  slow_tokenize=N             the rank that tokenises sleeps N seconds first (the other ranks must outwait it)
 """
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ def _patches(faults: dict[str, int]) -> dict[str, list]:
                 if record["step"] == faults["kill_after_step"]:
                     kill_now()
             return step
-        add("tunelab.monitor", "RunMonitor.step", killing)
-        add("tunelab.distributed", "NullMonitor.step", killing)
+        add("tunelab.train.monitor", "RunMonitor.step", killing)
+        add("tunelab.train.processes", "NullMonitor.step", killing)
     if "nan_loss_from_step" in faults:
         def stepping(where):
             def wrap(optimizer_step):
@@ -87,9 +87,9 @@ def _patches(faults: dict[str, int]) -> dict[str, list]:
                 return run
             return wrap
         # one process: the micro-batch's loss, after its backward; several: the engines' per-token losses
-        add("tunelab.step", "optimizer_step", stepping("single"))
-        add("tunelab.step", "forward_backward", poisoned("single"))
-        add("tunelab.parallel", "DataParallelEngine.optimizer_step", stepping("engine"))
+        add("tunelab.train.step", "optimizer_step", stepping("single"))
+        add("tunelab.train.step", "forward_backward", poisoned("single"))
+        add("tunelab.train.engines", "DataParallelEngine.optimizer_step", stepping("engine"))
         add("tunelab.model.losses", "token_losses", poisoned("engine"))
     if "crash_in_checkpoint_write" in faults:
         writes = [0]
@@ -102,16 +102,16 @@ def _patches(faults: dict[str, int]) -> dict[str, list]:
                         return atomic_write_bytes(path, lambda f: write(CrashingFile(f, after=4096)))
                 return atomic_write_bytes(path, write)
             return run
-        add("tunelab.checkpoint", "atomic_write_bytes", crashing)
+        add("tunelab.train.checkpoint", "atomic_write_bytes", crashing)
     if "slow_tokenize" in faults:
         def slow(tokenise_once):
             def run(ctx, cfg, model_path, work_dir, build):
                 def late_build():
                     time.sleep(faults["slow_tokenize"])
                     return build()
-                return tokenise_once(ctx, cfg, model_path, work_dir, late_build if ctx.local_rank == 0 else build)
+                return tokenise_once(ctx, cfg, model_path, work_dir, late_build)
             return run
-        add("tunelab.distributed", "tokenise_once", slow)
+        add("tunelab.train.token_cache", "tokenise_once", slow)
     return patches
 
 

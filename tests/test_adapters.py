@@ -16,7 +16,7 @@ import torch
 from conftest import run_cli, write_config
 from test_fast import _batch, _losses_and_grads, _wake_lora_b
 from tunelab.config.loader import load_config
-from tunelab.train import build_model
+from tunelab.train.setup import build_model
 from tunelab.model.state import load_trainable_state
 from tunelab.model.losses import token_losses
 
@@ -100,7 +100,7 @@ def test_resume_trains_on_the_residual_base_the_checkpoint_started_from(tiny_lla
     one) puts its base back to the residual the checkpoint trained on: the same logits as the saved run."""
     from peft import get_peft_model_state_dict
 
-    from tunelab.train import _load_weights
+    from tunelab.train.setup import load_weights
 
     saved = build_model(_cfg(**_config(tiny_llama, "unused", lora_init="pissa")), str(tiny_llama), "cpu",
                         torch.float32)
@@ -115,7 +115,7 @@ def test_resume_trains_on_the_residual_base_the_checkpoint_started_from(tiny_lla
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     load_trainable_state(resumed, "lora", state["model"])
     assert (_logits(resumed, ids) - _logits(saved, ids)).abs().max() > 1e-3  # the starts do differ
-    _load_weights(state, resumed, _cfg(**_config(tiny_llama, "unused", lora_init="pissa_niter_1")), fingerprint="")
+    load_weights(state, resumed, _cfg(**_config(tiny_llama, "unused", lora_init="pissa_niter_1")), fingerprint="")
     torch.testing.assert_close(_logits(resumed, ids), _logits(saved, ids), rtol=1e-4, atol=1e-4)
 
 

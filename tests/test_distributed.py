@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import fault_env, run_losses, write_config
-from tunelab.checkpoint import load_checkpoint
+from tunelab.train.checkpoint import load_checkpoint
 from tunelab.config.schema import Config
 
 STEPS = 6
@@ -48,7 +48,7 @@ def cfg_file(tmp_path_factory, tiny_llama, data_dir):
 
 @pytest.fixture(scope="module")
 def two_process_run(cfg_file):
-    """NPROC_PER_NODE=2, with rank 0's tokenisation made slower (8 s) than the collective timeout (3 s)."""
+    """NPROC_PER_NODE=2, with the tokenisation made slower (8 s) than the collective timeout (3 s)."""
     work = cfg_file.parent / "two"
     cp = _run("train", cfg_file, "--work-dir", work, NPROC_PER_NODE=2, **fault_env("slow_tokenize=8"),
               TUNELAB_DIST_TIMEOUT=3)
@@ -57,8 +57,8 @@ def two_process_run(cfg_file):
 
 @pytest.mark.slow
 def test_two_processes_survive_slow_tokenisation_and_write_once(two_process_run):
-    """Acceptance 3 and 'one set of checkpoints': ranks > 0 poll for rank 0's cache instead of waiting in a
-    collective (a barrier would time out after 3 s); only rank 0 logs and writes."""
+    """Acceptance 3 and 'one set of checkpoints': the rank that does not tokenise waits on the cache's file lock
+    instead of in a collective (a barrier would time out after 3 s); only rank 0 logs and writes."""
     work, cp = two_process_run
     assert cp.returncode == 0, cp.stderr[-4000:]
     assert "gloo, 2 processes, collective timeout 3s" in cp.stderr
@@ -97,7 +97,7 @@ def test_equivalent_configs_take_the_same_sequences_per_step(tiny_llama):
     """What makes the runs above equal: N ranks x batch_size B x accumulation A, one process x B*N x A and one
     process x B x A*N all group the epoch's sequences into the same steps (the last one short)."""
     from tunelab.data.dataset import Sequence
-    from tunelab.step import epoch_windows
+    from tunelab.train.step import epoch_windows
 
     sequences = [Sequence([i], [i], [0], [0]) for i in range(23)]
 
@@ -192,7 +192,7 @@ def test_deepspeed_missing_or_unknown_is_one_line_and_exit_2(cfg_file, tmp_path)
 
 
 def test_deepspeed_config_follows_the_tunelab_config(tmp_path):
-    from tunelab.deepspeed_config import BUILTIN, load, offloads_optimizer, reconcile, zero_stage
+    from tunelab.train.deepspeed_config import BUILTIN, load, offloads_optimizer, reconcile, zero_stage
 
     cfg = Config(pretrained_model_name_or_path="x", data_path="y", batch_size=2, accumulative_counts=8,
                  max_norm=1.0)
@@ -223,7 +223,7 @@ def test_deepspeed_config_follows_the_tunelab_config(tmp_path):
 
 
 def test_launch_environment(monkeypatch):
-    from tunelab import distributed
+    from tunelab.train import launch as distributed
     from tunelab.errors import UserError
 
     for key in (*distributed.LAUNCH_VARS, "LOCAL_RANK", "WORLD_SIZE"):
@@ -252,7 +252,7 @@ def test_launch_environment(monkeypatch):
 
 
 def test_cache_key_follows_data_and_encoding(tiny_llama, data_dir, tmp_path):
-    from tunelab.distributed import cache_key
+    from tunelab.train.token_cache import cache_key
 
     data = tmp_path / "d.json"
     shutil.copy(data_dir / "alpaca" / "alpaca_data_first102.json", data)

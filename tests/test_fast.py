@@ -432,7 +432,7 @@ def test_train_with_fast_path_on_cpu_matches_plain_run(tiny_llama, tmp_path):
     """`tunelab train` with fast_path='on' (CPU, no compile), with and without offload_checkpoints, logs the
     same per-step losses as 'off'."""
     from conftest import run_losses
-    from tunelab.train import train
+    from tunelab.train.loop import train
 
     losses = {}
     for mode in ("on", "offload", "off"):
@@ -881,7 +881,7 @@ def test_gpu_train_with_cuda_graphs_matches_without(tiny_llama, tmp_path):
     """`tunelab train` on the GPU (bf16, fast path, compiled) logs the same per-step losses with and without
     CUDA graphs, and the graphs were used."""
     from conftest import run_losses
-    from tunelab.train import train
+    from tunelab.train.loop import train
 
     losses = {}
     for graphs in (True, False):
@@ -921,7 +921,7 @@ def test_lean_cublas_is_only_for_the_fast_path_on_one_gpu(tiny_llama, monkeypatc
 _WORKSPACE_PROBE = """
 import sys, os, torch
 from tunelab.config.loader import load_config
-from tunelab.train import build_model
+from tunelab.train.setup import build_model
 path = sys.argv[1]
 cfg = load_config("demo", [f"pretrained_model_name_or_path={path!r}", "lora_r=8", "lora_dropout=0.0",
                            "cuda_graphs=False"])[0]

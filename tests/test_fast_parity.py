@@ -239,7 +239,7 @@ def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, t
     """The issue's case, end to end: `tunelab train` of a tiny Qwen3 whose norm weights are not all ones logs the
     same per-step losses with fast_path 'on' (CPU) as with 'off'; the fast path skipping q_norm/k_norm did not."""
     from conftest import run_losses
-    from tunelab.train import train
+    from tunelab.train.loop import train
     from transformers import AutoTokenizer
 
     folder = tmp_path / "qwen3"

@@ -73,7 +73,7 @@ def _run_with(prelude: str, *args, cwd=None, **env) -> subprocess.CompletedProce
 
 @pytest.mark.slow
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_stops_with_one_line(tiny_llama, data_dir, tmp_path):
-    from tunelab.checkpoint import load_checkpoint
+    from tunelab.train.checkpoint import load_checkpoint
 
     cfg = write_config(tmp_path / "c.py", pretrained_model_name_or_path=str(tiny_llama), algorithm="lora",
                        lora_r=4, data_path=str(data_dir / "alpaca" / "alpaca_data_first102.json"), max_length=128,

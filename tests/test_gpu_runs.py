@@ -33,7 +33,7 @@ def test_gpu_failed_capture_runs_eagerly_and_later_shapes_are_captured(tiny_llam
     1,024) are captured and replayed."""
     from tunelab.fast.decoder import FastDecoder
     from tunelab.fast.graphs import GraphedSteps
-    from tunelab.step import forward_backward
+    from tunelab.train.step import forward_backward
 
     model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=5, dropout=0.1)
     fast = FastDecoder(model, compile=True, offload=True)  # offloaded: copies in flight when the capture breaks

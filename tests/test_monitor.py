@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tunelab.config.loader import load_config
-from tunelab.train import train
+from tunelab.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_final_adapter_is_exported(demo_run):
 
 def test_validation_split_holds_samples_out(tiny_llama, data_dir):
     from tunelab.model.load import load_tokenizer
-    from tunelab.train import load_training_data
+    from tunelab.train.setup import load_training_data
 
     cfg, _ = load_config("demo", [f"pretrained_model_name_or_path={str(tiny_llama)!r}", "validation_split=0.25",
                                   f"data_path={str(data_dir / 'alpaca' / 'alpaca_data_first102.json')!r}"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import fault_env, run_losses, write_config
-from tunelab.checkpoint import load_checkpoint
+from tunelab.train.checkpoint import load_checkpoint
 
 
 @pytest.fixture()

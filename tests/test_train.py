@@ -12,7 +12,8 @@ from tunelab.data.dataset import build_sequences, collate, encode_sample
 from tunelab.data.encode import PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.model.load import load_model, load_tokenizer
-from tunelab.train import lr_lambda, train
+from tunelab.train.loop import train
+from tunelab.train.setup import lr_lambda
 from tunelab.model.losses import token_losses
 
 
@@ -168,9 +169,9 @@ def test_optimizer_step_skips_a_bad_step_on_the_device_as_on_the_host(tiny_llama
     """`optimizer_step` with a fused AdamW (the skip decided on the device, one wait for the GPU) takes the
     same steps as with a plain AdamW (the skip decided on the host); a step whose loss is not finite returns
     None and leaves the weights, the moments and the step count as they were."""
-    from tunelab import step as step_module
-    from tunelab.step import optimizer_step, skips_on_device
-    from tunelab.train import build_model
+    from tunelab.train import step as step_module
+    from tunelab.train.step import optimizer_step, skips_on_device
+    from tunelab.train.setup import build_model
 
     cfg = _cfg(tiny_llama, data_dir / "xtuner_toy", max_length=256, accumulative_counts=2, max_norm=1.0)
     tokenizer = load_tokenizer(str(tiny_llama))

@@ -189,25 +189,25 @@ def cmd_copy_cfg(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from tunelab import distributed
+    from tunelab.train import launch
     from tunelab.config.loader import load_config
-    from tunelab.train import train
+    from tunelab.train.loop import train
 
     cfg, name = load_config(args.config, args.cfg_options)  # bad input fails here, once, before any launch
     deepspeed = None
     if args.deepspeed:
-        from tunelab import deepspeed_config
+        from tunelab.train import deepspeed_config
 
         deepspeed = deepspeed_config.load(args.deepspeed)
         deepspeed_config.require_deepspeed()
-    if distributed.launch_requested():  # NPROC_PER_NODE > 1 or NNODES > 1: run under torchrun
-        return distributed.launch(args.argv)
+    if launch.launch_requested():  # NPROC_PER_NODE > 1 or NNODES > 1: run under torchrun
+        return launch.launch(args.argv)
     train(cfg, name, work_dir=args.work_dir, seed=args.seed, resume=args.resume, deepspeed=deepspeed)
     return EXIT_OK
 
 
 def cmd_convert(args) -> int:
-    from tunelab import convert
+    from tunelab.export import convert
 
     if args.action == "pth_to_hf":
         from tunelab.config.loader import load_config
@@ -328,7 +328,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tunelab.distributed import record_exit
+    from tunelab.train.launch import record_exit
 
     code = _main(argv)
     record_exit(code)  # a torchrun worker tells the launching `tunelab train` how it ended
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from tunelab.distributed import error_line  # only rank 0 of several prints the final error line
+    from tunelab.train.launch import error_line  # only rank 0 of several prints the final error line
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

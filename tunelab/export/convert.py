@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.checkpoint import load_checkpoint
+from tunelab.train.checkpoint import load_checkpoint
 from tunelab.fsutil import atomic_dir
 from tunelab.config.schema import Config
 from tunelab.errors import UserError
@@ -18,7 +18,7 @@ from tunelab.model.load import (check_adapter_fits, load_model, load_tokenizer, 
 def pth_to_hf(cfg: Config, pth: str, save_dir: str, fp32: bool = False, max_shard_size: str = "2GB") -> None:
     """A training checkpoint to a PEFT adapter folder (LoRA/QLoRA) or a full HF model (full tuning). `pth` is
     a tunelab .pth (from any number of processes or engine) or an engine's folder (DeepSpeed ZeRO, DCP)."""
-    from tunelab.engine_checkpoint import is_engine_folder, load_engine_folder
+    from tunelab.train.engine_checkpoint import is_engine_folder, load_engine_folder
 
     max_shard_size = check_shard_size(max_shard_size)
     state = load_engine_folder(pth, cfg) if is_engine_folder(pth) else load_checkpoint(pth)

@@ -42,7 +42,7 @@ def _read_dcp(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_deepspeed(path: Path) -> dict[str, torch.Tensor]:
-    from tunelab.deepspeed_config import require_deepspeed
+    from tunelab.train.deepspeed_config import require_deepspeed
 
     require_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -1,6 +1,6 @@
 """One training step of one process: the micro-batches of an optimizer step (epoch_windows), each one forward and
 backward (forward_backward: a replayed CUDA graph on the fast path), then clipping and the update
-(optimizer_step). Several processes run tunelab.parallel's engines instead, on the same windows."""
+(optimizer_step). Several processes run tunelab.train.engines's engines instead, on the same windows."""
 from __future__ import annotations
 
 import random

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from tunelab.data.dataset import collate
-from tunelab.distributed import Context
+from tunelab.train.processes import Context
 from tunelab.errors import UserError
-from tunelab.step import optimizer_step
+from tunelab.train.step import optimizer_step
 
 log = logging.getLogger("tunelab")
 
@@ -54,7 +54,7 @@ def choose(ctx: Context, cfg, deepspeed: dict | None) -> str:
 def load_device(kind: str, cfg, device: str, deepspeed: dict | None) -> str:
     """Where build_model puts the weights: on the CPU when the engine will shard them onto the GPU (so a
     model larger than one card can be loaded), else straight onto this rank's device."""
-    from tunelab.deepspeed_config import zero_stage
+    from tunelab.train.deepspeed_config import zero_stage
 
     shards = kind == "fsdp" or (kind == "deepspeed" and zero_stage(deepspeed) == 3)
     return "cpu" if shards and cfg.algorithm != "qlora" else device
@@ -94,7 +94,7 @@ class TrainingEngine:
 
     def optimizer_step(self, window, optimizer, params, cfg, tokenizer, dtype, step: int,
                        stop: list[int]) -> tuple[float | None, int, float]:
-        """One optimizer step (tunelab.step.optimizer_step): (loss or None where it was skipped, tokens, seconds).
+        """One optimizer step (tunelab.train.step.optimizer_step): (loss or None where it was skipped, tokens, seconds).
         `stop` holds a signal caught meanwhile; one process has no one to agree with on it."""
         return optimizer_step(self.model, window, optimizer, params, cfg, tokenizer, dtype, step)
 
@@ -191,7 +191,7 @@ def _keyed_by_name(optimizer_state: dict) -> bool:
 
 
 def _trainable_names(model) -> list[str]:
-    """Parameter names in the order the optimizer was given them (train.py: the trainable ones, in order)."""
+    """Parameter names in the order the optimizer was given them (setup.setup_optimizer: the trainable ones, in order)."""
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -264,7 +264,7 @@ class FSDPEngine(DataParallelEngine):
 
 
 class DeepSpeedEngine(DataParallelEngine):
-    """DeepSpeed ZeRO 1/2/3 (with CPU offload), configured by tunelab.deepspeed_config. DeepSpeed averages
+    """DeepSpeed ZeRO 1/2/3 (with CPU offload), configured by tunelab.train.deepspeed_config. DeepSpeed averages
     gradients over ranks and divides the loss by its accumulation steps; the loss is scaled back so that the
     step's gradient equals the single-process one. The engine writes its sharded optimizer state beside each
     checkpoint (work_dir/deepspeed/<checkpoint name>/); the .pth keeps the gathered trainable weights."""
@@ -272,7 +272,7 @@ class DeepSpeedEngine(DataParallelEngine):
 
     def __init__(self, ctx, model, cfg, dtype, deepspeed, work_dir):
         super().__init__(ctx, model, cfg, dtype, deepspeed, work_dir)
-        from tunelab.deepspeed_config import reconcile, require_deepspeed
+        from tunelab.train.deepspeed_config import reconcile, require_deepspeed
 
         require_deepspeed()
         self.config, warnings = reconcile(deepspeed, cfg, ctx.world_size, dtype)
@@ -282,7 +282,7 @@ class DeepSpeedEngine(DataParallelEngine):
     def make_optimizer(self, params, cfg):
         import deepspeed
 
-        from tunelab.deepspeed_config import offloads_optimizer
+        from tunelab.train.deepspeed_config import offloads_optimizer
 
         optimizer = None
         if offloads_optimizer(self.config):
@@ -307,7 +307,7 @@ class DeepSpeedEngine(DataParallelEngine):
         return True  # done by the engine in backward()
 
     def state(self, model, optimizer, algorithm, tag):
-        from tunelab.deepspeed_config import zero_stage
+        from tunelab.train.deepspeed_config import zero_stage
         from tunelab.model.state import trainable_state
 
         if optimizer is not None and tag:

@@ -1,0 +1,1 @@
+"""What a trained run becomes: Hugging Face / PEFT folders (convert.py: pth_to_hf, merge, split)."""
