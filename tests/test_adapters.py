@@ -222,7 +222,7 @@ def test_bad_variant_settings_are_one_line_and_exit_2(values, expect, tiny_llama
     """Each bad value or combination: exit 2 and one line naming the key, before any model loads."""
     from tunelab.cli import main
 
-    monkeypatch.setattr("tunelab.train.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("tunelab.train.setup.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.chdir(tmp_path)
     data = data_dir / "self_cognition" / "personal_assistant.json"
     cfg = write_config(tmp_path / "bad.py", **_config(tiny_llama, data, **values))

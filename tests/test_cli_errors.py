@@ -166,7 +166,7 @@ def test_bad_config_values(good, tmp_path, monkeypatch, capsys, key, value, expe
         raise AssertionError("a model was loaded before the config error was reported")
 
     monkeypatch.setattr(tunelab.model.load, "load_model", no_model)
-    monkeypatch.setattr("tunelab.train.load_model", no_model)
+    monkeypatch.setattr("tunelab.train.setup.load_model", no_model)
     monkeypatch.chdir(tmp_path)
     cfg = write_config(tmp_path / "c.py", **dict(good, **{key: value}))
     assert main(["train", str(cfg)]) == 2

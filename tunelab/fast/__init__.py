@@ -9,28 +9,28 @@ import os
 log = logging.getLogger("tunelab")
 
 
-def _asked_for(cfg, device: str, say_why: bool = False) -> bool:
+def _asked_for(cfg, device: str) -> bool:
     """Whether the config and the device ask for the fast path in this process ('auto': LoRA/QLoRA on CUDA),
     whatever the model."""
     if cfg.fast_path == "off":
         return False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the engines (DDP, FSDP2, DeepSpeed) hook the model's own forward; the fast path bypasses it
-        if say_why:
-            log.info("fast path off: several processes (the engines need the model's own forward)")
-        return False
     return cfg.fast_path == "on" or (device.startswith("cuda") and cfg.algorithm in ("lora", "qlora"))
 
 
-def use_fast_path(cfg, device: str, model) -> bool:
-    """Whether the fast path runs: the config and the device ask for it ('auto': LoRA/QLoRA on CUDA) and
-    the (not yet LoRA-wrapped) model is one it supports. Decided before LoRA is added, because the plain
-    path needs PEFT's k-bit preparation and transformers' own checkpointing, which the fast path does not."""
+def use_fast_path(cfg, device: str, model, engine: str = "single") -> bool:
+    """Whether the fast path runs: the config and the device ask for it ('auto': LoRA/QLoRA on CUDA), the
+    engine is one process or DDP, and the (not yet LoRA-wrapped) model is one it supports. Decided before LoRA
+    is added, because the plain path needs PEFT's k-bit preparation and transformers' own checkpointing, which
+    the fast path does not."""
     from tunelab.fast.support import gpu_reason, targets_reason, unsupported_reason
 
-    if not _asked_for(cfg, device, say_why=True):
+    if not _asked_for(cfg, device):
         return False
-    reason = unsupported_reason(model)
+    reason = None
+    if engine not in ("single", "ddp"):
+        # FSDP2 gathers its shards and DeepSpeed ZeRO its partitions in hooks on the model's own forward
+        reason = f"the {engine} engine (it needs the model's own forward; LoRA/QLoRA over DDP runs the fast path)"
+    reason = reason or unsupported_reason(model)
     if reason is None and str(device).startswith("cuda"):
         reason = gpu_reason(model)
     if reason is None and cfg.algorithm in ("lora", "qlora"):
@@ -78,7 +78,7 @@ def lean_cublas(cfg, device: str) -> bool:
     return True
 
 
-def attach(model, cfg, device: str) -> None:
+def attach(model, cfg, device: str, world_size: int = 1) -> None:
     """Give `model` (one that use_fast_path accepted, LoRA added) its fast forward as `model.tunelab_fast`
     and, where they can run, its CUDA graphs as `model.tunelab_graphs`."""
     from tunelab.fast.decoder import FastDecoder
@@ -90,9 +90,10 @@ def attach(model, cfg, device: str) -> None:
     model.tunelab_fast = fast
     # graphs replay recorded kernels: a recomputed layer's dropout in the compiled regions would not see its
     # first masks again (the GEMM groups' masks come from seeds), and a trainable head (full fine-tuning)
-    # needs a GPU sync in the loss
+    # needs a GPU sync in the loss; with several processes DDP reduces the gradients in backward hooks, which a
+    # captured graph would not call
     graphs = compiled and cfg.cuda_graphs and cfg.algorithm in ("lora", "qlora") and \
-        not (fast.replays_rng and fast.checkpointed)
+        not (fast.replays_rng and fast.checkpointed) and world_size == 1
     if graphs:
         from tunelab.fast.graphs import GraphedSteps
         model.tunelab_graphs = GraphedSteps(fast, [p for p in model.parameters() if p.requires_grad])
@@ -103,7 +104,7 @@ def attach(model, cfg, device: str) -> None:
                  "layers keep their inputs)")
     log.info("fast path on (compiled: %s, CUDA graphs: %s, LoRA as %s, layers recomputed in backward: %d of %d%s)",
              compiled, graphs, "GEMM groups" if fast.lora_gemms else "compiled regions", len(fast.checkpointed),
-             len(fast.layers), _host_summary(fast))
+             len(fast.layers), _host_summary(fast) + (f"; {world_size} processes, DDP" if world_size > 1 else ""))
 
 
 def _host_summary(fast) -> str:

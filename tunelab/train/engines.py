@@ -106,6 +106,11 @@ class DataParallelEngine(TrainingEngine):
         """Context for one micro-batch's backward: reduce gradients only on the window's last one."""
         return nullcontext()
 
+    def token_losses(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        from tunelab.model.losses import token_losses
+
+        return token_losses(self.model, batch, dtype)
+
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         (loss * self.ctx.world_size).backward()  # the engines average over ranks; undo it
 
@@ -125,8 +130,6 @@ class DataParallelEngine(TrainingEngine):
                        stop: list[int]) -> tuple[float | None, int, float]:
         """One optimizer step of several ranks: this rank's share of each micro-batch, then one agreement
         on (loss, any rank non-finite, any rank signalled) so that every rank skips or stops together."""
-        from tunelab.model.losses import token_losses
-
         t0 = time.time()
         rank, bs = self.ctx.rank, cfg.batch_size
         n_targets = sum(s.n_targets for batch in window for s in batch)
@@ -138,7 +141,7 @@ class DataParallelEngine(TrainingEngine):
             if not mine:  # the epoch's last micro-batch may not reach every rank: a zero-weight stand-in
                 mine, weight = batch[:1], 0.0  # keeps this rank in the collectives
             with self.sync(last):
-                loss = token_losses(self.model, collate(mine, tokenizer.pad_token_id), dtype).sum() / n_targets
+                loss = self.token_losses(collate(mine, tokenizer.pad_token_id), dtype).sum() / n_targets
                 loss = loss * weight
                 finite = bool(torch.isfinite(loss))
                 bad |= not finite
@@ -165,24 +168,42 @@ class DataParallelEngine(TrainingEngine):
         return float(every[:, 0].sum()), bool(every[:, 1].any()), int(every[:, 2].max())
 
 
+class FastLosses(torch.nn.Module):
+    """The fast path's per-token losses as a module's forward: what DDP wraps when the fast path is attached, so
+    that DDP's forward prepares its reducer and its hooks reduce the adapter's gradients during backward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return self.model.tunelab_fast.token_losses(batch, dtype)
+
+
 class DDPEngine(DataParallelEngine):
     """PyTorch DistributedDataParallel. Frozen weights (a LoRA/QLoRA base) are left out of DDP's bookkeeping:
-    every rank loaded them from the same files, and only trainable gradients need reducing."""
+    every rank loaded them from the same files, and only trainable gradients are reduced, in DDP's buckets while
+    backward still runs. On the fast path DDP wraps FastLosses (the fast forward) instead of the model."""
     kind = "ddp"
 
     def __init__(self, ctx, model, cfg, dtype, deepspeed, work_dir):
         super().__init__(ctx, model, cfg, dtype, deepspeed, work_dir)
         from torch.nn.parallel import DistributedDataParallel
 
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        frozen += [n for n, _ in model.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        self.fast = getattr(model, "tunelab_fast", None) is not None
+        wrapped = FastLosses(model) if self.fast else model
+        frozen = [n for n, p in wrapped.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in wrapped.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapped, frozen)
         cuda = ctx.device.startswith("cuda")
-        self.model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if cuda else None,
+        self.model = DistributedDataParallel(wrapped, device_ids=[ctx.local_rank] if cuda else None,
                                              broadcast_buffers=False)
 
     def sync(self, last: bool):
         return nullcontext() if last else self.model.no_sync()
+
+    def token_losses(self, batch, dtype):
+        return self.model(batch, dtype) if self.fast else super().token_losses(batch, dtype)
 
 
 def _keyed_by_name(optimizer_state: dict) -> bool:

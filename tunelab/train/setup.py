@@ -99,8 +99,10 @@ def find_checkpoint(cfg: Config, root: Path, resume: str | None) -> tuple[Path, 
     return found
 
 
-def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
-    """The model to train: full weights, or a frozen (4-bit for QLoRA) base with LoRA adapters."""
+def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype, engine: str = "single",
+                world_size: int = 1):
+    """The model to train: full weights, or a frozen (4-bit for QLoRA) base with LoRA adapters; `engine`
+    (engines.choose) and `world_size` decide whether the fast path can run and with CUDA graphs."""
     from tunelab import fast
 
     bits = 4 if cfg.algorithm == "qlora" else None
@@ -109,14 +111,14 @@ def build_model(cfg: Config, model_path: str, device: str, dtype: torch.dtype):
     model = load_model(model_path, dtype=weights_dtype, bits=bits, device=device,
                        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
-    want_fast = fast.use_fast_path(cfg, device, model)
+    want_fast = fast.use_fast_path(cfg, device, model, engine)
     if cfg.gradient_checkpointing and not want_fast:  # the fast path checkpoints its own layers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.algorithm in ("lora", "qlora"):
         # the fast path needs no fp32 copies of norms/embeddings/head (prepare_model_for_kbit_training)
         model = add_lora(model, cfg, quantized=bits is not None, prepare=not want_fast, model_path=model_path)
     if want_fast:
-        fast.attach(model, cfg, device)
+        fast.attach(model, cfg, device, world_size)
     return model
 
 
@@ -125,7 +127,8 @@ def setup_model(cfg: Config, ctx: Context, model_path: str, dtype: torch.dtype, 
     """(model, engine): the model built where its engine wants it, the checkpoint's weights loaded before the
     engine wraps, shards or partitions it."""
     kind = engines.choose(ctx, cfg, deepspeed)
-    model = build_model(cfg, model_path, engines.load_device(kind, cfg, ctx.device, deepspeed), dtype)
+    model = build_model(cfg, model_path, engines.load_device(kind, cfg, ctx.device, deepspeed), dtype, kind,
+                        ctx.world_size)
     if checkpoint is not None:
         load_weights(checkpoint[1], model, cfg, fingerprint)
     engine = engines.wrap(ctx, model, cfg, dtype, deepspeed, root)
