@@ -93,6 +93,27 @@ def test_two_processes_equal_one_process_with_the_global_batch(two_process_run, 
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_fast_path_on_two_processes_equals_one_process(cfg_file, tmp_path):
+    """The fast path under DDP: fast_path = 'on' with 2 processes x batch_size 1 gives the per-step losses and the
+    adapter of one process with batch_size 2, also on the fast path (gloo; DDP wraps the fast forward)."""
+    two = _run("train", cfg_file, "--work-dir", tmp_path / "two", "--cfg-options", "fast_path=on", NPROC_PER_NODE=2)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "parallel: ddp over 2 processes" in two.stderr
+    assert "fast path on" in two.stderr and "; 2 processes, DDP)" in two.stderr
+    one = _run("train", cfg_file, "--work-dir", tmp_path / "one", "--cfg-options", "fast_path=on", "batch_size=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "fast path on" in one.stderr
+    losses = run_losses(tmp_path / "two")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    _assert_same_losses(losses, run_losses(tmp_path / "one"), range(1, STEPS + 1))
+    a = load_checkpoint(tmp_path / "two" / f"iter_{STEPS}.pth")["model"]
+    b = load_checkpoint(tmp_path / "one" / f"iter_{STEPS}.pth")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
 def test_equivalent_configs_take_the_same_sequences_per_step(tiny_llama):
     """What makes the runs above equal: N ranks x batch_size B x accumulation A, one process x B*N x A and one
     process x B x A*N all group the epoch's sequences into the same steps (the last one short)."""

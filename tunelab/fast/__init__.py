@@ -60,7 +60,8 @@ def lean_cublas(cfg, device: str) -> bool:
     GEMM through cuBLASLt, and put back should that fail. Returns whether this call set it."""
     import torch
 
-    if not (_asked_for(cfg, device) and device.startswith("cuda") and cfg.algorithm in ("lora", "qlora")) \
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # not measured beside NCCL: left as it is
+    if several or not (_asked_for(cfg, device) and device.startswith("cuda") and cfg.algorithm in ("lora", "qlora")) \
             or torch.are_deterministic_algorithms_enabled() or any(name in os.environ for name in LEAN_CUBLAS) \
             or torch.cuda.memory_allocated(device) > 0:
         return False
