@@ -235,22 +235,53 @@ def test_gpu_fast_path_matches_plain_path_bf16(name):
     assert abs(together.sum().item() - apart.sum().item()) / apart.sum().item() < 1e-2
 
 
-def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, tmp_path):
-    """The issue's case, end to end: `tunelab train` of a tiny Qwen3 whose norm weights are not all ones logs the
-    same per-step losses with fast_path 'on' (CPU) as with 'off'; the fast path skipping q_norm/k_norm did not."""
-    from conftest import run_losses
-    from tunelab.train.loop import train
+def _qwen3_with_moved_norms(source, folder):
+    """The tiny Qwen3 with its norm weights moved off their init (q_norm/k_norm included), saved to `folder`."""
     from transformers import AutoTokenizer
 
-    folder = tmp_path / "qwen3"
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen3"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_models["qwen3"]).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.gpu
+@GPU
+def test_gpu_train_qwen3_first_step_loss_equals_the_cpu_plain_path(tiny_models, tmp_path):
+    """Issue 28's acceptance 3: `tunelab train` of the tiny Qwen3 with moved norms logs the same first-step loss on
+    the GPU's fast path (bf16, compiled, the default for LoRA) as on the CPU's plain path (fp32), within bf16."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import run_losses
+
+    folder = _qwen3_with_moved_norms(tiny_models["qwen3"], tmp_path / "qwen3")
+    options = [f"{k}={v!r}" for k, v in dict(pretrained_model_name_or_path=str(folder), max_steps=2, save_steps=1000,
+                                              lora_dropout=0.0, evaluation_freq=1000, log_interval=1).items()]
+    first, logs = {}, {}
+    for side, env, path in (("gpu", {}, []), ("cpu", {"CUDA_VISIBLE_DEVICES": ""}, ["fast_path='off'"])):
+        cp = subprocess.run([sys.executable, "-m", "tunelab", "train", "demo", "--work-dir", str(tmp_path / side),
+                             "--cfg-options", *options, *path],
+                            capture_output=True, text=True, env=dict(os.environ, **env), timeout=600)
+        assert cp.returncode == 0, cp.stderr[-3000:]
+        first[side], logs[side] = run_losses(tmp_path / side)[1], cp.stderr
+    assert "fast path on" in logs["gpu"] and "fast path on" not in logs["cpu"]
+    assert abs(first["gpu"] - first["cpu"]) < 2e-2 * abs(first["cpu"]), first
+
+
+def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, tmp_path):
+    """The issue's case, end to end: `tunelab train` of a tiny Qwen3 whose norm weights are not all ones logs the
+    same per-step losses with fast_path 'on' (CPU) as with 'off'; the fast path skipping q_norm/k_norm did not."""
+    from conftest import run_losses
+    from tunelab.train.loop import train
+
+    folder = _qwen3_with_moved_norms(tiny_models["qwen3"], tmp_path / "qwen3")
     losses = {}
     for mode in ("on", "off"):
         values = dict(pretrained_model_name_or_path=str(folder), max_steps=4, save_steps=1000, lora_dropout=0.0,
