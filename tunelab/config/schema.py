@@ -111,9 +111,9 @@ class Config:
         "tokens x hidden_size x 2 bytes per recomputed layer but the top one (its copies would be the last out "
         "and the first back, so it keeps them). Where the link to the host has time to spare "
         "in forward, some layers also send their gate/up outputs, so that their recomputation skips those two "
-        "GEMMs (8 of 32 layers for a 7B model at 8,192 tokens, none at 32,768). With CUDA graphs, "
+        "GEMMs. With CUDA graphs, "
         "QLoRA's block scales are then also dequantised at each GEMM, as bitsandbytes does, instead of kept in "
-        "fp32 (0.38 GiB for a 7B model). auto: on a GPU, where the host buffers for the largest batch "
+        "fp32. auto: on a GPU, where the host buffers for the largest batch "
         "(about 3 x batch_size x max_length x hidden_size x 2 bytes per layer) take at most a quarter of the "
         "host memory available.", group="train")
     fast_compile: bool = setting(True, "torch.compile the fast path's layers (GPU only; compiles once, "

@@ -218,8 +218,7 @@ def build_sequences(cfg: Config, tokenizer, stats: DataStats | None = None) -> t
 def pack(samples: list[Sequence], max_length: int) -> list[Sequence]:
     """Whole samples concatenated into sequences of at most max_length tokens, best fit: in their given order,
     each sample goes into the fullest sequence it still fits in. Filling in order leaves each sequence short by
-    about half a sample; on MedQA2019 and alpaca at 2,048 tokens that was a tenth of every step's compute spent
-    on padding (bench/RESULTS.md). Taken in the given (shuffled) order rather than longest first, sequences mix
+    about half a sample, all of it padding the step computes. Taken in the given (shuffled) order rather than longest first, sequences mix
     samples as the data does, not by length. A sequence holds its samples in their given order."""
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row) ascending: the fullest row that fits comes first
@@ -255,8 +254,7 @@ def collate(batch: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch into tensors (see PAD_VALUES)."""
     width = max(len(s) for s in batch)
     fill = {"input_ids": pad_id, **PAD_VALUES}
-    # through numpy: torch.tensor converts a list element by element, 3x slower, and on a GPU the step
-    # waits for this
+    # through numpy: torch.tensor converts a list element by element, and on a GPU the step waits for this
     return {key: torch.from_numpy(np.array([row + [fill[key]] * (width - len(row))
                                             for row in (getattr(s, key) for s in batch)], dtype=np.int64))
             for key in ("input_ids", "targets", "position_ids", "segment_ids")}

@@ -43,11 +43,10 @@ def use_fast_path(cfg, device: str, model, engine: str = "single") -> bool:
     return reason is None
 
 
-# cuBLAS without a workspace (lean_cublas). With its default one (32 MiB per stream on a Hopper card) cuBLAS
-# picks GEMM kernels that zero a flag in it first: a 4-byte memset before nearly every large GEMM, 1,156 a step
-# in the 7B 8,192-token QLoRA step, each holding the GPU 10-15 us. Without it the same GEMMs run as fast
-# (bench/gemm_gaps.py), the 2,048-token steps ran 1-3% faster and every step's peak fell 0.12 GiB
-# (bench/RESULTS.md, eleventh session). cuBLASLt (GEMMs with a bias) keeps a workspace of its own.
+# cuBLAS without a workspace (lean_cublas). With its default one cuBLAS picks GEMM kernels that zero a flag in
+# it first: a small memset before nearly every large GEMM, each holding the GPU. Without it the same GEMMs run as
+# fast, with no memsets and a lower peak (bench/gemm_gaps.py; figures in bench/RESULTS.md). cuBLASLt (GEMMs with
+# a bias) keeps a workspace of its own.
 LEAN_CUBLAS = {"CUBLAS_WORKSPACE_CONFIG": ":0:0", "TORCH_CUBLASLT_UNIFIED_WORKSPACE": "0"}
 
 

@@ -1,7 +1,7 @@
 """The fast path's forward, loss and backward captured as one CUDA graph per batch shape, then replayed.
 
-Why: with its layers compiled, a 7B step used to spend as long in Python launching kernels (the guards and
-wrappers of each compiled region, autograd's bookkeeping) as the GPU spent running them (bench/RESULTS.md).
+Why: with its layers compiled, a step spent about as long in Python launching kernels (the guards and
+wrappers of each compiled region, autograd's bookkeeping) as the GPU spent running them.
 A replayed graph launches the whole micro-batch at once. What that takes:
 * fixed shapes: rows are padded to a bucket of widths (a packed run's to the widest it has had), and there is
   one graph per (rows, width) and, for packed rows, per bucket of sample count (powers of two), so an epoch

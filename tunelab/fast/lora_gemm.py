@@ -4,8 +4,8 @@ under LoRA over frozen weights).
 Several projections read one input (q/k/v read the normed residual, gate/up the other one). Left to autograd,
 each projection's input gradient is a tensor of its own and autograd sums them: two adds of a (tokens x hidden)
 tensor for q/k/v, one for gate/up, and the LoRA branches add their own, plus the (tokens x intermediate)
-gradients of gate and up, which reach SwiGLU from both the frozen down projection and its LoRA branch. Those
-sums took 8 ms of a 190 ms 7B step (bench/RESULTS.md). Here one autograd node covers a group of projections
+gradients of gate and up, which reach SwiGLU from both the frozen down projection and its LoRA branch: each
+sum reads and writes a whole tensor again. Here one autograd node covers a group of projections
 and builds the input gradient in one buffer: the first GEMM writes it, every other frozen and LoRA GEMM adds
 into it in its epilogue (addmm, beta 1). The LoRA product and a residual are added the same way in forward.
 
@@ -22,8 +22,7 @@ it is needed: for the rank-sized product, for A's gradient, and for the input gr
 A recomputed layer runs its forward a second time in backward only for what its nodes save. The group that
 ends a recomputed unit (o with the residual, down with the residual) saves its input, not its output, and
 nothing reads that output again: marked `tail`, it skips its GEMMs inside `recomputing()` (a third of the
-recomputation's frozen FLOPs for a Llama layer; on an H200 the 8,192-token 7B QLoRA step fell from 784 to
-717 ms, bench/RESULTS.md) and returns an unfilled output of the right shape, through which autograd sends the
+recomputation's frozen FLOPs for a Llama layer) and returns an unfilled output of the right shape, through which autograd sends the
 gradient as before. A group whose outputs waited on the host (`kept`) takes them back instead of its GEMMs.
 """
 from __future__ import annotations
@@ -160,9 +159,8 @@ def _dropped_input(flat: torch.Tensor, p, masks: Masks | None) -> torch.Tensor:
 
 def _shared(projs: Sequence, masks: Masks | None) -> list[int]:
     """The projections (two or more, else none) whose LoRA branches read the group's input undropped: their A
-    matrices are stacked into one GEMM. At rank 64 each A product is a thin GEMM that reads the whole
-    (tokens x hidden) input for little work: stacked, q/k/v's three took 1.8-3x less time (bench/kernel_timings.py
-    --fusion, H200, 8,192 tokens), and the 7B 8,192-token QLoRA step 6 ms less (bench/RESULTS.md)."""
+    matrices are stacked into one GEMM. Each A product alone is a thin GEMM that reads the whole (tokens x
+    hidden) input for little work; stacked, the input is read once (bench/kernel_timings.py --fusion)."""
     shared = [i for i, p in enumerate(projs) if p.lora_a is not None and not _drops(p, masks)]
     return shared if len(shared) > 1 else []
 

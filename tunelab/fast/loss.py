@@ -3,8 +3,7 @@
 The forward pass computes, chunk by chunk, the logits in fp32, the per-token loss and at once its gradient
 with respect to the hidden states (and the head weight when it trains). The backward pass only scales those
 saved gradients by the incoming per-token gradient: d loss_i / d h_i does not depend on the other tokens, so
-this is exact. Peak extra memory is one chunk of logits instead of all of them (for a 32k vocabulary and 8k
-tokens all of them would be 1 GiB of fp32 logits plus as much again for their gradient; a chunk is 128 MiB)."""
+this is exact. Peak extra memory is one chunk of logits instead of all of them and their gradient."""
 from __future__ import annotations
 
 import torch

@@ -4,9 +4,9 @@ bitsandbytes stores a QLoRA weight as 4-bit NF4 codes, two per byte (the first i
 scale per block of 64 values, and, with double quantisation, those scales again as 8-bit codes with one fp32
 scale per 256 of them plus an offset. The weight is dequantised for every GEMM that uses it, three times a
 step with recomputation. bitsandbytes does that in two kernels when the scales are double-quantised (the
-scales, then the weight; tunelab's fast path keeps the fp32 scales only when memory allows); its weight
-kernel ran at about 2.2 TB/s on an H200 (bench/RESULTS.md). This kernel reads the codes and the 8-bit scales
-and writes the weight in one pass, with bitsandbytes' arithmetic (fp32 products, then one rounding), so the
+scales, then the weight; tunelab's fast path keeps the fp32 scales only when memory allows). This kernel
+reads the codes and the 8-bit scales and writes the weight in one pass (one read of the codes instead of two
+kernels' traffic; bench/RESULTS.md has the timings), with bitsandbytes' arithmetic (fp32 products, then one rounding), so the
 result is identical to theirs.
 
 Triton is imported only when the kernel is first used; `dequantize` is for CUDA tensors (or Triton's

@@ -1,6 +1,6 @@
 """Recomputed layers whose inputs wait in pinned host memory instead of on the GPU (what Unsloth's offloaded
 checkpointing does). The decoder offloads two units per layer, its attention half and its MLP half. A unit
-keeps only its input for backward: tokens x hidden x 2 bytes, 16 MiB per 2,048 tokens of a 4096-wide model.
+keeps only its input for backward: tokens x hidden x 2 bytes.
 Here that input goes to the host in forward, on a side stream while the unit itself computes (and the units
 after it: the compute waits only once too many bytes are on their way, see HostStash), and comes back in
 backward one unit ahead of its use, so the copies overlap the compute instead of pacing it. Two units per
@@ -9,7 +9,7 @@ runs without the attention's q, k, v and output still held.
 
 The attention half sends its attention output (and log-sum-exp) to the host too (`HostStash.attention`): its
 recomputation then fetches them instead of running attention forward again, for one more tokens x hidden
-copy each way (on an H200 the 8,192-token 7B QLoRA step fell from 717 to 692 ms, bench/RESULTS.md).
+copy each way, which the link carries while the GPU computes (a shorter step: bench/RESULTS.md).
 
 Where the link has room left in forward, some MLP halves send their gate and up outputs too (`KeptOutputs`,
 chosen by decoder.FastDecoder.output_layers_for): their recomputation takes them back instead of running the
