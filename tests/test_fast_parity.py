@@ -128,12 +128,12 @@ def test_attention_softcapping_matters():
     assert (uncapped - plain).abs().sum() / plain.abs().sum() > 1e-3
 
 
-def _attention_inputs(rows: int, n: int, device="cpu", dtype=torch.float32):
-    """q (rows, n, 4 heads, 48), k and v (2 kv heads), large enough that a softcap of ATTENTION_CAP bends the
-    scores."""
+def _attention_inputs(rows: int, n: int, dim: int = 48):
+    """q (rows, n, 4 heads, dim), k and v (2 kv heads), large enough that a softcap of ATTENTION_CAP bends the
+    scores (at the scale 0.2 of the tests)."""
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(rows, n, h, 48, generator=g) for h in (4, 2, 2))
-    return (3 * q).to(device, dtype), (3 * k).to(device, dtype), v.to(device, dtype)
+    q, k, v = (torch.randn(rows, n, h, dim, generator=g) for h in (4, 2, 2))
+    return 3 * q * (48 / dim) ** 0.5, 3 * k, v
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -278,6 +278,68 @@ def test_gpu_fast_path_matches_plain_path_bf16(name):
     together = fast.token_losses(collate(pack(samples, 350), pad_id=0), torch.bfloat16)[0]
     apart = torch.cat([fast.token_losses(collate(pack([s], len(s)), pad_id=0), torch.bfloat16)[0] for s in samples])
     assert abs(together.sum().item() - apart.sum().item()) / apart.sum().item() < 1e-2
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("window,dim", [(None, 48), (24, 48), (24, 256)])
+def test_gpu_flex_attention_matches_the_reference(window, dim):
+    """Softcapped attention on the GPU (compiled flex_attention, bf16) against the fp32 reference on the CPU, for
+    one sample a row and for packed rows (padding included), with GQA, at the tiny models' head_dim and Gemma 2's
+    (256): the output within bf16, and the gradients of q, k and v in their direction (cosine > 0.999)."""
+    from tunelab.fast.attention import attention, packed_layout
+
+    seg = torch.tensor([[0] * 40 + [1] * 25 + [-1] * 15, [0] * 60 + [1] * 20])
+    inputs = _attention_inputs(2, 80, dim)
+    weights = torch.randn(2, 80, 4, dim, generator=torch.Generator().manual_seed(4))
+    for ids in (torch.zeros_like(seg), seg):
+        ref_inputs = [t.clone().requires_grad_() for t in inputs]
+        ref = attention(*ref_inputs, packed_layout(ids, use_varlen=False), 0.2, window, ATTENTION_CAP)
+        (ref * weights).sum().backward()
+        gpu_inputs = [t.to("cuda", torch.bfloat16).requires_grad_() for t in inputs]
+        got = attention(*gpu_inputs, packed_layout(ids, use_varlen=True, device="cuda"), 0.2, window, ATTENTION_CAP)
+        (got.float() * weights.cuda()).sum().backward()
+        torch.testing.assert_close(got.float().cpu(), ref.detach(), rtol=2e-2, atol=2e-2)
+        for g, r in zip(gpu_inputs, ref_inputs):
+            assert F.cosine_similarity(g.grad.float().cpu().flatten(), r.grad.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.gpu
+@GPU
+def test_gpu_softcapped_attention_compiles_once_per_shape_and_replays_in_cuda_graphs():
+    """Gemma 2 with attention softcapping, compiled, in CUDA graphs (tunelab.fast.graphs): flex_attention and its
+    block masks compile in the first (eager) step of a shape only; the later steps of that shape, other packings
+    included, compile nothing, are captured and replayed (no failed capture), and give the eager step's loss
+    and LoRA gradients."""
+    from torch._dynamo.utils import counters
+
+    from test_fast import _single_rows
+    from tunelab.fast.graphs import GraphedSteps, _pad_width
+
+    model = _tiny("gemma2-softcap", device="cuda", dtype=torch.bfloat16)
+    fast = FastDecoder(model, compile=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphs = GraphedSteps(fast, params)
+    cases = {"single": [_single_rows(VOCAB, 2, 512, seed) for seed in range(3)],
+             "packed": [_pad_width(_batch(VOCAB, lengths, seed=seed), 512) for seed, lengths in
+                        enumerate([[[200, 150, 100], [300, 100]], [[120, 300, 30], [250, 150]],
+                                   [[450], [100, 100, 100, 100]]])]}
+    for kind, batches in cases.items():
+        for i, batch in enumerate(batches):
+            compiled = counters["stats"]["unique_graphs"]
+            model.zero_grad(set_to_none=True)
+            loss = graphs.forward_backward(batch, torch.bfloat16, 100)
+            assert loss is not None and not graphs.failed, (kind, graphs.failed)
+            got = [p.grad.clone() for p in params]
+            model.zero_grad(set_to_none=True)
+            ref = fast.token_losses(batch, torch.bfloat16).sum() / 100  # the same shape: compiles nothing
+            ref.backward()
+            if i > 0:  # the first step of a shape runs eagerly and compiles; the next is captured, then replayed
+                assert counters["stats"]["unique_graphs"] == compiled, (kind, i)
+                assert any(key[2] == (8 if kind == "packed" else 0) for key in graphs.graphs), list(graphs.graphs)
+            torch.testing.assert_close(loss, ref.detach(), rtol=1e-2, atol=1e-3)
+            for g, r in zip(got, [p.grad for p in params]):
+                assert F.cosine_similarity(g.flatten().float(), r.flatten().float(), dim=0) > 0.999, (kind, i)
 
 
 def _qwen3_with_moved_norms(source, folder):
