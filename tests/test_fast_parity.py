@@ -310,7 +310,7 @@ def test_gpu_softcapped_attention_compiles_once_per_shape_and_replays_in_cuda_gr
     """Gemma 2 with attention softcapping, compiled, in CUDA graphs (tunelab.fast.graphs): flex_attention and its
     block masks compile in the first (eager) step of a shape only; the later steps of that shape, other packings
     included, compile nothing, are captured and replayed (no failed capture), and give the eager step's loss
-    and LoRA gradients."""
+    and LoRA gradients. Without graphs, rows of near widths compile nothing more either."""
     from torch._dynamo.utils import counters
 
     from test_fast import _single_rows
@@ -340,6 +340,13 @@ def test_gpu_softcapped_attention_compiles_once_per_shape_and_replays_in_cuda_gr
             torch.testing.assert_close(loss, ref.detach(), rtol=1e-2, atol=1e-3)
             for g, r in zip(got, [p.grad for p in params]):
                 assert F.cosine_similarity(g.flatten().float(), r.flatten().float(), dim=0) > 0.999, (kind, i)
+    # without graphs (DDP, cuda_graphs off) packed rows of near widths share the padded width of flex_attention:
+    # 2 x 450, 2 x 470 and 2 x 500 tokens all run as 1,024 (only flex_attention compiles here)
+    eager = FastDecoder(model)
+    for i, lengths in enumerate([[[300, 150], [400]], [[470], [200, 200]], [[250, 250], [500]]]):
+        compiled = counters["stats"]["unique_graphs"]
+        eager.token_losses(_batch(VOCAB, lengths, seed=i), torch.bfloat16).sum().backward()
+        assert i == 0 or counters["stats"]["unique_graphs"] == compiled, i
 
 
 def _qwen3_with_moved_norms(source, folder):

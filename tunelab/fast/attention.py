@@ -51,6 +51,13 @@ _VARLEN_TAKES_SCALE = VARLEN is not None and "scale" in inspect.signature(VARLEN
 _VARLEN_TAKES_WINDOW = "window_size" in _VARLEN_CAUSAL
 
 
+def width_bucket(n: int) -> int:
+    """The width that `n` tokens are padded to where a shape is captured or compiled once (CUDA graphs,
+    flex_attention), so that near lengths share it: the next power of two or multiple of 512, whichever is
+    smaller."""
+    return min(1 << max(0, n - 1).bit_length(), -(-n // 512) * 512)
+
+
 def windowed(device) -> bool:
     """Whether attention() can apply a sliding window on `device` (the masked reference always can)."""
     return torch.device(device).type != "cuda" or VARLEN is None or _VARLEN_TAKES_WINDOW
@@ -134,9 +141,10 @@ def _softcapped_reference(q, k, v, mask: torch.Tensor | None, scale: float, soft
 
 
 # -- flex_attention (softcapped layers on CUDA) -----------------------------------------------------------------
-# Compiled once per shape (dynamic=False: packed rows are padded to few widths where it matters, CUDA graphs);
-# the score_mod and mask_mods below are made once per softcap and window, so that a new batch of the same shape
-# meets the same compiled code (its segment ids are a tensor the mask reads, not a constant).
+# Compiled for static shapes (dynamic=False), once per shape: the tokens are padded to a width_bucket, so that
+# rows of near lengths (packed rows, without CUDA graphs' own padding) share one. The score_mod and mask_mods
+# are made once per softcap and window, so that a new batch of a shape meets the same compiled code (its
+# samples are a tensor the mask reads, not a constant).
 
 @functools.cache
 def _compiled():
@@ -182,7 +190,8 @@ def sample_mask(sample: torch.Tensor, window: int | None):
 def block_mask(layout: PackedLayout, tokens: int, window: int | None, create, device):
     """flex_attention's block mask for `layout` (made by `create`, create_block_mask): per row where each row
     is one sample (`tokens` long), else over the rows flattened into one sequence of `tokens`, each token's
-    sample the number of cumulative offsets at or below its index. Made once per layout and window."""
+    sample the number of cumulative offsets at or below its index (tokens past the last offset, padding, are
+    one more sample). Made once per layout and window."""
     found = layout.blocks.get(window)
     if found is None:
         if layout.cu_seqlens is None:
@@ -199,13 +208,16 @@ def flex(q, k, v, layout: PackedLayout, scale: float, window: int | None, softca
          compiled: bool = True) -> torch.Tensor:
     """Softcapped attention by flex_attention (`compiled`: as it runs on CUDA; eagerly it materialises the
     scores): (batch, seq, heads, dim) in and out. Packed rows run as one sequence, their samples kept apart by
-    the block mask."""
+    the block mask; either is padded at its end to a width_bucket, which no real token attends to (causal)."""
     b, n, h, d = q.shape
     attend, create = _compiled() if compiled else _eager()
-    packed = layout.cu_seqlens is not None
-    if packed:
+    if layout.cu_seqlens is not None:
         q, k, v = (t.reshape(1, b * n, t.shape[2], d) for t in (q, k, v))
-    blocks = block_mask(layout, q.shape[1], window, create, q.device)
+    tokens = q.shape[1]
+    padded = width_bucket(tokens)
+    if padded != tokens:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - tokens)) for t in (q, k, v))
+    blocks = block_mask(layout, padded, window, create, q.device)
     out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=softcap_score(float(softcap)),
                  block_mask=blocks, scale=scale, enable_gqa=k.shape[2] != h)
-    return out.transpose(1, 2).reshape(b, n, h, d)
+    return out.transpose(1, 2)[:, :tokens].reshape(b, n, h, d)
