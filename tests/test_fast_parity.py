@@ -21,12 +21,14 @@ from tunelab.data.dataset import Sequence, collate, pack
 from tunelab.fast import use_fast_path
 from tunelab.fast.decoder import FastDecoder
 from tunelab.fast.loss import IGNORE
-from tunelab.fast.support import FAMILIES, TESTED_ROPE, gpu_reason, unsupported_reason
+from tunelab.fast.parts import decoder_core, layers_of
+from tunelab.fast.support import FAMILIES, TESTED_ROPE, gpu_reason, support, unsupported_reason
 from tunelab.model.load import add_lora
 from tunelab.model.tiny import tiny_config
 from tunelab.model.losses import token_losses
 
 VOCAB = 512
+ATTENTION_CAP = 5.0
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 # name -> (tiny.ARCHS arch, config fields over the tiny one): every family and RoPE type the fast path allows
@@ -45,9 +47,12 @@ MATRIX = {
     "internlm3": ("internlm3", {"attention_bias": True, "mlp_bias": True}),  # Llama under its own config class
     "gemma": ("gemma", {"tie_word_embeddings": True}),  # (1 + w) norms, GeGLU, scaled embedding, head_dim 48
     # post-sublayer norms, query_pre_attn_scalar, a sliding layer then a full one; final logits softcapped
-    # (attention softcapping runs the plain path: a test below)
     "gemma2": ("gemma2", {"tie_word_embeddings": True, "attn_logit_softcapping": None,
                           "final_logit_softcapping": 5.0}),
+    # Gemma 2 as published: attention scores softcapped too, at a cap that bends this tiny model's scores
+    # (test_attention_softcapping_matters)
+    "gemma2-softcap": ("gemma2", {"tie_word_embeddings": True, "attn_logit_softcapping": ATTENTION_CAP,
+                                  "final_logit_softcapping": 5.0}),
     "gemma3": ("gemma3", {"tie_word_embeddings": True}),  # q/k norms too, and a RoPE per layer kind (linear on one)
 }
 
@@ -110,6 +115,46 @@ def test_fast_path_matches_plain_path(name):
         _assert_same_grads(_lora_grads(quick_grads), _lora_grads(plain_grads), 1e-4)
 
 
+def test_attention_softcapping_matters():
+    """The gemma2-softcap row's cap bends its tiny model's scores: a fast path that skipped it would give losses
+    more than 1e-3 relative away from the plain path's, far beyond the row's bound."""
+    model = _tiny("gemma2-softcap")
+    batch = _batch(VOCAB, [[40, 25, 30], [60, 20]])
+    fast = FastDecoder(model)
+    for L in fast.layers:
+        L.softcap = None
+    with torch.no_grad():
+        plain, uncapped = token_losses(model, batch, torch.float32), fast.token_losses(batch, torch.float32)
+    assert (uncapped - plain).abs().sum() / plain.abs().sum() > 1e-3
+
+
+def _attention_inputs(rows: int, n: int, dim: int = 48):
+    """q (rows, n, 4 heads, dim), k and v (2 kv heads), large enough that a softcap of ATTENTION_CAP bends the
+    scores (at the scale 0.2 of the tests)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(rows, n, h, dim, generator=g) for h in (4, 2, 2))
+    return 3 * q * (48 / dim) ** 0.5, 3 * k, v
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("window", [None, 24])
+def test_flex_attention_masks_equal_the_reference(window):
+    """flex_attention with tunelab's score_mod and block masks (what softcapped layers run on CUDA, compiled),
+    run eagerly on the CPU (forward only: it has no CPU backward): the reference's output for one sample per
+    row and for packed rows flattened into one sequence (samples and padding kept apart, the window within a
+    sample), with GQA."""
+    from tunelab.fast.attention import attention, flex, packed_layout
+
+    seg = torch.tensor([[0] * 40 + [1] * 25 + [-1] * 15, [0] * 60 + [1] * 20])
+    q, k, v = _attention_inputs(2, 80)
+    for ids in (torch.zeros_like(seg), seg):
+        reference = attention(q, k, v, packed_layout(ids, use_varlen=False), 0.2, window, ATTENTION_CAP)
+        assert (reference - attention(q, k, v, packed_layout(ids, use_varlen=False), 0.2, window)).abs().max() > 0.05
+        with torch.no_grad():
+            got = flex(q, k, v, packed_layout(ids, use_varlen=True), 0.2, window, ATTENTION_CAP, compiled=False)
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
 def _sample(n: int, seed: int) -> Sequence:
     ids = torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
     targets = ids[1:] + [IGNORE]
@@ -166,7 +211,7 @@ def _fast_path_log(caplog, model) -> tuple[bool, list[str]]:
 def test_models_and_fields_not_tested_run_the_plain_path_and_say_why(caplog):
     """A model type without a parity test (Granite keeps Llama's module names and adds multipliers), and a
     model of a tested type with a field whose value the fast path does not compute (an untested rope type,
-    another activation, attention dropout, sliding-window layers in Qwen, Gemma 2's attention softcapping,
+    another activation, attention dropout, sliding-window layers in Qwen, Gemma 3's attention softcapping,
     bidirectional Gemma 3), take the plain path: the log says why, in one line."""
     from transformers import GraniteConfig
 
@@ -182,8 +227,8 @@ def test_models_and_fields_not_tested_run_the_plain_path_and_say_why(caplog):
              (_tiny("qwen2", attention_dropout=0.1), "attention_dropout 0.1"),
              (_tiny("qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=1),
               "layer types ['full_attention', 'sliding_attention']"),
-             # Gemma 2 as published: its attention scores are softcapped
-             (_tiny("gemma2", attn_logit_softcapping=50.0), "attn_logit_softcapping 50.0"),
+             # attention softcapping has a parity test on Gemma 2 only
+             (_tiny("gemma3", attn_logit_softcapping=50.0), "attn_logit_softcapping 50.0"),
              (_tiny("gemma3", use_bidirectional_attention=True), "use_bidirectional_attention True")]
     for model, why in cases:
         on, lines = _fast_path_log(caplog, model)
@@ -233,6 +278,75 @@ def test_gpu_fast_path_matches_plain_path_bf16(name):
     together = fast.token_losses(collate(pack(samples, 350), pad_id=0), torch.bfloat16)[0]
     apart = torch.cat([fast.token_losses(collate(pack([s], len(s)), pad_id=0), torch.bfloat16)[0] for s in samples])
     assert abs(together.sum().item() - apart.sum().item()) / apart.sum().item() < 1e-2
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("window,dim", [(None, 48), (24, 48), (24, 256)])
+def test_gpu_flex_attention_matches_the_reference(window, dim):
+    """Softcapped attention on the GPU (compiled flex_attention, bf16) against the fp32 reference on the CPU, for
+    one sample a row and for packed rows (padding included), with GQA, at the tiny models' head_dim and Gemma 2's
+    (256): the output within bf16, and the gradients of q, k and v in their direction (cosine > 0.999)."""
+    from tunelab.fast.attention import attention, packed_layout
+
+    seg = torch.tensor([[0] * 40 + [1] * 25 + [-1] * 15, [0] * 60 + [1] * 20])
+    inputs = _attention_inputs(2, 80, dim)
+    weights = torch.randn(2, 80, 4, dim, generator=torch.Generator().manual_seed(4))
+    for ids in (torch.zeros_like(seg), seg):
+        ref_inputs = [t.clone().requires_grad_() for t in inputs]
+        ref = attention(*ref_inputs, packed_layout(ids, use_varlen=False), 0.2, window, ATTENTION_CAP)
+        (ref * weights).sum().backward()
+        gpu_inputs = [t.to("cuda", torch.bfloat16).requires_grad_() for t in inputs]
+        got = attention(*gpu_inputs, packed_layout(ids, use_varlen=True, device="cuda"), 0.2, window, ATTENTION_CAP)
+        (got.float() * weights.cuda()).sum().backward()
+        torch.testing.assert_close(got.float().cpu(), ref.detach(), rtol=2e-2, atol=2e-2)
+        for g, r in zip(gpu_inputs, ref_inputs):
+            assert F.cosine_similarity(g.grad.float().cpu().flatten(), r.grad.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.gpu
+@GPU
+def test_gpu_softcapped_attention_compiles_once_per_shape_and_replays_in_cuda_graphs():
+    """Gemma 2 with attention softcapping, compiled, in CUDA graphs (tunelab.fast.graphs): flex_attention and its
+    block masks compile in the first (eager) step of a shape only; the later steps of that shape, other packings
+    included, compile nothing, are captured and replayed (no failed capture), and give the eager step's loss
+    and LoRA gradients. Without graphs, rows of near widths compile nothing more either."""
+    from torch._dynamo.utils import counters
+
+    from test_fast import _single_rows
+    from tunelab.fast.graphs import GraphedSteps, _pad_width
+
+    model = _tiny("gemma2-softcap", device="cuda", dtype=torch.bfloat16)
+    fast = FastDecoder(model, compile=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphs = GraphedSteps(fast, params)
+    cases = {"single": [_single_rows(VOCAB, 2, 512, seed) for seed in range(3)],
+             "packed": [_pad_width(_batch(VOCAB, lengths, seed=seed), 512) for seed, lengths in
+                        enumerate([[[200, 150, 100], [300, 100]], [[120, 300, 30], [250, 150]],
+                                   [[450], [100, 100, 100, 100]]])]}
+    for kind, batches in cases.items():
+        for i, batch in enumerate(batches):
+            compiled = counters["stats"]["unique_graphs"]
+            model.zero_grad(set_to_none=True)
+            loss = graphs.forward_backward(batch, torch.bfloat16, 100)
+            assert loss is not None and not graphs.failed, (kind, graphs.failed)
+            got = [p.grad.clone() for p in params]
+            model.zero_grad(set_to_none=True)
+            ref = fast.token_losses(batch, torch.bfloat16).sum() / 100  # the same shape: compiles nothing
+            ref.backward()
+            if i > 0:  # the first step of a shape runs eagerly and compiles; the next is captured, then replayed
+                assert counters["stats"]["unique_graphs"] == compiled, (kind, i)
+                assert any(key[2] == (8 if kind == "packed" else 0) for key in graphs.graphs), list(graphs.graphs)
+            torch.testing.assert_close(loss, ref.detach(), rtol=1e-2, atol=1e-3)
+            for g, r in zip(got, [p.grad for p in params]):
+                assert F.cosine_similarity(g.flatten().float(), r.flatten().float(), dim=0) > 0.999, (kind, i)
+    # without graphs (DDP, cuda_graphs off) packed rows of near widths share the padded width of flex_attention:
+    # 2 x 450, 2 x 470 and 2 x 500 tokens all run as 1,024 (only flex_attention compiles here)
+    eager = FastDecoder(model)
+    for i, lengths in enumerate([[[300, 150], [400]], [[470], [200, 200]], [[250, 250], [500]]]):
+        compiled = counters["stats"]["unique_graphs"]
+        eager.token_losses(_batch(VOCAB, lengths, seed=i), torch.bfloat16).sum().backward()
+        assert i == 0 or counters["stats"]["unique_graphs"] == compiled, i
 
 
 def _qwen3_with_moved_norms(source, folder):
@@ -296,8 +410,8 @@ def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, t
 
 
 def test_bench_shapes_take_the_path_their_family_does():
-    """bench/speed.py --shape: each published shape builds its family's model, which takes the fast path, except
-    Gemma 2 as published (attention softcapping), which the log would send to the plain path."""
+    """bench/speed.py --shape: each published shape builds its family's model, which takes the fast path: Gemma 2
+    as published too (attention softcapping at 50, on flex_attention), with both of its softcaps."""
     import importlib.util
     from pathlib import Path
 
@@ -307,15 +421,17 @@ def test_bench_shapes_take_the_path_their_family_does():
     for name in ("llama2-7b", "llama3-8b", "qwen2.5-7b", "qwen3-8b", "gemma2-9b"):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(shapes.config_of(name))
-        why = unsupported_reason(model)
-        assert (why is None) == (name != "gemma2-9b"), (name, why)
-    assert "attn_logit_softcapping 50.0" in why
+        computed, why = support(model)
+        assert why is None, (name, why)
+    assert (computed.attention_softcap, computed.logit_softcap) == (50.0, 30.0)
+    layers = layers_of(decoder_core(model), computed)
+    assert {L.softcap for L in layers} == {50.0} and {L.window for L in layers} == {4096, None}
 
 
 def test_families_tested_on_the_cpu_only_keep_the_plain_path_on_a_gpu():
     """Gemma's rows have passed on the CPU only: on a GPU the fast path steps aside for them and says why; the
     Llama-shaped families, tested on a GPU, do not."""
-    for name in ("gemma", "gemma2", "gemma3"):
+    for name in ("gemma", "gemma2", "gemma2-softcap", "gemma3"):
         why = gpu_reason(_tiny(name, wrap=False))
         assert why is not None and "on the CPU only" in why and "plain path" in why, (name, why)
     assert gpu_reason(_tiny("llama", wrap=False)) is None and gpu_reason(_tiny("internlm3", wrap=False)) is None

@@ -6,11 +6,18 @@ sample boundaries as cumulative lengths, so no sample attends to another and no 
 its own segment. Elsewhere (CPU, or a PyTorch without varlen) scaled_dot_product_attention runs with a
 boolean block-diagonal causal mask, the reference the fast path is tested against. A sliding window (Mistral:
 a token sees the last `window` tokens of its sample, itself included, as transformers' sliding_window_overlay)
-narrows either to a band."""
+narrows either to a band.
+
+Softcapped attention scores (Gemma 2: score = cap * tanh(score / cap), before the softmax) are something
+neither kernel computes. Those layers alone take another way: on CUDA, PyTorch's flex_attention, compiled, with
+the softcap as its score_mod and a block mask of causal + same sample (+ the window) over the flattened rows, so
+whole blocks of other samples are skipped as varlen skips them; elsewhere the same in plain tensor ops (scores,
+softcap, mask, softmax in fp32), the reference it is tested against."""
 from __future__ import annotations
 
+import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +30,9 @@ class PackedLayout:
     cu_seqlens: torch.Tensor | None     # int32 (samples + 1,) offsets into the flattened tokens
     max_len: int
     mask: torch.Tensor | None           # bool (batch, 1, seq, seq) for the reference path
+    # flex_attention's block masks (softcapped layers on CUDA), by window: made by the first layer that needs
+    # one, then shared by the others and by their recomputation in backward
+    blocks: dict = field(default_factory=dict)
 
 
 def _varlen():
@@ -39,6 +49,13 @@ def _varlen():
 VARLEN, _VARLEN_CAUSAL = _varlen()
 _VARLEN_TAKES_SCALE = VARLEN is not None and "scale" in inspect.signature(VARLEN).parameters
 _VARLEN_TAKES_WINDOW = "window_size" in _VARLEN_CAUSAL
+
+
+def width_bucket(n: int) -> int:
+    """The width that `n` tokens are padded to where a shape is captured or compiled once (CUDA graphs,
+    flex_attention), so that near lengths share it: the next power of two or multiple of 512, whichever is
+    smaller."""
+    return min(1 << max(0, n - 1).bit_length(), -(-n // 512) * 512)
 
 
 def windowed(device) -> bool:
@@ -69,12 +86,16 @@ def packed_layout(segment_ids: torch.Tensor, use_varlen: bool, device=None) -> P
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float,
-              window: int | None = None) -> torch.Tensor:
+              window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: (batch, seq, heads, dim); k, v: (batch, seq, kv_heads, dim). Returns (batch, seq, heads, dim).
-    `window`: the sliding window, if any."""
+    `window`: the sliding window, if any; `softcap`: the scores' softcap, if any."""
     n = q.shape[1]
     if window is not None and window >= n:  # no sample is longer: plain causal attention
         window = None
+    if softcap is not None:
+        if q.is_cuda and layout.mask is None:
+            return flex(q, k, v, layout, scale, window, softcap)
+        return _softcapped_reference(q, k, v, _mask(layout, n, window, q.device), scale, softcap)
     if layout.cu_seqlens is not None:
         b, n, h, d = q.shape
         kv_heads = k.shape[2]
@@ -89,12 +110,114 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedL
         return out.view(b, n, h, d)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = {"enable_gqa": True} if kt.shape[1] != qt.shape[1] else {}
-    if layout.single and window is None:
+    mask = _mask(layout, n, window, q.device)
+    if mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, **gqa)
     else:
-        mask = layout.mask
-        if window is not None:  # within a sample, row distance is position distance
-            band = torch.ones(n, n, dtype=torch.bool, device=q.device).tril().triu(1 - window)
-            mask = band if mask is None else mask & band
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, **gqa)
     return out.transpose(1, 2)
+
+
+def _mask(layout: PackedLayout, n: int, window: int | None, device) -> torch.Tensor | None:
+    """The reference path's boolean mask, (batch, 1, n, n) or (n, n); None for plain causal attention."""
+    mask = layout.mask
+    if window is not None:  # within a sample, row distance is position distance
+        band = torch.ones(n, n, dtype=torch.bool, device=device).tril().triu(1 - window)
+        mask = band if mask is None else mask & band
+    return mask
+
+
+def _softcapped_reference(q, k, v, mask: torch.Tensor | None, scale: float, softcap: float) -> torch.Tensor:
+    """Softcapped attention in plain tensor ops, as Gemma 2's own (eager) attention computes it."""
+    n, h = q.shape[1], q.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if kt.shape[1] != h:
+        kt, vt = (t.repeat_interleave(h // kt.shape[1], dim=1) for t in (kt, vt))
+    scores = softcap * torch.tanh(qt @ kt.transpose(-2, -1) * scale / softcap)
+    if mask is None:
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ vt).transpose(1, 2)
+
+
+# -- flex_attention (softcapped layers on CUDA) -----------------------------------------------------------------
+# Compiled for static shapes (dynamic=False), once per shape: the tokens are padded to a width_bucket, so that
+# rows of near lengths (packed rows, without CUDA graphs' own padding) share one. The score_mod and mask_mods
+# are made once per softcap and window, so that a new batch of a shape meets the same compiled code (its
+# samples are a tensor the mask reads, not a constant).
+
+@functools.cache
+def _compiled():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask, dynamic=False)
+
+
+def _eager():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    return flex_attention, create_block_mask
+
+
+@functools.cache
+def softcap_score(cap: float):
+    """flex_attention's score_mod for scores softcapped at `cap` (after the scale, before the mask)."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+    return score_mod
+
+
+@functools.cache
+def causal_mask(window: int | None):
+    """flex_attention's mask_mod of one sample per row: causal, within `window` tokens where there is one."""
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def banded(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+    return causal if window is None else banded
+
+
+def sample_mask(sample: torch.Tensor, window: int | None):
+    """flex_attention's mask_mod over flattened rows: causal within each sample (`sample`: its number, per
+    token), within `window` tokens where there is one. Within a sample, index distance is position distance."""
+    def same_sample(b, h, q_idx, kv_idx):
+        return (sample[q_idx] == sample[kv_idx]) & (q_idx >= kv_idx)
+
+    def banded(b, h, q_idx, kv_idx):
+        return (sample[q_idx] == sample[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+    return same_sample if window is None else banded
+
+
+def block_mask(layout: PackedLayout, tokens: int, window: int | None, create, device):
+    """flex_attention's block mask for `layout` (made by `create`, create_block_mask): per row where each row
+    is one sample (`tokens` long), else over the rows flattened into one sequence of `tokens`, each token's
+    sample the number of cumulative offsets at or below its index (tokens past the last offset, padding, are
+    one more sample). Made once per layout and window."""
+    found = layout.blocks.get(window)
+    if found is None:
+        if layout.cu_seqlens is None:
+            mask_mod = causal_mask(window)
+        else:
+            cu = layout.cu_seqlens
+            index = torch.arange(tokens, dtype=cu.dtype, device=cu.device)
+            mask_mod = sample_mask(torch.searchsorted(cu, index, right=True), window)
+        found = layout.blocks[window] = create(mask_mod, None, None, tokens, tokens, device=device)
+    return found
+
+
+def flex(q, k, v, layout: PackedLayout, scale: float, window: int | None, softcap: float,
+         compiled: bool = True) -> torch.Tensor:
+    """Softcapped attention by flex_attention (`compiled`: as it runs on CUDA; eagerly it materialises the
+    scores): (batch, seq, heads, dim) in and out. Packed rows run as one sequence, their samples kept apart by
+    the block mask; either is padded at its end to a width_bucket, which no real token attends to (causal)."""
+    b, n, h, d = q.shape
+    attend, create = _compiled() if compiled else _eager()
+    if layout.cu_seqlens is not None:
+        q, k, v = (t.reshape(1, b * n, t.shape[2], d) for t in (q, k, v))
+    tokens = q.shape[1]
+    padded = width_bucket(tokens)
+    if padded != tokens:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - tokens)) for t in (q, k, v))
+    blocks = block_mask(layout, padded, window, create, q.device)
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=softcap_score(float(softcap)),
+                 block_mask=blocks, scale=scale, enable_gqa=k.shape[2] != h)
+    return out.transpose(1, 2)[:, :tokens].reshape(b, n, h, d)

@@ -13,7 +13,8 @@ What it does differently from the plain path, and why:
   them (RMSNorm, the LoRA branches, RoPE, SwiGLU, the residual adds) runs in compiled regions that
   torch.compile fuses into few kernels; weights are passed in as arguments, so all layers share one compiled
   graph per region;
-* packed samples use variable-length flash attention instead of a (tokens x tokens) mask;
+* packed samples use variable-length flash attention instead of a (tokens x tokens) mask (softcapped
+  attention, Gemma 2's: flex_attention with a block mask, see tunelab.fast.attention);
 * 4-bit (NF4) weights are dequantised right before their GEMM and again in backward, never kept, so at most
   one projection's bf16 weight exists at a time, with or without recomputation;
 * the LM head and the loss run chunked (tunelab.fast.loss), never holding the full fp32 logits;
@@ -104,7 +105,9 @@ class FastDecoder:
         self.stash: HostStash | None = None
         self.output_layers: list[int] = []
         self.use_host(offload)
-        if compile:  # packed rows vary in length: allow a dynamic-shape graph per region
+        # packed rows vary in length: allow a dynamic-shape graph per region, and flex_attention (softcapped
+        # layers on CUDA, compiled whatever `compile` says) a graph per shape
+        if compile or spec.attention_softcap is not None:
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         wrap = torch.compile if compile else (lambda f: f)
@@ -231,8 +234,10 @@ class FastDecoder:
         is (None: part of a layer), whose attention output waits on the host and whose own output is not
         needed again."""
         def attend(q, k, v):
-            if unit is None:
-                return attention(q, k, v, layout, self.scale, L.window)
+            # softcapped attention (flex_attention) has no kernel outputs the host stash keeps: an offloaded
+            # unit runs it again in its recomputation
+            if unit is None or L.softcap is not None:
+                return attention(q, k, v, layout, self.scale, L.window, L.softcap)
             return self.stash.attention(unit, lambda *qkv: attention(*qkv, layout, self.scale, L.window), q, k, v)
 
         if self.lora_gemms:
@@ -285,8 +290,8 @@ class FastDecoder:
     def check_window(self, position_ids) -> None:
         """A sliding window (Mistral) longer than every sample is plain causal attention; a shorter one needs an
         attention that can apply it (attention.windowed: the masked reference always can, varlen where this
-        PyTorch's takes window_size)."""
-        if self.window and int(position_ids.max()) + 1 > self.window and \
+        PyTorch's takes window_size; softcapped layers run flex_attention or the reference, which always can)."""
+        if self.window and int(position_ids.max()) + 1 > self.window and self.layers[0].softcap is None and \
                 not windowed(self.core.embed_tokens.weight.device):
             raise ValueError("fast path: samples longer than the sliding window, which this PyTorch's varlen "
                              "attention cannot apply")

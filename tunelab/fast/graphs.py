@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from tunelab.fast.attention import PackedLayout, packed_layout
+from tunelab.fast.attention import PackedLayout, packed_layout, width_bucket
 from tunelab.data.dataset import PAD_VALUES
 
 log = logging.getLogger("tunelab")
@@ -39,12 +39,6 @@ MAX_GRAPHS = 8  # each holds its inputs and keeps the shared pool at its peak; r
 
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-def _width_bucket(n: int) -> int:
-    """The row width a batch is padded to, so rows of near lengths (packed rows end where the next sample
-    does not fit) share a graph: the next power of two or multiple of 512, whichever is smaller."""
-    return min(_pow2(n), -(-n // 512) * 512)
 
 
 def _pad_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
@@ -126,7 +120,7 @@ class GraphedSteps:
         if dtype == torch.float32:  # flash attention (varlen) needs half precision; fp32 is a test setting
             return None
         b, n = batch["input_ids"].shape
-        width = _width_bucket(n)
+        width = width_bucket(n)  # rows of near lengths (packed rows end where the next sample does not fit)
         # once rows hold several samples (a packed run), every batch of as many rows takes the widest width
         # they have had: a narrower one (a row that one sample fills, the last row of an epoch) would compile
         # the layers and capture again

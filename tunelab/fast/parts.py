@@ -70,6 +70,7 @@ class Layer:
     post_mlp: torch.Tensor | None = None  # outputs, before each joins the residual stream
     gemma: bool = False  # Gemma's RMSNorm, (1 + w) in fp32, and GeGLU (see support.Spec)
     window: int | None = None  # this layer attends to the last `window` tokens only
+    softcap: float | None = None  # Gemma 2: this layer's attention scores are softcapped (support.Spec)
     rope_kind: str | None = None  # Gemma 3: the layer kind whose RoPE this layer takes
 
     def attention_inputs(self) -> tuple[Proj, ...]:
@@ -137,6 +138,7 @@ def layers_of(core, spec=None) -> list[Layer]:
             L.gemma = spec.gemma
             L.window = spec.window if spec.layer_kinds is None or kind == "sliding_attention" else None
             L.rope_kind = kind if spec.rope_per_kind else None
+            L.softcap = spec.attention_softcap
         layers.append(L)
     return layers
 

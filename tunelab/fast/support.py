@@ -42,6 +42,7 @@ class Spec:
     gemma: bool = False  # RMSNorm scales by (1 + w) in fp32; GeGLU (tanh) instead of SwiGLU
     attention_scale: float | None = None  # query_pre_attn_scalar ** -0.5 (default: head_dim ** -0.5)
     logit_softcap: float | None = None  # Gemma 2: logits = cap * tanh(logits / cap)
+    attention_softcap: float | None = None  # Gemma 2: attention scores = cap * tanh(scores / cap)
 
 
 Check = Callable[[object], "str | None"]  # a config -> why the fast path cannot compute it (None: it can)
@@ -153,8 +154,8 @@ FAMILIES: dict[str, Family] = {
 
 # Gemma 1/2/3 text: (1 + w) RMSNorm, GeGLU (tanh), the embedding scaled by sqrt(hidden) (inside the embedding
 # module), tied embeddings; Gemma 2/3 add norms after attention and after the MLP, query_pre_attn_scalar, and
-# sliding-window layers by layer_types; Gemma 2 softcaps the attention scores and the final logits; Gemma 3 has
-# per-head q/k norms and a RoPE per layer kind
+# sliding-window layers by layer_types; Gemma 2 softcaps the attention scores (fast.attention: flex_attention on
+# CUDA) and the final logits; Gemma 3 has per-head q/k norms and a RoPE per layer kind
 _GEMMA = {"attention_bias": _handled, "attention_dropout": _no_dropout("attention_dropout"),
           "use_bidirectional_attention": _none("use_bidirectional_attention", "the fast path is causal")}
 _GEMMA2_NORMS = _LLAMA_MODULES + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -168,20 +169,19 @@ def _gemma_spec(cfg, rope_per_kind: bool = False) -> dict:
     return {"gemma": True, "layer_kinds": tuple(kinds) if kinds else None,
             "window": getattr(cfg, "sliding_window", None) if kinds else None, "rope_per_kind": rope_per_kind,
             "attention_scale": scalar ** -0.5 if scalar else None,
-            "logit_softcap": getattr(cfg, "final_logit_softcapping", None)}
+            "logit_softcap": getattr(cfg, "final_logit_softcapping", None),
+            "attention_softcap": getattr(cfg, "attn_logit_softcapping", None)}
 
 
 FAMILIES.update({
     "gemma": Family("GemmaModel", {**_GEMMA, "hidden_act": _geglu("hidden_act"), "rope_parameters": _tested_rope},
                     spec=_gemma_spec),
     "gemma2": Family("Gemma2Model", {**_GEMMA_LATER, "rope_parameters": _tested_rope,
-                                     "attn_logit_softcapping": _none(
-                                         "attn_logit_softcapping", "the fast path's attention kernels have no "
-                                         "softcapping")},
+                                     "attn_logit_softcapping": _handled},
                      modules=_GEMMA2_NORMS, spec=_gemma_spec),
     "gemma3_text": Family("Gemma3TextModel", {**_GEMMA_LATER, "rope_parameters": _gemma_rope,
                                               "attn_logit_softcapping": _none("attn_logit_softcapping", "the fast "
-                                                                              "path's attention has no softcapping"),
+                                                                              "path softcaps Gemma 2's attention only"),
                                               "_sliding_window_pattern": _handled},
                           modules=_GEMMA2_NORMS + ("self_attn.q_norm", "self_attn.k_norm"),
                           spec=lambda cfg: _gemma_spec(cfg, rope_per_kind=True)),
