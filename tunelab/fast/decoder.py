@@ -44,19 +44,15 @@ from tunelab.fast.support import support
 
 # The forward's link to the host carries the recomputed layers' inputs, and what room it has left carries the
 # gate/up outputs of some of them (FastDecoder.output_layers_for). Its room: the forward's FLOPs over this many
-# FLOPs per byte the link moves in the same time. H200, 7B QLoRA at 8,192 tokens: ~575 TFLOP/s of forward
-# against ~53 GB/s of pinned copies, 11,000; 13,000 leaves room for the copies' uneven pace: it picks 8 layers
-# there, which took 20 ms off the step where 13 took 8 (bench/RESULTS.md). An H100 or A100 (half the FLOPs, a
-# PCIe 4 link) is near.
+# FLOPs per byte the link moves in the same time: a Hopper card's forward FLOP rate over its pinned-copy rate,
+# with a margin for the copies' uneven pace (the choice and its measurements: bench/RESULTS.md).
 FLOP_PER_LINK_BYTE = 13_000
 # The top recomputed layers whose units keep their inputs and attention outputs on the GPU, not on the host:
-# their copies out would be the last of forward, still on their way when it ends (the 8k step waited 5 ms for
-# them), and their copies back the first that backward waits for. They hold that memory (0.19 GiB a layer at
-# 8,192 tokens for a 7B model) only until backward reaches them, early, while few LoRA gradients exist. On an
-# H200, 7B QLoRA at 8k: one layer took 2.5 ms off the step and added 0.02 GiB to its peak; two, 1.6 ms and
-# 0.40 GiB (bench/RESULTS.md). Only where gate/up outputs go to the host too, which fills the link: at 32,768
-# tokens none do (attention, not the link, paces the step), and a resident layer there added 1.5 GiB to the
-# peak (12.28 against 10.78) for no speed.
+# their copies out would be the last of forward, still on their way when it ends, and their copies back the first
+# that backward waits for. They hold that memory only until backward reaches them, early, while few LoRA
+# gradients exist; one layer is faster at almost no cost in peak, a second costs more than it gains
+# (bench/RESULTS.md). Only where gate/up outputs go to the host too, which fills the link: where none do,
+# attention paces the step and a resident layer would only raise the peak.
 RESIDENT_LAYERS = 1
 
 
@@ -144,7 +140,7 @@ class FastDecoder:
         """The recomputed layers whose gate/up outputs go to the host too, for batches of `tokens` tokens: as
         many as the link's room in forward carries (`count` overrides it), spread evenly so that their copies
         do not pile up. Their recomputation then skips the layer's two largest GEMMs (and their NF4
-        dequantisation): about 2.4 of the 7B 8,192-token QLoRA step's 21 ms per layer on an H200.
+        dequantisation).
 
         Which layers may: not the top recomputed one, which has no unit above to fetch its outputs back early,
         nor those whose units stay on the GPU (RESIDENT_LAYERS), and none whose `up` output, fetched back while
@@ -191,9 +187,8 @@ class FastDecoder:
     def in_flight_bytes(self, tokens: int, seq: int, element_size: int = 2) -> int:
         """The sources of copies out that forward may leave in flight (HostStash.in_flight), for a batch of
         `tokens` tokens in sequences of `seq`: two layers' worth, counted in what the link moves in their
-        forward where it is the slower (7B: 0.55 GiB at 8,192 tokens, 0.12 at 2,048), in what they send where
-        the compute is (1.5 GiB at 32,768, where the link's room is 4 GiB). Held longer, they only raise the
-        step's peak: 0.6 GiB at 2,048 tokens put it over Unsloth's (bench/RESULTS.md)."""
+        forward where it is the slower, in what they send where the compute is. Held longer, they only raise
+        the step's peak."""
         sent = self._sent_bytes(element_size, outputs=bool(self.output_layers))
         return int(2 * tokens * min(self._link_bytes(seq), sent))
 
@@ -205,8 +200,8 @@ class FastDecoder:
         return Masks(Masks.draw(self.n_projections, device), self.dropped, self.add_dropped)
 
     def keep_nf4_scales(self, keep: bool) -> None:
-        """Whether NF4 projections keep their double-quantised block scales dequantised in fp32 (0.38 GiB
-        for a 7B model) or dequantise them at every GEMM, as bitsandbytes itself does. Eagerly the per-call
+        """Whether NF4 projections keep their double-quantised block scales dequantised in fp32 (memory
+        for speed) or dequantise them at every GEMM, as bitsandbytes itself does. Eagerly the per-call
         Python of the latter paced the step; replayed in a CUDA graph it is one small kernel per GEMM."""
         for L in self.layers:
             for p in L.projections():

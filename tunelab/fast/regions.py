@@ -82,8 +82,7 @@ def swiglu_backward_(g, u, m, dm):
     """SwiGLU's gradients for gate and up, given its output m = silu(g) * u and m's gradient dm, written over m
     and dm (lora_gemm's prologue_backward: neither is read again), so the down projection's backward holds
     four (tokens x intermediate) tensors, not autograd's six (its m, dm and two new gradients beside gate and
-    up). The 7B 8,192-token QLoRA step's peak was in that backward: it fell from 7.25 to 7.12 GiB on an H200
-    (bench/RESULTS.md)."""
+    up): the QLoRA step's peak is in that backward."""
     wide = torch.promote_types(g.dtype, torch.float32)  # bf16 computes in fp32 (as autograd's kernel does)
     g32, dm32 = g.to(wide), dm.to(wide)
     s = torch.sigmoid(g32)
