@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'tunelab[deepspeed]'). Several GPUs/machines: set NPROC_PER_NODE (and NNODES, "
                         "NODE_RANK, ADDR, PORT); tunelab starts torchrun itself")
 
-    conv = verbs.add_parser("convert", help="pth_to_hf, merge, split").add_subparsers(
+    conv = verbs.add_parser("convert", help="pth_to_hf, merge, split, gguf").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     p = conv.add_parser("pth_to_hf", help="training checkpoint -> PEFT adapter folder or HF model")
     p.add_argument("config")
@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p = conv.add_parser("gguf", help="model -> one GGUF file for llama.cpp and Ollama",
+                        description="Write MODEL (a merged model, a base with --adapter, or an adapter folder) as "
+                        "OUT.gguf with llama.cpp's gguf package (pip install 'tunelab[gguf]'): weights, tokenizer, "
+                        "the chat template the model was trained with and its stop token. Llama, Mistral, Qwen2 "
+                        "and Qwen3 models.")
+    p.add_argument("model")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--adapter", help="a LoRA adapter folder, merged into MODEL on the fly")
+    p.add_argument("--outtype", default="f16", help="weight type: " + _gguf_outtypes())
+    p.add_argument("--ollama", action="store_true",
+                   help="also write a Modelfile beside OUT (FROM, TEMPLATE, SYSTEM, PARAMETER stop): "
+                        "then `ollama create NAME -f Modelfile`")
     p.add_argument("--trust-remote-code", action="store_true")
 
     p = verbs.add_parser("check-custom-dataset", help="validate every record of a config's data and report")
@@ -131,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                         ("web", "like serve, and open the chat page in a browser")):
         _add_serve_args(verbs.add_parser(verb, help=about))
     return parser
+
+
+def _gguf_outtypes() -> str:
+    from tunelab.export.gguf import OUTTYPES_HELP
+
+    return OUTTYPES_HELP
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -214,6 +233,20 @@ def cmd_convert(args) -> int:
 
         cfg, _ = load_config(args.config, args.cfg_options)
         convert.pth_to_hf(cfg, args.pth, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size)
+    elif args.action == "gguf":
+        from tunelab.export.gguf import to_gguf
+
+        made = to_gguf(args.model, args.out, args.adapter, args.outtype, args.trust_remote_code)
+        print(f"Saved to {args.out}")
+        if args.ollama:
+            from tunelab.export.ollama import write_modelfile
+
+            modelfile = write_modelfile(Path(args.out), made["template"], made["system"], made["eos_token"])
+            print(f"Saved to {modelfile} (ollama create NAME -f {modelfile})")
+            if made["template"] is None:
+                print("note: the model has no named tunelab template, so the Modelfile has no TEMPLATE; Ollama "
+                      "derives one from the GGUF's chat template", file=sys.stderr)
+        return EXIT_OK
     elif args.action == "merge":
         convert.merge(args.base, args.adapter, args.save_dir, args.max_shard_size, args.device,
                       args.trust_remote_code)
