@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "then `ollama create NAME -f Modelfile`")
     p.add_argument("--trust-remote-code", action="store_true")
 
+    p = verbs.add_parser("upload", help="an adapter or model folder to the Hugging Face Hub, with a model card",
+                         description="Upload FOLDER (work_dirs/<config>/hf or a merged model) to the Hub repo "
+                         "REPO_ID (created if missing) in one commit, with a generated README.md model card: base "
+                         "model, data, template, algorithm, settings, final loss, the loss plot and how to chat.")
+    p.add_argument("folder")
+    p.add_argument("repo_id", help="user/name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--token", help="a Hub token with write access (default: $HF_TOKEN or the stored login)")
+
     p = verbs.add_parser("check-custom-dataset", help="validate every record of a config's data and report")
     p.add_argument("config")
     p.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
@@ -256,6 +265,13 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
+def cmd_upload(args) -> int:
+    from tunelab.export.hub import upload
+
+    print(f"Uploaded to {upload(args.folder, args.repo_id, args.private, args.token)}")
+    return EXIT_OK
+
+
 def cmd_chat(args) -> int:
     from tunelab.chat.session import ChatOptions, chat
     from tunelab.model.generate import Sampling
@@ -330,7 +346,7 @@ def cmd_data(args) -> int:
 
 COMMANDS = {"list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "train": cmd_train, "convert": cmd_convert,
             "chat": cmd_chat, "check-custom-dataset": cmd_check_dataset, "log-dataset": cmd_log_dataset,
-            "data": cmd_data, "serve": cmd_serve, "web": cmd_serve}
+            "data": cmd_data, "serve": cmd_serve, "web": cmd_serve, "upload": cmd_upload}
 
 
 def _setup_logging() -> None:
