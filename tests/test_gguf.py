@@ -102,6 +102,48 @@ def test_gguf_reads_back_as_the_merged_model(arch, tiny_models, adapters, tmp_pa
     assert value("tokenizer.ggml.pre") == {"llama": "gpt-2", "qwen2": "qwen2"}[arch]
 
 
+def _sentencepiece_style_tokenizer():
+    """A tokenizer laid out as Llama 2's tokenizer.json: BPE with byte fallback, spaces as '▁', no pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab.model.tiny import _corpus
+
+    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    bpe.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=1200, show_progress=False,
+                                                           special_tokens=["<unk>", "<s>", "</s>", *bytes_]))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.slow
+def test_sentencepiece_style_tokenizer_reads_back(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from gguf import GGUFReader
+
+    from tunelab.export.gguf import to_gguf
+    from tunelab.model.tiny import tiny_config
+
+    tokenizer = _sentencepiece_style_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    to_gguf(str(tmp_path), str(tmp_path / "m.gguf"), outtype="f32")
+    fields = GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and fields["tokenizer.ggml.pre"].contents() == "default"
+    scores = fields["tokenizer.ggml.scores"].contents()
+    assert scores[300] > scores[301] > scores[900]  # merge order, which llama.cpp reads from the scores
+    read_back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    ids = tokenizer(MIXED).input_ids
+    assert read_back.tokenize(MIXED) == tokenizer.tokenize(MIXED) and read_back(MIXED).input_ids[-len(ids):] == ids
+    gguf_model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    assert (_logits(gguf_model, ids) - _logits(model, ids)).abs().max() < 1e-3
+
+
 def test_gguf_bad_outtype_and_missing_quantiser(tiny_llama, tmp_path):
     cp = run_cli("convert", "gguf", tiny_llama, tmp_path / "m.gguf", "--outtype", "q9_x")
     assert cp.returncode == 2 and cp.stderr.strip().splitlines() == [

@@ -84,3 +84,17 @@ def test_report_to_names_are_checked(tiny_llama, tmp_path):
                                             r"'tunelab\[swanlab\]' \(or drop it from report_to\)$"):
             train(cfg, name, work_dir=str(tmp_path))
         assert not any(p.name[0].isdigit() for p in tmp_path.iterdir())  # no run folder was started
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    from tunelab.train.trackers import open_trackers
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no stored wandb login
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(UserError, match=r"^report_to 'wandb': could not start a run \(UsageError: No API key "
+                                        r"configured\..*\); run `wandb login` or set WANDB_API_KEY, or "
+                                        r"WANDB_MODE=offline$"):
+        open_trackers(["tensorboard", "wandb"], tmp_path, "demo", {"lr": 0.001})

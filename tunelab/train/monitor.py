@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,11 @@ class RunMonitor:
             n += 1
             self.dir = root / f"{stamp}_{n}"
         (self.dir / "vis_data").mkdir(parents=True)
+        try:
+            self.trackers = open_trackers(list(report_to), self.dir, name, config or {})
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         (root / f"{name}.py").write_text(config_text, encoding="utf-8")
         (self.dir / "vis_data" / "config.py").write_text(config_text, encoding="utf-8")
         self.scalars_path = self.dir / "vis_data" / "scalars.json"
@@ -38,7 +44,6 @@ class RunMonitor:
         if not log.isEnabledFor(logging.INFO):  # called as a library: the run's log file still gets INFO
             log.setLevel(logging.INFO)
         self.tensorboard = _tensorboard_writer(self.dir / "tensorboard") if "tensorboard" in report_to else None
-        self.trackers = open_trackers(list(report_to), self.dir, name, config or {})
         self.bar = None
         self._swapped: list[tuple[logging.Handler, logging.Handler]] = []
         self.started = time.time()

@@ -86,8 +86,28 @@ class SwanlabTracker:
 
 
 _OPEN = {"wandb": WandbTracker, "mlflow": MlflowTracker, "swanlab": SwanlabTracker}
+_HINTS = {"wandb": "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline",
+          "mlflow": "check MLFLOW_TRACKING_URI", "swanlab": "run `swanlab login`, or set SWANLAB_MODE=local"}
 
 
 def open_trackers(names: list[str], run_dir: Path, name: str, config: dict) -> list:
-    """The trackers of report_to other than TensorBoard (which RunMonitor writes itself), started."""
-    return [_OPEN[n](run_dir, name, _flat(config)) for n in names if n != "tensorboard"]
+    """The trackers of report_to other than TensorBoard (which RunMonitor writes itself), started; one that
+    cannot start (no login, a bad store) is one line, and those started before it are closed."""
+    started = []
+    try:
+        for tracker in names:
+            if tracker == "tensorboard":
+                continue
+            try:
+                started.append(_OPEN[tracker](run_dir, name, _flat(config)))
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - each package has its own errors for this
+                reason = (str(exc).strip().splitlines() or [""])[0]
+                raise UserError(f"report_to '{tracker}': could not start a run ({type(exc).__name__}: {reason}); "
+                                f"{_HINTS[tracker]}") from None
+    except BaseException:
+        for tracker in started:
+            tracker.close()
+        raise
+    return started
