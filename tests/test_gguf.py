@@ -144,19 +144,28 @@ def test_sentencepiece_style_tokenizer_reads_back(tmp_path):
     assert (_logits(gguf_model, ids) - _logits(model, ids)).abs().max() < 1e-3
 
 
-def test_gguf_bad_outtype_and_missing_quantiser(tiny_llama, tmp_path):
-    cp = run_cli("convert", "gguf", tiny_llama, tmp_path / "m.gguf", "--outtype", "q9_x")
-    assert cp.returncode == 2 and cp.stderr.strip().splitlines() == [
+def test_gguf_bad_outtype_and_missing_quantiser(tiny_llama, tmp_path, capsys):
+    from tunelab.cli import main
+
+    assert main(["convert", "gguf", str(tiny_llama), str(tmp_path / "m.gguf"), "--outtype", "q9_x"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
         "tunelab: error: --outtype 'q9_x': not a GGUF type; use f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 "
         "(written directly), or a type of llama.cpp's quantiser such as q4_k_m, q5_k_m, q6_k (needs llama-quantize "
         "on PATH or llama-cpp-python)"]
     assert not list(tmp_path.iterdir())
     if shutil.which("llama-quantize") is None and _missing("llama_cpp"):
-        cp = run_cli("convert", "gguf", tiny_llama, tmp_path / "m.gguf", "--outtype", "q4_k_m")
-        assert cp.returncode == 2 and cp.stderr.strip().splitlines() == [
+        assert main(["convert", "gguf", str(tiny_llama), str(tmp_path / "m.gguf"), "--outtype", "q4_k_m"]) == 2
+        assert capsys.readouterr().err.splitlines() == [
             "tunelab: error: --outtype q4_k_m: the gguf package writes f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, "
             "q5_1; q4_k_m needs llama.cpp's quantiser (llama-quantize on PATH, or pip install llama-cpp-python)"]
         assert not list(tmp_path.iterdir())
+    (tmp_path / "qwen2_moe").mkdir()  # an architecture llama.cpp names differently: refused before loading weights
+    (tmp_path / "qwen2_moe" / "config.json").write_text(json.dumps({"model_type": "qwen2_moe"}))
+    assert main(["convert", "gguf", str(tmp_path / "qwen2_moe"), str(tmp_path / "m.gguf")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tunelab: error: convert gguf: model type 'qwen2_moe' is not supported yet (supported: llama, mistral, "
+        "qwen2, qwen3)"]
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def _missing(module: str) -> bool:

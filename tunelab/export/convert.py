@@ -43,8 +43,7 @@ def merge(base: str, adapter: str, save_dir: str, max_shard_size: str = "2GB", d
                        {"merged_from": {"base": base_path, "adapter": str(adapter_path.resolve())}})
 
 
-def load_merged(base: str, adapter: str, device: str = "cpu", trust_remote_code: bool = False,
-                dtype: str | torch.dtype = "auto"):
+def load_merged(base: str, adapter: str, device: str = "cpu", trust_remote_code: bool = False):
     """(merged model, tokenizer, tunelab.json of the adapter, base path, adapter path): a LoRA adapter folded
     into its base in memory."""
     from peft import PeftModel
@@ -57,7 +56,7 @@ def load_merged(base: str, adapter: str, device: str = "cpu", trust_remote_code:
     check_adapter_fits(base_path, adapter_path, trust_remote_code)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(base_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = load_model(base_path, dtype="auto", device=device, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
     tok_src = adapter_path if (adapter_path / "tokenizer_config.json").is_file() else Path(base_path)
     tokenizer = load_tokenizer(str(tok_src), trust_remote_code)

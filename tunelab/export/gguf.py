@@ -56,7 +56,7 @@ def to_gguf(model: str, out: str, adapter: str | None = None, outtype: str = "f1
     quantiser = None if outtype in WRITTEN else find_quantiser(outtype)  # before any loading
     if out_path.is_dir():
         raise UserError(f"{out}: is a folder; give the .gguf file to write")
-    hf_model, tokenizer, meta, source = _load(model, adapter, trust_remote_code)
+    hf_model, tokenizer, meta = _load(model, adapter, trust_remote_code)
     arch, permute = architecture(hf_model.config)
     template, system, jinja = chat_template(meta, tokenizer)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def to_gguf(model: str, out: str, adapter: str | None = None, outtype: str = "f1
         tokenizer.save_pretrained(work / "tokenizer")
         direct = gguf.LlamaFileType.MOSTLY_F16 if quantiser else ftype
         writer = gguf.GGUFWriter(path=None, arch=arch)
-        _write_config(writer, gguf, hf_model.config, Path(source).name, direct)
+        _write_config(writer, gguf, hf_model.config, out_path.stem, direct)
         _write_vocab(writer, gguf, work / "tokenizer", tokenizer, hf_model.config.vocab_size, template)
         _write_tensors(writer, gguf, hf_model, arch, permute, direct)
         written = work / "model.gguf"
@@ -84,7 +84,10 @@ def to_gguf(model: str, out: str, adapter: str | None = None, outtype: str = "f1
 
 
 def _load(model: str, adapter: str | None, trust_remote_code: bool):
-    """(float32 model, tokenizer, tunelab.json, model folder); an adapter folder as MODEL means its base."""
+    """(model, tokenizer, tunelab.json); an adapter folder as MODEL means that adapter on its base. The
+    architecture is checked before any weight loads."""
+    from transformers import AutoConfig
+
     from tunelab.export.convert import load_merged
     from tunelab.model.load import load_model, load_tokenizer, read_metadata, resolve_model_path
 
@@ -92,12 +95,12 @@ def _load(model: str, adapter: str | None, trust_remote_code: bool):
     if adapter is None and (Path(path) / "adapter_config.json").is_file():
         adapter = path
         path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    architecture(AutoConfig.from_pretrained(resolve_model_path(path, "MODEL"), trust_remote_code=trust_remote_code))
     if adapter is not None:
-        merged, tokenizer, meta, _, adapter_path = load_merged(path, adapter, "cpu", trust_remote_code,
-                                                               dtype=torch.float32)
-        return merged, tokenizer, meta, str(adapter_path.resolve())
-    hf_model = load_model(path, dtype=torch.float32, device="cpu", trust_remote_code=trust_remote_code)
-    return hf_model, load_tokenizer(path, trust_remote_code), read_metadata(path), path
+        merged, tokenizer, meta, _, _ = load_merged(path, adapter, "cpu", trust_remote_code)
+        return merged, tokenizer, meta
+    hf_model = load_model(path, dtype="auto", device="cpu", trust_remote_code=trust_remote_code)
+    return hf_model, load_tokenizer(path, trust_remote_code), read_metadata(path)
 
 
 def architecture(config) -> tuple[str, bool]:

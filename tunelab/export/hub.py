@@ -66,7 +66,7 @@ def model_card(folder: Path, repo_id: str, summary: dict) -> str:
     lines = ["---", f"base_model: {base}" if is_hub_id(base) else None, f"library_name: {library}",
              f"tags: [tunelab{', ' + algorithm if algorithm else ''}]", "---", "",
              f"# {repo_id.split('/')[-1]}", "",
-             f"A {kind} fine-tuned from `{base}` with [tunelab](https://pypi.org/project/tunelab/)"
+             f"A {kind} fine-tuned from `{base}` with tunelab"
              f"{f' ({ALGORITHMS[algorithm]})' if algorithm in ALGORITHMS else ''}.", "", "## Training", "",
              "| setting | value |", "| --- | --- |"]
     rows = [("base model", f"`{base}`"), ("algorithm", algorithm)]
@@ -89,7 +89,7 @@ def model_card(folder: Path, repo_id: str, summary: dict) -> str:
     lines += ["", "## Chat with it", "",
               "The tokenizer carries the chat template it was trained with, and `tunelab.json` the template name "
               "and system text, so tunelab renders prompts exactly as in training:", "",
-              "```bash", "pip install tunelab", f"hf download {repo_id} --local-dir model", chat, "```", "",
+              "```bash", f"hf download {repo_id} --local-dir model", chat, "```", "",
               "Other tools: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` renders the same "
               "prompt; `tunelab convert gguf model model.gguf --ollama` makes a GGUF and an Ollama Modelfile.", ""]
     return "\n".join(line for line in lines if line is not None)
