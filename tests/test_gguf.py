@@ -102,6 +102,29 @@ def test_gguf_reads_back_as_the_merged_model(arch, tiny_models, adapters, tmp_pa
     assert value("tokenizer.ggml.pre") == {"llama": "gpt-2", "qwen2": "qwen2"}[arch]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_other_families_read_back(arch, tmp_path):
+    """Mistral (llama.cpp's 'llama') and Qwen3 (q/k norms). Qwen3's head_dim is 128 here, as in every published
+    Qwen3, because transformers' GGUF loader reads no attention.key_length and takes Qwen3Config's default
+    (llama.cpp reads the key, which the file holds)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.export.gguf import to_gguf
+    from tunelab.model.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / arch, arch)
+    if arch == "qwen3":
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(tmp_path / arch, head_dim=128)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / arch)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / arch, dtype=torch.float32)
+    to_gguf(str(tmp_path / arch), str(tmp_path / "m.gguf"), outtype="f32")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    ids = list(range(3, 40))
+    assert (_logits(model, ids) - _logits(reference, ids)).abs().max() < 1e-3
+
+
 def _sentencepiece_style_tokenizer():
     """A tokenizer laid out as Llama 2's tokenizer.json: BPE with byte fallback, spaces as '▁', no pre-tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
