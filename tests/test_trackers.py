@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from conftest import run_cli, write_config
 from tunelab.config.loader import load_config
 from tunelab.errors import ConfigError, UserError
 from tunelab.train.loop import train
@@ -88,13 +89,16 @@ def test_report_to_names_are_checked(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
-def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
-    from tunelab.train.trackers import open_trackers
-
+def test_a_tracker_that_cannot_start_is_one_line(tiny_llama, tmp_path, monkeypatch):
+    """wandb online without a login: exit 2 with one line, no run folder (a fresh process: wandb keeps its mode)."""
     monkeypatch.setenv("HOME", str(tmp_path))  # no stored wandb login
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    with pytest.raises(UserError, match=r"^report_to 'wandb': could not start a run \(UsageError: No API key "
-                                        r"configured\..*\); run `wandb login` or set WANDB_API_KEY, or "
-                                        r"WANDB_MODE=offline$"):
-        open_trackers(["tensorboard", "wandb"], tmp_path, "demo", {"lr": 0.001})
+    config = write_config(tmp_path / "run.py", pretrained_model_name_or_path=str(tiny_llama), algorithm="lora",
+                          data_path="builtin:self_cognition", max_steps=1, report_to=["tensorboard", "wandb"])
+    cp = run_cli("train", config, "--work-dir", tmp_path / "work", cwd=tmp_path)
+    assert cp.returncode == 2, cp.stderr[-2000:]
+    assert cp.stderr.strip().splitlines()[-1] == (
+        "tunelab: error: report_to 'wandb': could not start a run (UsageError: No API key configured. Use `wandb "
+        "login` to log in.); run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline")
+    assert not any(p.name[0].isdigit() for p in (tmp_path / "work").iterdir())

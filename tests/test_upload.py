@@ -28,7 +28,7 @@ def test_model_card_describes_the_run(trained_run, tiny_llama):
 
     hf = trained_run / "hf"
     summary = run_summary(hf)
-    card = model_card(hf, "ada/tuney", summary)
+    card = model_card("ada/tuney", summary)
     (run_dir,) = [p for p in trained_run.iterdir() if p.is_dir() and p.name[0].isdigit()]
     records = [json.loads(line) for line in (run_dir / "vis_data" / "scalars.json").read_text().splitlines()]
     last = [r for r in records if "loss" in r][-1]
@@ -54,7 +54,7 @@ def test_model_card_names_a_hub_base(trained_run):
 
     summary = run_summary(trained_run / "hf")
     summary["config"].pretrained_model_name_or_path = "Qwen/Qwen2.5-0.5B-Instruct"
-    card = model_card(trained_run / "hf", "ada/tuney", summary)
+    card = model_card("ada/tuney", summary)
     assert card.splitlines()[1] == "base_model: Qwen/Qwen2.5-0.5B-Instruct"
     assert "tunelab chat Qwen/Qwen2.5-0.5B-Instruct --adapter model" in card.splitlines()
 

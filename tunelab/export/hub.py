@@ -29,7 +29,10 @@ def run_summary(folder: Path) -> dict:
     summary = {"meta": meta, "config": None, "loss": None, "val_loss": None, "step": None, "plot": None,
                "adapter": (folder / "adapter_config.json").is_file()}
     if config_file.is_file():
-        summary["config"] = load_config(str(config_file))[0]
+        try:
+            summary["config"] = load_config(str(config_file))[0]
+        except UserError:  # e.g. a data file since moved: the card leaves the settings out
+            pass
     runs = sorted(trained.resolve().parent.glob("*/vis_data/scalars.json"))
     if runs:
         records = [json.loads(line) for line in runs[-1].read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -56,7 +59,7 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not Path(name).exists()
 
 
-def model_card(folder: Path, repo_id: str, summary: dict) -> str:
+def model_card(repo_id: str, summary: dict) -> str:
     """README.md for the Hub: front matter for its widgets and search, then the run in a few lines."""
     meta, cfg = summary["meta"], summary["config"]
     base = base_model(summary)
@@ -110,7 +113,7 @@ def upload(folder: str, repo_id: str, private: bool = False, token: str | None =
     if not token:
         raise UserError("upload: no Hugging Face token; pass --token, set HF_TOKEN, or run `hf auth login`")
     summary = run_summary(path)
-    card = model_card(path, repo_id, summary)
+    card = model_card(repo_id, summary)
     files = [CommitOperationAdd(str(f.relative_to(path)), str(f)) for f in sorted(path.rglob("*"))
              if f.is_file() and f.name != "README.md"]
     files.append(CommitOperationAdd("README.md", card.encode("utf-8")))
