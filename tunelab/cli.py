@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'tunelab[deepspeed]'). Several GPUs/machines: set NPROC_PER_NODE (and NNODES, "
                         "NODE_RANK, ADDR, PORT); tunelab starts torchrun itself")
 
-    conv = verbs.add_parser("convert", help="pth_to_hf, merge, split").add_subparsers(
+    conv = verbs.add_parser("convert", help="pth_to_hf, merge, split, gguf").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     p = conv.add_parser("pth_to_hf", help="training checkpoint -> PEFT adapter folder or HF model")
     p.add_argument("config")
@@ -73,6 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--trust-remote-code", action="store_true")
+    p = conv.add_parser("gguf", help="model -> one GGUF file for llama.cpp and Ollama",
+                        description="Write MODEL (a merged model, a base with --adapter, or an adapter folder) as "
+                        "OUT.gguf with llama.cpp's gguf package (pip install 'tunelab[gguf]'): weights, tokenizer, "
+                        "the chat template the model was trained with and its stop token. Llama, Mistral, Qwen2 "
+                        "and Qwen3 models.")
+    p.add_argument("model")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--adapter", help="a LoRA adapter folder, merged into MODEL on the fly")
+    p.add_argument("--outtype", default="f16", help="weight type: " + _gguf_outtypes())
+    p.add_argument("--ollama", action="store_true",
+                   help="also write a Modelfile beside OUT (FROM, TEMPLATE, SYSTEM, PARAMETER stop): "
+                        "then `ollama create NAME -f Modelfile`")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+    p = verbs.add_parser("upload", help="an adapter or model folder to the Hugging Face Hub, with a model card",
+                         description="Upload FOLDER (work_dirs/<config>/hf or a merged model) to the Hub repo "
+                         "REPO_ID (created if missing) in one commit, with a generated README.md model card: base "
+                         "model, data, template, algorithm, settings, final loss, the loss plot and how to chat.")
+    p.add_argument("folder")
+    p.add_argument("repo_id", help="user/name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--token", help="a Hub token with write access (default: $HF_TOKEN or the stored login)")
 
     p = verbs.add_parser("check-custom-dataset", help="validate every record of a config's data and report")
     p.add_argument("config")
@@ -131,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                         ("web", "like serve, and open the chat page in a browser")):
         _add_serve_args(verbs.add_parser(verb, help=about))
     return parser
+
+
+def _gguf_outtypes() -> str:
+    from tunelab.export.gguf import OUTTYPES_HELP
+
+    return OUTTYPES_HELP
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -214,12 +242,33 @@ def cmd_convert(args) -> int:
 
         cfg, _ = load_config(args.config, args.cfg_options)
         convert.pth_to_hf(cfg, args.pth, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size)
+    elif args.action == "gguf":
+        from tunelab.export.gguf import to_gguf
+
+        made = to_gguf(args.model, args.out, args.adapter, args.outtype, args.trust_remote_code)
+        print(f"Saved to {args.out}")
+        if args.ollama:
+            from tunelab.export.ollama import write_modelfile
+
+            modelfile = write_modelfile(Path(args.out), made["template"], made["system"], made["eos_token"])
+            print(f"Saved to {modelfile} (ollama create NAME -f {modelfile})")
+            if made["template"] is None:
+                print("note: the model has no named tunelab template, so the Modelfile has no TEMPLATE; Ollama "
+                      "derives one from the GGUF's chat template", file=sys.stderr)
+        return EXIT_OK
     elif args.action == "merge":
         convert.merge(args.base, args.adapter, args.save_dir, args.max_shard_size, args.device,
                       args.trust_remote_code)
     else:
         convert.split(args.src, args.dst, args.max_shard_size, args.trust_remote_code)
     print(f"Saved to {getattr(args, 'save_dir', None) or args.dst}")
+    return EXIT_OK
+
+
+def cmd_upload(args) -> int:
+    from tunelab.export.hub import upload
+
+    print(f"Uploaded to {upload(args.folder, args.repo_id, args.private, args.token)}")
     return EXIT_OK
 
 
@@ -297,7 +346,7 @@ def cmd_data(args) -> int:
 
 COMMANDS = {"list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "train": cmd_train, "convert": cmd_convert,
             "chat": cmd_chat, "check-custom-dataset": cmd_check_dataset, "log-dataset": cmd_log_dataset,
-            "data": cmd_data, "serve": cmd_serve, "web": cmd_serve}
+            "data": cmd_data, "serve": cmd_serve, "web": cmd_serve, "upload": cmd_upload}
 
 
 def _setup_logging() -> None:

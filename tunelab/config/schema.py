@@ -26,6 +26,7 @@ def setting(default: Any, help: str, *, group: str, min: float | None = None, gt
     return field(default=default, metadata=meta)
 
 
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "swanlab")  # the trackers tunelab.train.trackers starts
 # The record formats tunelab.data.formats reads, in the order it tries them (its FORMATS, tests/test_layers.py)
 DATASET_FORMATS = ("conversation", "openai", "msagent", "sharegpt", "alpaca", "query_response", "oasst", "guanaco",
                    "text")
@@ -161,6 +162,11 @@ class Config:
     save_total_limit: int = setting(-1, "Keep only the newest K checkpoints (-1: keep all).",
                                     group="save", min=-1)
     log_interval: int = setting(10, "Optimizer steps between log lines.", group="save", min=1)
+    report_to: list = setting(
+        ["tensorboard"], "Experiment trackers that get the run's config and the scalars of scalars.json: any of "
+        + ", ".join(REPORT_TO) + " ([]: scalars.json only). Each is an optional package (pip install "
+        "'tunelab[wandb]', ...) and reads its usual settings from the environment (WANDB_MODE, WANDB_PROJECT, "
+        "MLFLOW_TRACKING_URI, SWANLAB_MODE); MLflow's default store is mlflow.db in the work dir.", group="save")
     auto_resume: bool = setting(
         False, "Continue from the newest checkpoint in the work dir when there is one (like --resume).",
         group="save")
@@ -248,6 +254,10 @@ def build_config(values: dict[str, Any], where: str) -> Config:
         if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: '{key}' must hold non-empty strings only, got {value!r}")
     _check_columns(cfg, where)
+    for tracker in cfg.report_to:
+        if tracker not in REPORT_TO:
+            raise ConfigError(f"{where}: 'report_to' may hold {', '.join(REPORT_TO)}, got {tracker!r}"
+                              f"{suggest(str(tracker), REPORT_TO)}")
     if cfg.validation_split >= 1:
         raise ConfigError(f"{where}: 'validation_split' must be < 1, got {cfg.validation_split!r}")
     # copy-cfg writes every key, so only a non-default evaluation_freq counts as "set"

@@ -62,14 +62,17 @@ class PromptFormat:
         ids, _ = self.encode(turns, open_last)
         return self.tokenizer.decode(ids)
 
-    def text(self, turns: list[Turn]) -> str:
+    def text(self, turns: list[Turn], open_last: bool = False) -> str:
         """The dialogue as the template writes it, bos/eos tokens spelled out, before any tokenisation:
-        what the template check compares with the tokenizer's own chat_template."""
+        what the template check compares with the tokenizer's own chat_template (open_last: as in encode)."""
         if self.template is None:
             raise ValueError("PromptFormat.text is for named templates; 'auto' is the tokenizer's own rendering")
         bos = self.tokenizer.bos_token if self.template.bos and self.tokenizer.bos_token else ""
         eos = self.tokenizer.eos_token or ""
-        return bos + "".join(text + (eos if add_eos else "") for text, _, add_eos in self._segments_template(turns))
+        segments = self._segments_template(turns)
+        if open_last:
+            segments = segments[:-1]
+        return bos + "".join(text + (eos if add_eos else "") for text, _, add_eos in segments)
 
     def _system_for(self, turns: list[Turn]) -> str:
         return turns[0].system or self.system or (self.template.default_system if self.template else "")

@@ -35,9 +35,19 @@ def pth_to_hf(cfg: Config, pth: str, save_dir: str, fp32: bool = False, max_shar
 def merge(base: str, adapter: str, save_dir: str, max_shard_size: str = "2GB", device: str = "cpu",
           trust_remote_code: bool = False) -> None:
     """Fold a LoRA adapter into its base: a standalone HF model folder with tokenizer and chat template."""
+    max_shard_size = check_shard_size(max_shard_size)
+    merged, tokenizer, meta, base_path, adapter_path = load_merged(base, adapter, device, trust_remote_code)
+    with atomic_dir(save_dir) as tmp:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        finish_folder(tmp, tokenizer, meta.get("prompt_template", "auto"), meta.get("SYSTEM", ""),
+                       {"merged_from": {"base": base_path, "adapter": str(adapter_path.resolve())}})
+
+
+def load_merged(base: str, adapter: str, device: str = "cpu", trust_remote_code: bool = False):
+    """(merged model, tokenizer, tunelab.json of the adapter, base path, adapter path): a LoRA adapter folded
+    into its base in memory."""
     from peft import PeftModel
 
-    max_shard_size = check_shard_size(max_shard_size)
     base_path = resolve_model_path(base, "BASE")
     adapter_path = Path(adapter)
     if not (adapter_path / "adapter_config.json").is_file():
@@ -48,13 +58,9 @@ def merge(base: str, adapter: str, save_dir: str, max_shard_size: str = "2GB", d
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(base_path, dtype="auto", device=device, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
-    meta = read_metadata(adapter_path)
     tok_src = adapter_path if (adapter_path / "tokenizer_config.json").is_file() else Path(base_path)
     tokenizer = load_tokenizer(str(tok_src), trust_remote_code)
-    with atomic_dir(save_dir) as tmp:
-        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-        finish_folder(tmp, tokenizer, meta.get("prompt_template", "auto"), meta.get("SYSTEM", ""),
-                       {"merged_from": {"base": base_path, "adapter": str(adapter_path.resolve())}})
+    return merged, tokenizer, read_metadata(adapter_path), base_path, adapter_path
 
 
 def split(src: str, dst: str, max_shard_size: str = "2GB", trust_remote_code: bool = False) -> None:

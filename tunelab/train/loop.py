@@ -128,7 +128,8 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
     if ctx.is_main:  # run files and checkpoints come from rank 0 only
         remove_stale_temp_files(root)
     monitor_type = RunMonitor if ctx.is_main else processes.NullMonitor
-    monitor = monitor_type(root, total_steps, cfg.log_interval, render_config(to_dict(cfg), name), name)
+    monitor = monitor_type(root, total_steps, cfg.log_interval, render_config(to_dict(cfg), name), name,
+                           report_to=cfg.report_to, config=to_dict(cfg))
     try:
         # the template verdict goes with the run's first lines, so that an input error found earlier stays alone
         (log.warning if fit.verdict == "conflict" else log.info)(fit.message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,11 @@ log = logging.getLogger("tunelab")
 class RunMonitor:
     """Everything a run writes about itself, under work_dirs/<name>/<timestamp>/."""
 
-    def __init__(self, root: Path, total_steps: int, log_interval: int, config_text: str, name: str):
+    def __init__(self, root: Path, total_steps: int, log_interval: int, config_text: str, name: str,
+                 report_to: tuple[str, ...] | list[str] = ("tensorboard",), config: dict | None = None):
+        from tunelab.train.trackers import check_installed, open_trackers
+
+        check_installed(report_to)  # before anything is written
         self.root, self.total_steps, self.log_interval = root, total_steps, log_interval
         stamp = time.strftime("%Y%m%d_%H%M%S")
         self.dir = root / stamp
@@ -24,6 +29,11 @@ class RunMonitor:
             n += 1
             self.dir = root / f"{stamp}_{n}"
         (self.dir / "vis_data").mkdir(parents=True)
+        try:
+            self.trackers = open_trackers(list(report_to), self.dir, name, config or {})
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         (root / f"{name}.py").write_text(config_text, encoding="utf-8")
         (self.dir / "vis_data" / "config.py").write_text(config_text, encoding="utf-8")
         self.scalars_path = self.dir / "vis_data" / "scalars.json"
@@ -33,7 +43,7 @@ class RunMonitor:
         log.addHandler(self.file_handler)
         if not log.isEnabledFor(logging.INFO):  # called as a library: the run's log file still gets INFO
             log.setLevel(logging.INFO)
-        self.tensorboard = _tensorboard_writer(self.dir / "tensorboard")
+        self.tensorboard = _tensorboard_writer(self.dir / "tensorboard") if "tensorboard" in report_to else None
         self.bar = None
         self._swapped: list[tuple[logging.Handler, logging.Handler]] = []
         self.started = time.time()
@@ -89,12 +99,14 @@ class RunMonitor:
             self.history.append(record)
         with open(self.scalars_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        metrics = {f"train/{key}" if key != "val_loss" else "eval/val_loss": value for key, value in record.items()
+                   if key not in ("step", "epoch") and isinstance(value, (int, float))}
         if self.tensorboard is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"train/{key}" if key != "val_loss" else "eval/val_loss",
-                                                value, record["step"])
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
             self.tensorboard.flush()
+        for tracker in self.trackers:
+            tracker.log(metrics, record["step"])
 
     def eval_answers(self, answers: list[dict]) -> None:
         with open(self.dir / "eval_answers.jsonl", "a", encoding="utf-8") as f:
@@ -142,6 +154,8 @@ class RunMonitor:
             log.addHandler(original)
         if self.tensorboard is not None:
             self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close()
         log.removeHandler(self.file_handler)
         self.file_handler.close()
 
