@@ -315,10 +315,10 @@ def detect_format(value: Any, where: str) -> str:
     if near is not None:
         fmt, mapping = near
         raise DataError(f"{where}: unrecognised record format (keys: {keys}); it reads as {fmt} with "
-                        f"dataset_columns = {mapping!r} in the config")
+                        f"dataset_columns = {mapping!r} in the config (see 'Data formats' in README.md)")
     raise DataError(f"{where}: unrecognised record format (keys: {keys}); expected one of "
-                    f"{', '.join(FORMATS)} (`tunelab train --help`: dataset_format, dataset_columns), or set "
-                    f"dataset_format")
+                    f"{', '.join(FORMATS)} (see 'Data formats' in README.md), or set dataset_format or "
+                    f"dataset_columns")
 
 
 def check_one_format(records: list[Record], fmt: str) -> None:
