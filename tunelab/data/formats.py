@@ -53,7 +53,19 @@ def _alpaca(record: dict) -> list[Turn]:
     output = _text(record, "output")
     if output.strip() == "<nooutput>":
         output = ""
-    return [Turn(f"{instruction}\n{extra}" if extra.strip() else instruction, output)]
+    turns = _history(record) + [Turn(f"{instruction}\n{extra}" if extra.strip() else instruction, output)]
+    turns[0].system = _text(record, "system", required=False)  # ms-swift's and LLaMA-Factory's system column
+    return turns
+
+
+def _history(record: dict) -> list[Turn]:
+    """Earlier [query, response] pairs (ms-swift's and LLaMA-Factory's `history`)."""
+    turns = []
+    for i, pair in enumerate(record.get("history") or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise BadRecord(f"history[{i}] must be a [query, response] pair")
+        turns.append(Turn(str(pair[0]), str(pair[1])))
+    return turns
 
 
 def _openai(record: Any) -> list[Turn]:
@@ -93,12 +105,7 @@ def _guanaco(record: dict) -> list[Turn]:
 
 
 def _query_response(record: dict) -> list[Turn]:
-    turns = []
-    for i, pair in enumerate(record.get("history") or []):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise BadRecord(f"history[{i}] must be a [query, response] pair")
-        turns.append(Turn(str(pair[0]), str(pair[1])))
-    turns.append(Turn(_text(record, "query"), _text(record, "response")))
+    turns = _history(record) + [Turn(_text(record, "query"), _text(record, "response"))]
     turns[0].system = _text(record, "system", required=False)
     return turns
 
