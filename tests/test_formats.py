@@ -149,10 +149,10 @@ def test_text_exact(tmp_path, tokenizer):
     f = tmp_path / "t.jsonl"
     f.write_text(json.dumps({"text": "Plain text to continue pre-training on."}) + "\n", encoding="utf-8")
     dialogues, stats = _dialogues(f)
-    assert stats.formats[str(f)] == "text" and dialogues[0][1] == [Turn("", "Plain text to continue pre-training on.")]
-    assert _texts(tokenizer, dialogues[0][1]) == (
-        "<s><|User|>:<eoh>\n<|Bot|>:Plain text to continue pre-training on.<eoa>",
-        "Plain text to continue pre-training on.<eoa>")
+    assert stats.formats[str(f)] == "text" and dialogues[0][1] == [Turn("", "Plain text to continue pre-training on.", document=True)]
+    # pretraining text: no template, the whole text and the eos after it trained
+    assert _texts(tokenizer, dialogues[0][1]) == ("Plain text to continue pre-training on.</s>",
+                                                  "Plain text to continue pre-training on.</s>")
 
 
 def test_query_response_exact_with_placeholders(data_dir, tokenizer):
@@ -291,7 +291,7 @@ def test_dataset_format_overrides_detection_and_the_mixed_check(tmp_path):
     with pytest.raises(DataError, match="line 2: this record looks like guanaco but the file's first record is text"):
         _dialogues(f)
     dialogues, stats = _dialogues(f, dataset_format="text")
-    assert stats.formats[str(f)] == "text" and dialogues[1][1] == [Turn("", "### Human: hi### Assistant: yo")]
+    assert stats.formats[str(f)] == "text" and dialogues[1][1] == [Turn("", "### Human: hi### Assistant: yo", document=True)]
 
 
 # --- bad data through the CLI ---------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_cli_unknown_dataset_format_lists_formats(base, data_dir, tmp_path):
     cfg = write_config(tmp_path / "c.py", **base, data_path=str(data_dir / "alpaca"), dataset_format="sharegtp")
     line = _one_error_line(run_cli("check-custom-dataset", cfg, cwd=tmp_path))
     assert "'dataset_format': unknown format 'sharegtp' (did you mean 'sharegpt'?)" in line
-    assert "valid: auto, conversation, openai, msagent, sharegpt, alpaca, query_response, oasst, guanaco, text" in line
+    assert "valid: auto, conversation, openai, msagent, sharegpt, glaive, alpaca, query_response, oasst, guanaco, text" in line
 
 
 def test_cli_mixed_formats(base, tmp_path):

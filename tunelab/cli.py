@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lagent", action="store_true",
                    help="ReAct agent mode (Thought/Action/Action Input/Response/Final Answer) with the tools "
                         "of --with-plugins (default: all)")
+    p.add_argument("--tools", metavar="FILE",
+                   help="a JSON list of functions the model may call, written in the template's tool format; "
+                        "each call is shown and the next line you type is its result")
     p.add_argument("--stop-words", nargs="+", default=[], help="extra words at which an answer ends")
     p.add_argument("--command-stop-word", help="plugins: the word that ends the model's commands (<eoc>)")
     p.add_argument("--answer-stop-word", help="older spelling: an extra word at which an answer ends")
@@ -285,7 +288,7 @@ def cmd_chat(args) -> int:
         command_stop_word=args.command_stop_word, answer_stop_word=args.answer_stop_word,
         streamer=not args.no_streamer, seed=args.seed, trust_remote_code=args.trust_remote_code,
         bot_name=args.bot_name, plugins=list(args.with_plugins), lagent=args.lagent,
-        offload_folder=args.offload_folder,
+        offload_folder=args.offload_folder, tools=args.tools,
         sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty))
     return chat(opts)

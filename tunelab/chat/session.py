@@ -14,6 +14,7 @@ import torch
 
 from tunelab.data.encode import PromptFormat
 from tunelab.data.formats import Turn
+from tunelab.data.turns import ToolResult
 from tunelab.errors import UserError
 from tunelab.model.generate import Sampling, generate, generate_until
 from tunelab.model.load import (check_adapter_fits, load_model, load_tokenizer, read_metadata, resolve_dtype,
@@ -40,6 +41,7 @@ class ChatOptions:
     plugins: list[str] = field(default_factory=list)  # --with-plugins
     lagent: bool = False
     offload_folder: str | None = None
+    tools: str | None = None  # --tools: a JSON file of function definitions the model may call
 
 
 def _adapter_base(adapter: Path) -> str:
@@ -169,6 +171,51 @@ def _plugin_reply(model, tokenizer, fmt, opts, stop_words, show) -> Callable[[st
     return reply
 
 
+MAX_TOOL_ROUNDS = 6
+
+
+def read_tools(path: str) -> list[dict]:
+    """--tools FILE: a JSON list of functions (OpenAI's {"type": "function", "function": {...}} or bare)."""
+    import json
+
+    from tunelab.data.tool_records import parse_tools
+    from tunelab.data.turns import BadRecord
+
+    try:
+        return parse_tools(json.loads(Path(path).read_text(encoding="utf-8")), f"--tools {path}")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"--tools {path}: cannot read a JSON list of functions ({exc})") from None
+    except BadRecord as exc:
+        raise UserError(str(exc)) from None
+
+
+def _tool_reply(model, tokenizer, fmt, opts, stop_words, show, tools, read_line):
+    """Answer with tools offered, in the template's tool format: each call the model makes is shown, and the
+    next input line is taken as its result, until the model answers without a call."""
+    import json
+
+    def reply(text: str, history: list[Turn]) -> list[Turn]:
+        turns = history + [Turn(text, "")]
+        turns[0].tools = tools
+        for _ in range(MAX_TOOL_ROUNDS):
+            ids, _ = fmt.encode(turns, open_last=True)
+            content, calls = fmt.parse_reply(generate(model, tokenizer, ids, stop_words, opts.sampling, None))
+            last = turns[-1]
+            turns[-1] = Turn(last.input, content, last.system, calls, last.results, last.tools)
+            show(content)
+            if not calls:
+                break
+            results = []
+            for k, call in enumerate(calls):
+                call.id = f"call_{len(turns)}_{k}"
+                show(f"\n[tool call] {call.name} {json.dumps(call.arguments, ensure_ascii=False)}\nresult> ")
+                results.append(ToolResult(read_line().rstrip("\n"), call.name, call.id))
+            turns.append(Turn("", "", results=results))
+        show("\n")
+        return turns
+    return reply
+
+
 def chat(opts: ChatOptions, stdin=None, stdout=None) -> int:
     """Read a message per line; RESET clears the history, EXIT (or end of input) quits."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -179,6 +226,7 @@ def chat(opts: ChatOptions, stdin=None, stdout=None) -> int:
             opts.plugins = check_tool_names(opts.plugins)
         except ValueError as exc:
             raise UserError(f"--with-plugins: {exc}") from None
+    tools = read_tools(opts.tools) if opts.tools else []  # a bad file is reported before the model loads
     model, tokenizer, fmt = load_chat_model(opts)
     stop_words = list(dict.fromkeys(fmt.stop_words + [w for w in opts.stop_words + [opts.answer_stop_word] if w]))
     interactive = stdin.isatty()
@@ -195,6 +243,8 @@ def chat(opts: ChatOptions, stdin=None, stdout=None) -> int:
 
         def reply(text: str, history: list[Turn]) -> list[Turn]:
             return run_agent_turn(agent, text, history, opts.seed)[1]
+    elif opts.tools:
+        reply = _seeded(_tool_reply(model, tokenizer, fmt, opts, stop_words, show, tools, stdin.readline), opts.seed)
     elif opts.plugins:
         reply = _seeded(_plugin_reply(model, tokenizer, fmt, opts, stop_words, show), opts.seed)
     else:

@@ -28,8 +28,8 @@ def setting(default: Any, help: str, *, group: str, min: float | None = None, gt
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "swanlab")  # the trackers tunelab.train.trackers starts
 # The record formats tunelab.data.formats reads, in the order it tries them (its FORMATS, tests/test_layers.py)
-DATASET_FORMATS = ("conversation", "openai", "msagent", "sharegpt", "alpaca", "query_response", "oasst", "guanaco",
-                   "text")
+DATASET_FORMATS = ("conversation", "openai", "msagent", "sharegpt", "glaive", "alpaca", "query_response", "oasst",
+                   "guanaco", "text")
 
 
 @dataclass
@@ -50,8 +50,14 @@ class Config:
 
     # --- data ------------------------------------------------------------------------------
     data_path: Union[str, list] = setting(
-        REQUIRED, "Training data: a file (.json/.jsonl JSON array or JSON Lines, .csv, .parquet), a "
-        "folder (its *train* files, else all data files), a hub dataset id, or a list of these.",
+        REQUIRED, "Training data: a file (.json/.jsonl JSON array or JSON Lines, .csv, .parquet, .txt), a "
+        "folder (its *train* files, else all data files; a datasets save_to_disk folder), a hub dataset id, a "
+        "LLaMA-Factory dataset_info.json (with dataset), or a list of these; to mix, a list entry may be a dict "
+        "{'path': ..., 'weight': 2.0 or 'count': 500, 'dataset_format', 'SYSTEM', 'dataset_columns', 'dataset'}.",
+        group="data")
+    dataset: str = setting(
+        "", "With data_path at a LLaMA-Factory dataset_info.json (or its folder): the entry (or comma-separated "
+        "entries) to train, e.g. 'glaive_toolcall_en_demo'; its file, formatting and columns are used.",
         group="data")
     dataset_format: str = setting(
         "auto", "Record format: auto (detected per file), " + ", ".join(DATASET_FORMATS) + ".", group="data")
@@ -176,7 +182,9 @@ class Config:
 
     @property
     def data_paths(self) -> list[str]:
-        return list(self.data_path) if isinstance(self.data_path, list) else [self.data_path]
+        """The paths data_path names (a mixing entry's 'path')."""
+        entries = self.data_path if isinstance(self.data_path, list) else [self.data_path]
+        return [e["path"] if isinstance(e, dict) else e for e in entries]
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -249,7 +257,8 @@ def build_config(values: dict[str, Any], where: str) -> Config:
         raise ConfigError(f"{where}: 'betas' must be two numbers in [0, 1), got {cfg.betas!r}")
     if cfg.warmup_ratio >= 1:
         raise ConfigError(f"{where}: 'warmup_ratio' must be < 1, got {cfg.warmup_ratio!r}")
-    for key in ("data_path", "evaluation_data_path", "evaluation_inputs", "lora_target_modules"):
+    _check_sources(cfg, where)
+    for key in ("evaluation_data_path", "evaluation_inputs", "lora_target_modules"):
         value = getattr(cfg, key)
         if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: '{key}' must hold non-empty strings only, got {value!r}")
@@ -298,6 +307,45 @@ def _check_adapter_variant(cfg: Config, where: str) -> None:
     if init == "loftq" and cfg.use_dora:
         raise ConfigError(f"{where}: 'use_dora' with lora_init 'loftq' is not supported (DoRA's magnitudes are "
                           f"measured before LoftQ sets the adapter); use one of them")
+
+
+SOURCE_KEYS = ("path", "weight", "count", "dataset_format", "SYSTEM", "dataset_columns", "dataset")
+
+
+def _check_sources(cfg: Config, where: str) -> None:
+    """data_path entries: non-empty strings, or mixing dicts (SOURCE_KEYS) with a path and at most one of a
+    positive number weight or a positive integer count."""
+    entries = cfg.data_path if isinstance(cfg.data_path, list) else [cfg.data_path]
+    for i, entry in enumerate(entries):
+        at = f"{where}: data_path[{i}]" if isinstance(cfg.data_path, list) else f"{where}: data_path"
+        if isinstance(entry, str) and entry:
+            continue
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: must be a path or a dict {{'path': ..., 'weight': ...}}, got {entry!r}")
+        unknown = [k for k in entry if k not in SOURCE_KEYS]
+        if unknown:
+            raise ConfigError(f"{at}: unknown key '{unknown[0]}'{suggest(str(unknown[0]), SOURCE_KEYS)}; a source "
+                              f"takes {', '.join(SOURCE_KEYS)}")
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise ConfigError(f"{at}: needs 'path', the file, folder or hub id to read")
+        weight, count = entry.get("weight"), entry.get("count")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
+            raise ConfigError(f"{at}: 'weight' must be a number above 0 (how many times its samples are taken: "
+                              f"0.5 for half, 2 for twice), got {weight!r}")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ConfigError(f"{at}: 'count' must be a whole number of samples, at least 1, got {count!r}")
+        if weight is not None and count is not None:
+            raise ConfigError(f"{at}: give 'weight' or 'count', not both")
+        fmt = entry.get("dataset_format", "auto")
+        if fmt != "auto" and fmt not in DATASET_FORMATS:
+            raise ConfigError(f"{at}: 'dataset_format' must be auto or one of {', '.join(DATASET_FORMATS)}, "
+                              f"got {fmt!r}")
+        cols = entry.get("dataset_columns", {})
+        if not isinstance(cols, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cols.items()):
+            raise ConfigError(f"{at}: 'dataset_columns' must map column names to format fields, got {cols!r}")
+        for key in ("SYSTEM", "dataset"):
+            if not isinstance(entry.get(key, ""), str):
+                raise ConfigError(f"{at}: '{key}' must be a string, got {entry[key]!r}")
 
 
 def _columns_are_flat(cols: dict) -> bool:

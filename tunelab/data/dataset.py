@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tunelab.config.schema import Config, columns_for
+from tunelab.config.schema import Config
 from tunelab.data.encode import IGNORE, PromptFormat
 from tunelab.data.formats import (PREPARE, BadRecord, Filtered, Turn, check_one_format, detect_format, looks_like,
                                   to_turns)
-from tunelab.data.loading import Record, read_records, resolve_data_files
+from tunelab.data.loading import Record, read_records
+from tunelab.data.sources import FileSpec, Source, files_of, mix, retag, sources_of
 from tunelab.errors import DataError
 
 log = logging.getLogger("tunelab")
@@ -54,6 +55,20 @@ class FileStats:
 
 
 @dataclass
+class SourceStats:
+    """What one data_path entry gave: its dialogues' range in load order and its samples after mixing."""
+    source: Source
+    start: int = 0
+    end: int = 0
+    samples: int = 0
+
+    def line(self) -> str:
+        rule = (f", weight {self.source.weight:g}" if self.source.weight is not None else
+                f", count {self.source.count}" if self.source.count is not None else "")
+        return f"{self.source.label}: {self.end - self.start} records -> {self.samples} samples{rule}"
+
+
+@dataclass
 class DataStats:
     records: int = 0
     samples: int = 0
@@ -64,11 +79,15 @@ class DataStats:
     filtered: int = 0
     files: dict[str, FileStats] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # 'where: why' of skipped/filtered records, in order
+    sources: list[SourceStats] = field(default_factory=list)
 
     def summary(self) -> str:
         fmts = ", ".join(f"{src} [{fmt}]" for src, fmt in self.formats.items())
-        return (f"data: {self.records} records -> {self.samples} samples -> {self.sequences} sequences; "
+        text = (f"data: {self.records} records -> {self.samples} samples -> {self.sequences} sequences; "
                 f"{self.truncated} truncated, {self.skipped} skipped; formats: {fmts}")
+        if len(self.sources) > 1 or any(s.source.weight or s.source.count for s in self.sources):
+            text += "; sources: " + "; ".join(s.line() for s in self.sources)
+        return text
 
 
 def load_dialogues(cfg: Config, stats: DataStats) -> list[tuple[str, list[Turn]]]:
@@ -78,12 +97,26 @@ def load_dialogues(cfg: Config, stats: DataStats) -> list[tuple[str, list[Turn]]
     skip_bad_records, its first recognisable record), and then a record of another format is an error.
     {{KEY}} placeholders are filled from cfg.data_placeholders. A file with no usable record is an error.
     """
-    dialogues = []
-    for data_path in cfg.data_paths:
-        columns = columns_for(cfg, data_path)
-        for file in resolve_data_files(data_path):
-            dialogues += _load_file(cfg, file, stats, columns)
+    dialogues: list[tuple[str, list[Turn]]] = []
+    for source in sources_of(cfg):
+        start = len(dialogues)
+        for spec in files_of(source):
+            dialogues += _load_file(cfg, spec, stats)
+        for _, turns in dialogues[start:]:  # the source's own system text, where a sample has none
+            if source.system and not turns[0].system and not turns[0].document:
+                turns[0].system = source.system
+        stats.sources.append(SourceStats(source, start, len(dialogues), len(dialogues) - start))
     return dialogues
+
+
+def mix_sources(dialogues: list, stats: DataStats, seed: int) -> list:
+    """The dialogues with each source's weight or count applied (see sources.mix), sources in order."""
+    out = []
+    for src in stats.sources:
+        taken = mix(dialogues[src.start:src.end], src.source, seed)
+        src.samples = len(taken)
+        out += taken
+    return out
 
 
 def rename_columns(records: list[Record], columns: dict[str, str]) -> list[Record]:
@@ -105,9 +138,9 @@ def rename_columns(records: list[Record], columns: dict[str, str]) -> list[Recor
     return out
 
 
-def _file_format(cfg: Config, records: list[Record]) -> str:
-    if cfg.dataset_format != "auto":
-        return cfg.dataset_format  # the user said so: no detection, no mixed-format check
+def _file_format(cfg: Config, records: list[Record], dataset_format: str) -> str:
+    if dataset_format != "auto":
+        return dataset_format  # the user said so: no detection, no mixed-format check
     first = records[0]
     if cfg.skip_bad_records:  # an unrecognisable first record is just one more bad record
         first = next((r for r in records if looks_like(r.value)), first)
@@ -116,13 +149,16 @@ def _file_format(cfg: Config, records: list[Record]) -> str:
     return fmt
 
 
-def _load_file(cfg: Config, file: str, stats: DataStats, columns: dict[str, str]) -> list[tuple[str, list[Turn]]]:
+def _load_file(cfg: Config, spec: FileSpec, stats: DataStats) -> list[tuple[str, list[Turn]]]:
+    file = spec.file
     records = read_records(file)
     if not records:
         raise DataError(f"{file}: holds no records; add records or remove the file from data_path")
-    if columns:
-        records = rename_columns(records, columns)
-    fmt = _file_format(cfg, records)
+    if spec.columns:
+        records = rename_columns(records, spec.columns)
+    if spec.tags:
+        records = retag(records, spec.tags)
+    fmt = _file_format(cfg, records, spec.dataset_format)
     if fmt in PREPARE:
         records = PREPARE[fmt](records)
     stats.formats[file] = fmt
@@ -133,7 +169,7 @@ def _load_file(cfg: Config, file: str, stats: DataStats, columns: dict[str, str]
         fstats.records += 1
         try:
             turns = to_turns(rec.value, fmt)
-            if not any(t.output.strip() for t in turns):
+            if not any(t.trained for t in turns):
                 raise BadRecord("no trainable output (every output is empty)")
         except Filtered as exc:
             stats.filtered += 1
@@ -182,6 +218,20 @@ def fill_placeholders(turns: list[Turn], values: dict, where: str) -> None:
                 setattr(turn, attr, _PLACEHOLDER.sub(sub, text))
 
 
+def encode_samples(fmt: PromptFormat, turns: list[Turn], max_length: int) -> tuple[list[Sequence], bool]:
+    """encode_sample, except that pretraining text longer than max_length is cut into max_length pieces, each a
+    sample of its own, rather than truncated: every token of a document is trained."""
+    if not turns[0].document:
+        seq, truncated = encode_sample(fmt, turns, max_length)
+        return [seq], truncated
+    ids, _ = fmt.encode(turns)
+    pieces = []
+    for at in range(0, len(ids), max_length):
+        piece = ids[at:at + max_length]
+        pieces.append(Sequence(piece, piece[1:] + [IGNORE], list(range(len(piece))), [0] * len(piece)))
+    return pieces, False
+
+
 def encode_sample(fmt: PromptFormat, turns: list[Turn], max_length: int) -> tuple[Sequence, bool]:
     """Encode one dialogue as a Sequence of at most max_length tokens; also says whether it was cut."""
     ids, labels = fmt.encode(turns)
@@ -197,13 +247,14 @@ def build_sequences(cfg: Config, tokenizer, stats: DataStats | None = None) -> t
     stats = stats or DataStats()
     fmt = PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM)
     samples = []
-    for where, turns in load_dialogues(cfg, stats):
-        seq, truncated = encode_sample(fmt, turns, cfg.max_length)
+    for where, turns in mix_sources(load_dialogues(cfg, stats), stats, cfg.seed):
+        seqs, truncated = encode_samples(fmt, turns, cfg.max_length)
         stats.truncated += truncated
-        if seq.n_targets == 0:  # the answer lies wholly beyond max_length
-            stats.skipped += 1
-            continue
-        samples.append(seq)
+        for seq in seqs:
+            if seq.n_targets == 0:  # the answer lies wholly beyond max_length
+                stats.skipped += 1
+                continue
+            samples.append(seq)
     if not samples:
         raise DataError(f"data_path {cfg.data_path!r}: no sample has a trainable output within max_length="
                         f"{cfg.max_length}; raise max_length or check the data")

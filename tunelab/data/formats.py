@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from tunelab.data.loading import Record
 from tunelab.data.msagent import is_msagent, msagent
+from tunelab.data.tool_records import Message, glaive, is_glaive, messages_to_turns, openai_messages, parse_tools
 from tunelab.data.turns import BadRecord, Filtered, Turn
 from tunelab.errors import DataError
 
@@ -35,11 +36,15 @@ def _conversation(record: dict) -> list[Turn]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadRecord(f"conversation[{i}] must be an object with 'input' and 'output'")
+        if "human" in turn or "assistant" in turn:  # ms-swift: {"human": ..., "assistant": ...}
+            turn = {"input": turn.get("human"), "output": turn.get("assistant"), "system": turn.get("system")}
         try:
             out.append(Turn(_text(turn, "input", required=False), _text(turn, "output"),
                             _text(turn, "system", required=False)))
         except BadRecord as exc:
             raise BadRecord(f"conversation[{i}]: {exc}") from None
+    if isinstance(record.get("system"), str) and not out[0].system:
+        out[0].system = record["system"]
     return out
 
 
@@ -48,45 +53,38 @@ def _alpaca(record: dict) -> list[Turn]:
     output = _text(record, "output")
     if output.strip() == "<nooutput>":
         output = ""
-    return [Turn(f"{instruction}\n{extra}" if extra.strip() else instruction, output)]
+    turns = _history(record) + [Turn(f"{instruction}\n{extra}" if extra.strip() else instruction, output)]
+    turns[0].system = _text(record, "system", required=False)  # ms-swift's and LLaMA-Factory's system column
+    return turns
 
 
-def _role_messages(messages: Any, role_key: str, text_key: str, roles: dict[str, str]) -> list[Turn]:
-    """Pair (system?) user -> assistant messages into turns; consecutive user texts are joined."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRecord("the message list is empty or not a list")
-    turns: list[Turn] = []
-    system, pending = "", []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or role_key not in msg:
-            raise BadRecord(f"message {i} has no '{role_key}'")
-        role = roles.get(str(msg[role_key]))
-        text = msg.get(text_key)
-        if role is None:
-            raise BadRecord(f"message {i}: unknown {role_key} '{msg[role_key]}' (expected {', '.join(roles)})")
-        if not isinstance(text, str):
-            raise BadRecord(f"message {i}: '{text_key}' must be a string")
-        if role == "system":
-            system = text
-        elif role == "user":
-            pending.append(text)
-        else:
-            turns.append(Turn("\n".join(pending), text, system if not turns else ""))
-            pending = []
+def _history(record: dict) -> list[Turn]:
+    """Earlier [query, response] pairs (ms-swift's and LLaMA-Factory's `history`)."""
+    turns = []
+    for i, pair in enumerate(record.get("history") or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise BadRecord(f"history[{i}] must be a [query, response] pair")
+        turns.append(Turn(str(pair[0]), str(pair[1])))
     return turns
 
 
 def _openai(record: Any) -> list[Turn]:
-    messages = record["messages"] if isinstance(record, dict) else record
-    return _role_messages(messages, "role", "content", {"system": "system", "user": "user", "assistant": "assistant"})
+    """OpenAI messages (a bare list, as XTuner's JSON Lines write them, or under `messages`), tool calls and
+    results included; `tools` declares the functions."""
+    if _is_text_messages(record):  # a pretraining record among chat ones (XTuner mixes them)
+        return _plain_text(record)
+    if isinstance(record, list):
+        return messages_to_turns(openai_messages(record), [])
+    return messages_to_turns(openai_messages(record["messages"]), parse_tools(record.get("tools")))
 
 
 def _sharegpt(record: dict) -> list[Turn]:
-    roles = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-    turns = _role_messages(record["conversations"], "from", "value", roles)
-    if record.get("system") and turns and not turns[0].system:
-        turns[0].system = str(record["system"])
-    return turns
+    """ShareGPT `conversations` of from/value; LLaMA-Factory's function_call/observation turns are tool calls
+    and results, its `tools` JSON text declares the functions."""
+    messages = openai_messages(record["conversations"], "from", "value")
+    if record.get("system") and not any(m.role == "system" for m in messages):
+        messages.insert(0, Message("system", str(record["system"])))
+    return messages_to_turns(messages, parse_tools(record.get("tools")))
 
 
 _GUANACO = re.compile(r"###\s*(Human|Assistant)\s*:", re.IGNORECASE)
@@ -107,20 +105,44 @@ def _guanaco(record: dict) -> list[Turn]:
 
 
 def _query_response(record: dict) -> list[Turn]:
-    turns = []
-    for i, pair in enumerate(record.get("history") or []):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise BadRecord(f"history[{i}] must be a [query, response] pair")
-        turns.append(Turn(str(pair[0]), str(pair[1])))
-    turns.append(Turn(_text(record, "query"), _text(record, "response")))
+    turns = _history(record) + [Turn(_text(record, "query"), _text(record, "response"))]
     turns[0].system = _text(record, "system", required=False)
     return turns
 
 
 
-def _plain_text(record: dict) -> list[Turn]:
-    """`{"text": ...}` without guanaco markers: continued pre-training, the whole text is the (trained) output."""
-    return [Turn("", _text(record, "text"))]
+_PRETRAIN_ROLES = ("pretrain", "assistant")
+
+
+def _is_text_messages(r: Any) -> bool:
+    """XTuner's `pretrain` role, or ms-swift's pretraining records: messages of one assistant text each."""
+    messages = r.get("messages") if isinstance(r, dict) else r
+    return (isinstance(messages, list) and bool(messages)
+            and all(isinstance(m, dict) and m.get("role") in _PRETRAIN_ROLES for m in messages)
+            and (r is messages or "tools" not in r)
+            and (messages[0].get("role") == "pretrain" or len(messages) == 1))
+
+
+def _is_text(r: Any) -> bool:
+    if not isinstance(r, dict):
+        return _is_text_messages(r)
+    if isinstance(r.get("text"), str):
+        return not _is_guanaco(r)
+    return (isinstance(r.get("response"), str) and "query" not in r) or _is_text_messages(r)
+
+
+def _plain_text(record: Any) -> list[Turn]:
+    """Continued pre-training: `{"text": ...}` without guanaco markers, a response-only record (ms-swift), or
+    messages of `pretrain` (XTuner) or lone assistant text (ms-swift). One document: no template, every token
+    trained."""
+    if isinstance(record, dict) and "text" in record:
+        text = _text(record, "text")
+    elif isinstance(record, dict) and "response" in record:
+        text = _text(record, "response")
+    else:
+        messages = record["messages"] if isinstance(record, dict) else record
+        text = "".join(_text(m, "content") for m in messages)
+    return [Turn("", text, document=True)]
 
 
 # --- OpenAssistant export (message trees or message lists) --------------------------------------------
@@ -230,19 +252,21 @@ def _is_guanaco(r: Any) -> bool:
 # name -> (is this record of the format?, converter). Order matters: the first match wins.
 FORMATS: dict[str, tuple[Callable[[Any], bool], Callable[[Any], list[Turn]]]] = {
     "conversation": (lambda r: isinstance(r, dict) and "conversation" in r, _conversation),
-    "openai": (lambda r: (isinstance(r, dict) and "messages" in r)
-               or (isinstance(r, list) and bool(r) and isinstance(r[0], dict) and "role" in r[0]), _openai),
+    "openai": (lambda r: ((isinstance(r, dict) and "messages" in r)
+                          or (isinstance(r, list) and bool(r) and isinstance(r[0], dict) and "role" in r[0]))
+               and not _is_text_messages(r), _openai),
     "msagent": (is_msagent, msagent),  # before sharegpt: both use `conversations`
     "sharegpt": (lambda r: isinstance(r, dict) and "conversations" in r, _sharegpt),
+    "glaive": (is_glaive, glaive),
     "alpaca": (lambda r: isinstance(r, dict) and "instruction" in r and "output" in r, _alpaca),
     "query_response": (lambda r: isinstance(r, dict) and "query" in r and "response" in r, _query_response),
     "oasst": (lambda r: _is_oasst_tree(r) or _is_oasst_message(r), _oasst),  # before text: messages have 'text'
     "guanaco": (_is_guanaco, _guanaco),
-    "text": (lambda r: isinstance(r, dict) and isinstance(r.get("text"), str) and not _is_guanaco(r), _plain_text),
+    "text": (_is_text, _plain_text),
 }
 # A record that looks like the second format still belongs in a file of the first: a msagent reply without
 # tool calls reads as sharegpt; a guanaco record missing its markers is a bad guanaco record, not plain text.
-COMPATIBLE = {"msagent": ("sharegpt",), "guanaco": ("text",)}
+COMPATIBLE = {"msagent": ("sharegpt",), "guanaco": ("text",), "openai": ("text",)}
 # Formats whose records are only meaningful together: applied to a file's records before converting.
 PREPARE: dict[str, Callable[[list[Record]], list[Record]]] = {"oasst": group_oasst_messages}
 
@@ -298,10 +322,10 @@ def detect_format(value: Any, where: str) -> str:
     if near is not None:
         fmt, mapping = near
         raise DataError(f"{where}: unrecognised record format (keys: {keys}); it reads as {fmt} with "
-                        f"dataset_columns = {mapping!r} in the config")
+                        f"dataset_columns = {mapping!r} in the config (see 'Data formats' in README.md)")
     raise DataError(f"{where}: unrecognised record format (keys: {keys}); expected one of "
-                    f"{', '.join(FORMATS)} (`tunelab train --help`: dataset_format, dataset_columns), or set "
-                    f"dataset_format")
+                    f"{', '.join(FORMATS)} (see 'Data formats' in README.md), or set dataset_format or "
+                    f"dataset_columns")
 
 
 def check_one_format(records: list[Record], fmt: str) -> None:

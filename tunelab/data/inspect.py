@@ -64,7 +64,7 @@ def check_dataset(cfg: Config, tokenizer_for: Callable[[Config], Any]) -> str:
             seq, truncated = encode_sample(fmt, turns, cfg.max_length)
             tally.lengths.append(full_length)
             tally.truncated += truncated
-            tally.empty_outputs += sum(not t.output.strip() for t in turns)
+            tally.empty_outputs += sum(not t.trained for t in turns)
             if seq.n_targets == 0:  # training drops it: its answer lies wholly beyond max_length
                 tally.dropped += 1
             else:

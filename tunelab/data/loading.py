@@ -1,5 +1,5 @@
-"""Find and read dataset records: files (JSON array or JSON Lines whatever the extension, CSV, Parquet),
-folders, hub datasets and tunelab's bundled data. Every record keeps its file and line for error messages."""
+"""Find and read dataset records: files (JSON array or JSON Lines whatever the extension, CSV, Parquet, plain
+text), folders, `datasets` save_to_disk folders, hub datasets and tunelab's bundled data. Every record keeps its file and line for error messages."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from tunelab.errors import DataError
 
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_DATA = {"self_cognition": ASSETS / "self_cognition_demo.jsonl"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -42,6 +42,8 @@ def resolve_data_files(data_path: str) -> list[str]:
     path = Path(os.path.expanduser(data_path))
     if path.is_file():
         return [str(path)]
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        return [f"disk:{path}"]  # written by datasets' save_to_disk
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
         train = [f for f in files if "train" in Path(f).name.lower()]
@@ -59,6 +61,8 @@ def read_records(file: str) -> list[Record]:
     """All records of one file (or hub dataset), in order."""
     if file.startswith("hub:"):
         return _read_hub(file[4:])
+    if file.startswith("disk:"):
+        return _read_saved(file[5:])
     suffix = Path(file).suffix.lower()
     if suffix in (".csv", ".parquet"):
         return _read_tabular(file, suffix[1:])
@@ -69,9 +73,22 @@ def read_records(file: str) -> list[Record]:
     start = len(text) - len(text.lstrip())
     if start == len(text):
         raise DataError(f"{file}: the file is empty; put records in it or remove it from data_path")
-    if text[start] == "[":
+    if suffix == ".txt":  # one document per non-empty line, as datasets' text loader reads it
+        return [Record({"text": line}, file, n) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if text[start] == "[" and not _json_lines_of_lists(text, start):
         return list(_iter_json_array(text, file))
     return _read_json_lines(text, file)
+
+
+def _json_lines_of_lists(text: str, start: int) -> bool:
+    """Whether a text that starts with '[' is JSON Lines whose lines are lists (XTuner writes OpenAI messages
+    so) rather than one JSON array: its first value ends before the end of its line and more follows."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError:
+        return False
+    rest = text[end:]
+    return bool(rest.strip()) and rest.lstrip(" \t\r").startswith("\n")
 
 
 def _line_of(text: str, pos: int) -> int:
@@ -175,6 +192,19 @@ def _read_tabular(file: str, kind: str) -> list[Record]:
     except Exception as exc:  # noqa: BLE001 - report any parser failure as bad input
         raise DataError(f"{file}: could not read as {kind.upper()}: {exc}") from None
     return [Record(row, file, None) for row in table]
+
+
+def _read_saved(folder: str) -> list[Record]:
+    """A `datasets` save_to_disk folder: its rows (a DatasetDict's train split, else its first)."""
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(folder)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is bad input
+        raise DataError(f"{folder}: could not load it as a datasets save_to_disk folder ({exc})") from None
+    if isinstance(data, datasets.DatasetDict):
+        data = data["train"] if "train" in data else next(iter(data.values()))
+    return [Record(row, folder, None) for row in data]
 
 
 def hub_reachable(timeout: float = 1.5) -> bool:

@@ -20,6 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.data.encode import PromptFormat
 from tunelab.data.formats import Turn
+from tunelab.data.tool_records import messages_to_turns as tool_turns, openai_messages, parse_tools
+from tunelab.data.turns import BadRecord, ToolCall
 from tunelab.model.generate import Sampling
 from tunelab.serve.worker import GenerationWorker, Job, QueueFull
 
@@ -59,8 +61,11 @@ class ContentPart(_Lenient):
 
 
 class Message(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
+    tool_calls: list[dict] | None = None  # an assistant's calls, as the API returned them
+    tool_call_id: str | None = None       # a tool result: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -85,6 +90,51 @@ class ChatRequest(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # as vLLM: keep generating to max_tokens (for load tests)
+    tools: list[dict] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
+
+
+def request_tools(req: ChatRequest) -> list[dict]:
+    """The tools the model is shown: none with tool_choice 'none', only the named one for a named choice."""
+    try:
+        tools = parse_tools(req.tools, "tools")
+    except BadRecord as exc:
+        raise ApiError(400, str(exc), param="tools") from None
+    choice = req.tool_choice
+    if choice == "none":
+        return []
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        tools = [t for t in tools if t["function"]["name"] == name]
+        if not tools:
+            raise ApiError(400, f"tool_choice names '{name}', which is not in tools", param="tool_choice")
+    return tools
+
+
+def tool_messages_to_turns(messages: list[Message], tools: list[dict]) -> list[Turn]:
+    """A conversation with tool calls or results -> turns, the last one open (the prompt to answer)."""
+    try:
+        common = openai_messages([m.model_dump(exclude_none=True) for m in messages])
+        turns = tool_turns(common, tools, open_last=True, check_declared=False)
+    except BadRecord as exc:
+        raise ApiError(400, f"messages: {exc}", param="messages") from None
+    if not turns or turns[-1].output or turns[-1].calls:
+        raise ApiError(400, "messages: the last message must be from the user or a tool", param="messages")
+    return turns
+
+
+def reply_message(text: str, fmt: PromptFormat, tools: list[dict]) -> tuple[dict, bool]:
+    """The assistant message for a reply, its tool calls parsed out when tools were offered; and whether it
+    holds calls."""
+    content, calls = fmt.parse_reply(text) if tools else (text, [])
+    if not calls:
+        return {"role": "assistant", "content": text}, False
+    return {"role": "assistant", "content": content or None, "tool_calls": [openai_call(c) for c in calls]}, True
+
+
+def openai_call(call: ToolCall) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
 
 
 def messages_to_turns(messages: list[Message]) -> list[Turn]:
@@ -203,8 +253,14 @@ def create_app(engine: GenerationWorker, fmt: PromptFormat, model_name: str, sam
         if req.model != model_name:
             raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{model_name}' "
                            f"(GET /v1/models)", param="model", code="model_not_found")
-        ids, _ = prompt_fmt.encode(messages_to_turns(req.messages), open_last=True)
+        tools = request_tools(req)
+        if tools or any(m.role == "tool" or m.tool_calls for m in req.messages):
+            turns = tool_messages_to_turns(req.messages, tools)
+        else:
+            turns = messages_to_turns(req.messages)
+        ids, _ = prompt_fmt.encode(turns, open_last=True)
         job = make_job(req, ids)
+        job.stream = req.stream and not tools  # calls are parsed from the whole reply
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def on_event(kind: str, value) -> None:  # called from the worker thread
@@ -222,7 +278,8 @@ def create_app(engine: GenerationWorker, fmt: PromptFormat, model_name: str, sam
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(request, job, events, meta, len(ids), include_usage),
+            reply = (lambda text: reply_message(text, prompt_fmt, tools)) if tools else None
+            return StreamingResponse(stream(request, job, events, meta, len(ids), include_usage, reply),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         while True:
@@ -237,8 +294,9 @@ def create_app(engine: GenerationWorker, fmt: PromptFormat, model_name: str, sam
                 raise ApiError(500, str(value), type_="server_error")
             if kind == "done":
                 break
-        choice = {"index": 0, "message": {"role": "assistant", "content": value.text},
-                  "logprobs": None, "finish_reason": finish(value.finish_reason)}
+        message, called = reply_message(value.text, prompt_fmt, tools)
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": "tool_calls" if called else finish(value.finish_reason)}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(len(ids), value.tokens),
                 "system_fingerprint": None}
 
@@ -285,9 +343,10 @@ def sse(data) -> str:
 
 
 async def stream(request: Request, job: Job, events: asyncio.Queue, meta: dict, prompt_tokens: int,
-                 include_usage: bool):
+                 include_usage: bool, reply=None):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. Leaving early (the client
-    disconnected) cancels the generation."""
+    disconnected) cancels the generation. With `reply` (tools offered), the whole reply is read for calls
+    first: its text comes as one content delta, then each call as a tool_calls delta."""
     def chunk(delta: dict, reason: str | None = None) -> str:
         out = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None,
                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
@@ -310,7 +369,15 @@ async def stream(request: Request, job: Job, events: asyncio.Queue, meta: dict, 
                 yield sse({"error": {"message": str(value), "type": "server_error", "param": None, "code": None}})
                 break
             else:
-                yield chunk({}, finish(value.finish_reason))
+                reason = finish(value.finish_reason)
+                if reply is not None:
+                    message, called = reply(value.text)
+                    if message["content"]:
+                        yield chunk({"content": message["content"]})
+                    for i, call in enumerate(message.get("tool_calls") or []):
+                        yield chunk({"tool_calls": [{"index": i, **call}]})
+                    reason = "tool_calls" if called else reason
+                yield chunk({}, reason)
                 if include_usage:
                     yield sse({**meta, "object": "chat.completion.chunk", "system_fingerprint": None,
                                "choices": [], "usage": usage(prompt_tokens, value.tokens)})
