@@ -57,9 +57,8 @@ OPEN = pytest.mark.skip(reason="issue 31 acceptance 2 open: the tiny CPU model d
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]  # a city never seen in training
 
 
-# Issue 31's acceptance 2 is open: on 2 CPU cores the tiny model (2 layers, byte-level vocabulary of 820) trained for 3-7 minutes writes a near-miss
-# call ('{"name": "ge": "get_weather", ...}'); the serving path itself is exercised by the requests below once it
-# learns the format (longer training or a larger tiny model). Not strict: it passes as soon as the model does.
+# On 2 CPU cores the tiny model (2 layers, byte-level vocabulary of 820) trained for 3-7 minutes wrote a near-miss
+# call ('{"name": "ge": "get_weather", ...}'); these run again once a larger tiny model or more training learns it.
 @OPEN
 @pytest.mark.slow
 def test_served_model_answers_with_a_tool_call(server):
