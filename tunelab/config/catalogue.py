@@ -251,6 +251,15 @@ DEMO: dict[str, Any] = dict(
 )
 
 
+# DPO on the same tiny model: pairs whose chosen answers are helpful ("Sure! ... Happy to help.") and rejected
+# ones rude; a fifth of the pairs is held out, and the reward accuracy on them rises from chance
+DEMO_DPO: dict[str, Any] = dict(
+    DEMO, objective="dpo", data_path="builtin:preference_demo", prompt_template="default", max_length=256,
+    max_epochs=12, lr=1e-3, pref_beta=0.1, validation_split=0.2, evaluation_freq=12, save_steps=12,
+    evaluation_inputs=["What is the capital of Spain?", "How many legs does a cat have?"],
+    evaluation_max_new_tokens=24)
+
+
 def config_name(model: str, algorithm: str, dataset: str, suffix: str = "") -> str:
     """`{model}_{algorithm}_{dataset}_e{epochs}[_suffix]`."""
     name = f"{model}_{algorithm}_{dataset}_e{DATASETS[dataset]['epochs']}"
@@ -279,6 +288,7 @@ def _generate() -> dict[str, dict[str, Any]]:
         "demo": DEMO,
         "demo_qlora": dict(DEMO, algorithm="qlora", lr=2e-3, max_epochs=160),  # a 4-bit base learns slower
         "demo_full": dict(DEMO, algorithm="full", lr=5e-4),
+        "demo_dpo": DEMO_DPO,
     }
     for algorithm, models, datasets, suffixes in RECIPES:
         for model in models:

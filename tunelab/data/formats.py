@@ -51,7 +51,7 @@ def _alpaca(record: dict) -> list[Turn]:
     return [Turn(f"{instruction}\n{extra}" if extra.strip() else instruction, output)]
 
 
-def _role_messages(messages: Any, role_key: str, text_key: str, roles: dict[str, str]) -> list[Turn]:
+def role_messages(messages: Any, role_key: str, text_key: str, roles: dict[str, str]) -> list[Turn]:
     """Pair (system?) user -> assistant messages into turns; consecutive user texts are joined."""
     if not isinstance(messages, list) or not messages:
         raise BadRecord("the message list is empty or not a list")
@@ -78,12 +78,12 @@ def _role_messages(messages: Any, role_key: str, text_key: str, roles: dict[str,
 
 def _openai(record: Any) -> list[Turn]:
     messages = record["messages"] if isinstance(record, dict) else record
-    return _role_messages(messages, "role", "content", {"system": "system", "user": "user", "assistant": "assistant"})
+    return role_messages(messages, "role", "content", {"system": "system", "user": "user", "assistant": "assistant"})
 
 
 def _sharegpt(record: dict) -> list[Turn]:
     roles = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-    turns = _role_messages(record["conversations"], "from", "value", roles)
+    turns = role_messages(record["conversations"], "from", "value", roles)
     if record.get("system") and turns and not turns[0].system:
         turns[0].system = str(record["system"])
     return turns
