@@ -265,10 +265,11 @@ DEMO: dict[str, Any] = dict(
 
 
 # DPO on the same tiny model: pairs whose chosen answers are helpful ("Sure! ... Happy to help.") and rejected
-# ones rude; a fifth of the pairs is held out, and the reward accuracy on them rises from chance
+# ones rude; a fifth of the pairs is held out, and the reward accuracy on them rises from chance. A random model
+# has no answers of its own for DPO to rank, so the chosen answers' next-token loss comes along (pref_ftx)
 DEMO_DPO: dict[str, Any] = dict(
     DEMO, objective="dpo", data_path="builtin:preference_demo", prompt_template="default", max_length=256,
-    max_epochs=12, lr=1e-3, pref_beta=0.1, validation_split=0.2, evaluation_freq=12, save_steps=12,
+    max_epochs=12, lr=1e-3, pref_beta=0.1, pref_ftx=1.0, validation_split=0.2, evaluation_freq=12, save_steps=12,
     evaluation_inputs=["What is the capital of Spain?", "How many legs does a cat have?"],
     evaluation_max_new_tokens=24)
 

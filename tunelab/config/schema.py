@@ -146,6 +146,10 @@ class Config:
     orpo_lambda: float = setting(
         0.1, "orpo's weight of the odds-ratio term beside the chosen answers' next-token loss (lambda).",
         group="pref", gt=0)
+    pref_ftx: float = setting(
+        0.0, "dpo, simpo and kto: weight of the chosen (desirable) answers' next-token loss added to the objective "
+        "(LLaMA-Factory's pref_ftx, TRL's rpo_alpha), which keeps their likelihood from falling while the "
+        "rejected ones are pushed down; orpo always has it.", group="pref", min=0)
     kto_desirable_weight: float = setting(1.0, "kto's weight of the desirable answers' losses.", group="pref",
                                           gt=0)
     kto_undesirable_weight: float = setting(1.0, "kto's weight of the undesirable answers' losses.", group="pref",

@@ -47,6 +47,7 @@ class Preference:
         self.needs_reference = cfg.objective in ("dpo", "kto")
         # ipo, orpo and simpo compare per-token averages; sigmoid/hinge DPO and KTO whole-answer sums
         self.averaged = cfg.objective in ("orpo", "simpo") or (cfg.objective == "dpo" and cfg.pref_loss == "ipo")
+        self.sft_weight = 1.0 if cfg.objective == "orpo" else cfg.pref_ftx  # of the chosen next-token loss
         self.totals: torch.Tensor | None = None
 
     def begin(self, window: list[list[Sequence]]) -> None:
@@ -54,8 +55,8 @@ class Preference:
         # a unit is a pair (its chosen answer counts it) or a KTO sample (its answer, whatever the label)
         counted = (CHOSEN, REJECTED) if self.name == "kto" else (CHOSEN,)
         self.units = max(1, sum(k in counted for s in rows for k in s.kinds))
-        # ORPO's next-token loss: the mean over the step's chosen answer tokens
-        self.chosen_targets = max(1, sum(_targets_of(s, CHOSEN) for s in rows)) if self.name == "orpo" else 1
+        # ORPO's next-token loss (and pref_ftx's): the mean over the step's chosen answer tokens
+        self.chosen_targets = max(1, sum(_targets_of(s, CHOSEN) for s in rows)) if self.sft_weight else 1
         self.totals = None
 
     def loss(self, losses: torch.Tensor, batch: dict[str, torch.Tensor], rows: list[Sequence],
@@ -96,8 +97,8 @@ class Preference:
                 per_unit, chosen_rewards, rejected_rewards = orpo_loss(chosen, rejected, cfg.orpo_lambda)
             correct = _right(chosen_rewards, rejected_rewards)
         loss = per_unit.sum() / self.units
-        if self.name == "orpo":
-            loss = loss - sums[where[CHOSEN]].sum() / self.chosen_targets
+        if self.sft_weight:
+            loss = loss - self.sft_weight * sums[where[CHOSEN]].sum() / self.chosen_targets
         figures = torch.stack([chosen_rewards.sum(), _count(chosen_rewards), rejected_rewards.sum(),
                                _count(rejected_rewards), correct.float(), sums[where[CHOSEN]].sum().detach(),
                                sums[where[REJECTED]].sum().detach(), _count(per_unit)]) * weight
