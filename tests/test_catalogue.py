@@ -12,7 +12,7 @@ from tunelab.config.loader import load_config, read_config_file, render_config
 from tunelab.config.schema import FIELDS, default_value, to_dict
 from tunelab.config.templates import TEMPLATES
 
-DEMOS = ("demo", "demo_qlora", "demo_full")
+DEMOS = ("demo", "demo_qlora", "demo_full", "demo_dpo")
 GENERATED = sorted(set(BUILTIN) - set(DEMOS))
 NAME = re.compile(r"^(?P<model>[a-z0-9_]+?)_(?P<algorithm>full|lora|qlora)_(?P<dataset>[a-z0-9_]+?)"
                   r"_e(?P<epochs>[1-9][0-9]*)(?:_(?P<suffix>[a-z0-9]+))?$")
@@ -73,6 +73,8 @@ def test_names_follow_the_pattern_and_the_settings():
         assert values["trust_remote_code"] is fam["remote"], name
         assert values["data_path"] == DATASETS[dataset]["data_path"], name
         for key, value in ALGORITHMS[algorithm].items():
+            if key == "lr" and "objective" in DATASETS[dataset]:  # preference training: a rate of its own
+                value = catalogue.PREFERENCE_LR[algorithm]
             assert values[key] == value, (name, key)
 
 

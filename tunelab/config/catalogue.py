@@ -186,7 +186,15 @@ DATASETS: dict[str, dict[str, Any]] = {
                            data_placeholders={"NAME": "tunelab assistant", "AUTHOR": "tunelab"},
                            max_length=512, accumulative_counts=4, evaluation_freq=20,
                            evaluation_inputs=["你是谁", "who are you"]),
+    # preference pairs (prompt, chosen and rejected conversations) of UltraFeedback, cleaned and binarized by Argilla
+    "dpo_ultrafeedback": dict(epochs=1, data_path="argilla/ultrafeedback-binarized-preferences-cleaned", SYSTEM="",
+                              objective="dpo", pref_beta=0.1, validation_split=0.01),
+    "orpo_ultrafeedback": dict(epochs=1, data_path="argilla/ultrafeedback-binarized-preferences-cleaned", SYSTEM="",
+                               objective="orpo", orpo_lambda=0.1, validation_split=0.01),
 }
+# Preference training moves a trained chat model a little: its learning rate per algorithm (in place of
+# ALGORITHMS's SFT rate), as LLaMA-Factory's and TRL's DPO examples use
+PREFERENCE_LR = {"qlora": 5e-5, "lora": 5e-5, "full": 5e-7}
 
 # algorithm -> optimisation settings (XTuner's published defaults)
 ALGORITHMS: dict[str, dict[str, Any]] = {
@@ -210,6 +218,9 @@ _CHAT = [k for k, f in FAMILIES.items() if f["template"] != "default"]
 _SMALL = [k for k, f in FAMILIES.items() if f["size"] <= 8]  # full fine-tuning only up to 8B
 _SHOWCASE = ["internlm_7b", "internlm_chat_7b", "internlm_20b", "llama2_7b", "qwen_7b", "baichuan2_7b_base",
              "chatglm3_6b", "internlm2_chat_7b", "qwen2_5_7b_instruct", "llama3_8b_instruct"]
+_PREFERENCE = ["qwen2_5_1_5b_instruct", "qwen2_5_7b_instruct", "qwen3_8b", "llama3_8b_instruct", "llama3_1_8b_instruct",
+               "mistral_7b_instruct_v0_3", "gemma2_9b_it", "internlm2_5_chat_7b", "phi3_5_mini_instruct",
+               "glm4_9b_chat"]
 _AGENTS = ["internlm_7b", "internlm_chat_7b", "internlm_20b", "llama2_7b", "qwen_7b", "baichuan2_7b_base",
            "internlm2_chat_7b", "qwen2_5_7b_instruct", "llama3_8b_instruct", "glm4_9b_chat"]
 
@@ -222,6 +233,8 @@ RECIPES: list[tuple[str, list[str], list[str], list[str]]] = [
     ("qlora", _AGENTS, ["msagent_react"], ["", "gpu8"]),
     ("lora", [k for k in _TODAY_FAMILIES if k in _SMALL], ["alpaca"], [""]),
     ("full", _SMALL, ["alpaca"], [""]),
+    ("qlora", _PREFERENCE, ["dpo_ultrafeedback", "orpo_ultrafeedback"], [""]),
+    ("lora", [k for k in _PREFERENCE if k in _SMALL], ["dpo_ultrafeedback"], [""]),
 ]
 
 # The embedded default: a tiny random Llama built locally, fine-tuned on tunelab's own self-cognition
@@ -251,6 +264,16 @@ DEMO: dict[str, Any] = dict(
 )
 
 
+# DPO on the same tiny model: pairs whose chosen answers are helpful ("Sure! ... Happy to help.") and rejected
+# ones rude; a fifth of the pairs is held out, and the reward accuracy on them rises from chance. A random model
+# has no answers of its own for DPO to rank, so the chosen answers' next-token loss comes along (pref_ftx)
+DEMO_DPO: dict[str, Any] = dict(
+    DEMO, objective="dpo", data_path="builtin:preference_demo", prompt_template="default", max_length=256,
+    max_epochs=12, lr=1e-3, pref_beta=0.1, pref_ftx=1.0, validation_split=0.2, evaluation_freq=12, save_steps=12,
+    evaluation_inputs=["What is the capital of Spain?", "How many legs does a cat have?"],
+    evaluation_max_new_tokens=24)
+
+
 def config_name(model: str, algorithm: str, dataset: str, suffix: str = "") -> str:
     """`{model}_{algorithm}_{dataset}_e{epochs}[_suffix]`."""
     name = f"{model}_{algorithm}_{dataset}_e{DATASETS[dataset]['epochs']}"
@@ -267,6 +290,8 @@ def make_config(model: str, algorithm: str, dataset: str, suffix: str = "") -> d
     values.update({k: v for k, v in DATASETS[dataset].items() if k != "epochs"})
     values["max_epochs"] = DATASETS[dataset]["epochs"]
     values.update(ALGORITHMS[algorithm])
+    if "objective" in DATASETS[dataset]:
+        values["lr"] = PREFERENCE_LR[algorithm]
     if values["accumulative_counts"] % gpus:
         raise ValueError(f"{model}/{dataset}: accumulative_counts {values['accumulative_counts']} does not "
                          f"split over {gpus} GPUs")
@@ -279,6 +304,7 @@ def _generate() -> dict[str, dict[str, Any]]:
         "demo": DEMO,
         "demo_qlora": dict(DEMO, algorithm="qlora", lr=2e-3, max_epochs=160),  # a 4-bit base learns slower
         "demo_full": dict(DEMO, algorithm="full", lr=5e-4),
+        "demo_dpo": DEMO_DPO,
     }
     for algorithm, models, datasets, suffixes in RECIPES:
         for model in models:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import catalogue, foreign
-from tunelab.config.schema import (DATASET_FORMATS, FIELDS, GROUP_TITLES, REQUIRED, Config, build_config, check_value,
-                                   default_value, suggest)
+from tunelab.config.schema import (DATASET_FORMATS, FIELDS, GROUP_TITLES, PREFERENCE_FORMATS, REQUIRED, Config,
+                                   build_config, check_value, default_value, suggest)
 from tunelab.errors import ConfigError
 
 log = logging.getLogger("tunelab")
@@ -104,9 +104,10 @@ def _check_names(cfg: Config, where: str) -> None:
             get_template(cfg.prompt_template)
         except UnknownTemplateError as exc:
             raise ConfigError(f"{where}: 'prompt_template': {exc}") from None
-    if cfg.dataset_format != "auto" and cfg.dataset_format not in DATASET_FORMATS:
+    formats = DATASET_FORMATS if cfg.objective == "sft" else PREFERENCE_FORMATS
+    if cfg.dataset_format != "auto" and cfg.dataset_format not in formats:
         raise ConfigError(f"{where}: 'dataset_format': unknown format '{cfg.dataset_format}'"
-                          f"{suggest(cfg.dataset_format, DATASET_FORMATS)}; valid: auto, {', '.join(DATASET_FORMATS)}")
+                          f"{suggest(cfg.dataset_format, formats)}; valid: auto, {', '.join(formats)}")
 
 
 def render_config(values: dict[str, Any], name: str) -> str:

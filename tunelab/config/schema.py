@@ -30,6 +30,9 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow", "swanlab")  # the trackers tunela
 # The record formats tunelab.data.formats reads, in the order it tries them (its FORMATS, tests/test_layers.py)
 DATASET_FORMATS = ("conversation", "openai", "msagent", "sharegpt", "glaive", "alpaca", "query_response", "oasst",
                    "guanaco", "text")
+# The preference record formats of tunelab.data.preference (its FORMATS), for the dpo/orpo/simpo/kto objectives
+PREFERENCE_FORMATS = ("kto", "sharegpt_pairs", "openai_pairs", "alpaca_pairs", "ultrafeedback", "trl_pairs")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
 
 
 @dataclass
@@ -60,7 +63,8 @@ class Config:
         "entries) to train, e.g. 'glaive_toolcall_en_demo'; its file, formatting and columns are used.",
         group="data")
     dataset_format: str = setting(
-        "auto", "Record format: auto (detected per file), " + ", ".join(DATASET_FORMATS) + ".", group="data")
+        "auto", "Record format: auto (detected per file), " + ", ".join(DATASET_FORMATS) + "; with a preference "
+        "objective, " + ", ".join(PREFERENCE_FORMATS) + ".", group="data")
     dataset_columns: dict = setting(
         {}, "Rename record fields before the format is detected, file column -> format field, e.g. "
         "{'prompt': 'query', 'completion': 'response'}; a renamed field replaces one of the same name. "
@@ -130,6 +134,34 @@ class Config:
                                 "fast_compile, with LoRA and QLoRA.", group="train")
     seed: int = setting(0, "Random seed (data order, LoRA init, dropout).", group="train", min=0)
 
+    # --- preference training ----------------------------------------------------------------
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = setting(
+        "sft", "What the run optimises: sft (next-token loss on the answers); dpo, orpo, simpo (pairs of a chosen "
+        "and a rejected answer to one prompt); kto (single answers labelled desirable or not; pairs count as one "
+        "of each). The reference of dpo and kto is the base with the adapter off (lora, qlora) or the model as it "
+        "starts (full), its log-probs computed once before training.", group="pref")
+    pref_beta: float = setting(
+        0.1, "beta of dpo, simpo and kto: how far the trained model may move from the reference (dpo, kto), the "
+        "reward scale (simpo, whose paper uses 2 to 2.5).", group="pref", gt=0)
+    pref_loss: Literal["sigmoid", "ipo", "hinge"] = setting(
+        "sigmoid", "dpo's loss: sigmoid (the DPO paper), ipo (squared, over per-token averages), hinge (SLiC).",
+        group="pref")
+    pref_label_smoothing: float = setting(
+        0.0, "dpo (sigmoid) and simpo: the assumed chance that a pair's preference is wrong (conservative DPO), "
+        "below 0.5.", group="pref", min=0)
+    simpo_gamma: float = setting(0.5, "simpo's target reward margin (gamma).", group="pref", min=0)
+    orpo_lambda: float = setting(
+        0.1, "orpo's weight of the odds-ratio term beside the chosen answers' next-token loss (lambda).",
+        group="pref", gt=0)
+    pref_ftx: float = setting(
+        0.0, "dpo, simpo and kto: weight of the chosen (desirable) answers' next-token loss added to the objective "
+        "(LLaMA-Factory's pref_ftx, TRL's rpo_alpha), which keeps their likelihood from falling while the "
+        "rejected ones are pushed down; orpo always has it.", group="pref", min=0)
+    kto_desirable_weight: float = setting(1.0, "kto's weight of the desirable answers' losses.", group="pref",
+                                          gt=0)
+    kto_undesirable_weight: float = setting(1.0, "kto's weight of the undesirable answers' losses.", group="pref",
+                                            gt=0)
+
     # --- LoRA ------------------------------------------------------------------------------
     lora_r: int = setting(64, "LoRA rank.", group="lora", min=1)
     lora_alpha: float = setting(16, "LoRA scaling numerator (scale = alpha / r).", group="lora", gt=0)
@@ -189,8 +221,8 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
-GROUP_TITLES = {"model": "Model", "data": "Data", "train": "Optimisation", "lora": "LoRA",
-                "eval": "Evaluation during training", "save": "Checkpoints and logs"}
+GROUP_TITLES = {"model": "Model", "data": "Data", "train": "Optimisation", "pref": "Preference training",
+                "lora": "LoRA", "eval": "Evaluation during training", "save": "Checkpoints and logs"}
 
 
 def suggest(name: str, options) -> str:
@@ -277,7 +309,17 @@ def build_config(values: dict[str, Any], where: str) -> Config:
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"{where}: 'lora_dropout' must be < 1, got {cfg.lora_dropout!r}")
     _check_adapter_variant(cfg, where)
+    _check_preference(cfg, where)
     return cfg
+
+
+def _check_preference(cfg: Config, where: str) -> None:
+    if cfg.pref_label_smoothing >= 0.5:
+        raise ConfigError(f"{where}: 'pref_label_smoothing' must be < 0.5, got {cfg.pref_label_smoothing!r}")
+    if cfg.pref_label_smoothing and not (cfg.objective == "simpo" or (cfg.objective == "dpo"
+                                                                      and cfg.pref_loss == "sigmoid")):
+        raise ConfigError(f"{where}: 'pref_label_smoothing' applies to objective 'dpo' with pref_loss 'sigmoid' "
+                          f"and to 'simpo'; drop it or change the objective")
 
 
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora", "loftq")

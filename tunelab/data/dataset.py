@@ -30,11 +30,15 @@ log = logging.getLogger("tunelab")
 
 @dataclass
 class Sequence:
-    """One training row: token ids, next-token targets, per-sample position and segment ids."""
+    """One training row: token ids, next-token targets, per-sample position and segment ids. Preference rows
+    (tunelab.data.preference) also say, per segment, what its answer is (`kinds`) and, once the reference
+    model has read it, the answer's reference log-prob (`reference`)."""
     input_ids: list[int]
     targets: list[int]
     position_ids: list[int]
     segment_ids: list[int]
+    kinds: list[int] | None = None
+    reference: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -283,17 +287,24 @@ def pack(samples: list[Sequence], max_length: int) -> list[Sequence]:
         rows[row].append(i)
         if room - len(samples[i]) > 0:
             bisect.insort(free, (room - len(samples[i]), row))
-    packed = []
-    for members in rows:
-        current = Sequence([], [], [], [])
-        for segment, i in enumerate(members):
-            seq = samples[i]
-            current.input_ids += seq.input_ids
-            current.targets += seq.targets
-            current.position_ids += seq.position_ids
-            current.segment_ids += [segment] * len(seq)
-        packed.append(current)
-    return packed
+    return [join([samples[i] for i in members]) for members in rows]
+
+
+def join(samples: list[Sequence]) -> Sequence:
+    """Samples side by side in one sequence, each keeping its segments apart (a preference pair is two)."""
+    out = Sequence([], [], [], [], [] if samples[0].kinds is not None else None,
+                   [] if samples[0].reference is not None else None)
+    for seq in samples:
+        base = out.segment_ids[-1] + 1 if out.segment_ids else 0
+        out.input_ids += seq.input_ids
+        out.targets += seq.targets
+        out.position_ids += seq.position_ids
+        out.segment_ids += [base + s for s in seq.segment_ids]
+        if out.kinds is not None:
+            out.kinds += seq.kinds
+        if out.reference is not None:
+            out.reference += seq.reference
+    return out
 
 
 # What right-padding fills each batch field with (input_ids: the tokenizer's pad id): padding is never a target

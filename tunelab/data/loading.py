@@ -15,7 +15,8 @@ from tunelab.errors import DataError
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN_DATA = {"self_cognition": ASSETS / "self_cognition_demo.jsonl"}
+BUILTIN_DATA = {"self_cognition": ASSETS / "self_cognition_demo.jsonl",
+                "preference_demo": ASSETS / "preference_demo.jsonl"}  # pairs: a helpful chosen, a rude rejected
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

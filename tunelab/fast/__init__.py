@@ -91,9 +91,10 @@ def attach(model, cfg, device: str, world_size: int = 1) -> None:
     # graphs replay recorded kernels: a recomputed layer's dropout in the compiled regions would not see its
     # first masks again (the GEMM groups' masks come from seeds), and a trainable head (full fine-tuning)
     # needs a GPU sync in the loss; with several processes DDP reduces the gradients in backward hooks, which a
-    # captured graph would not call
+    # captured graph would not call; and a graph's loss is SFT's summed token loss, while preference objectives
+    # read per-answer log-probs
     graphs = compiled and cfg.cuda_graphs and cfg.algorithm in ("lora", "qlora") and \
-        not (fast.replays_rng and fast.checkpointed) and world_size == 1
+        not (fast.replays_rng and fast.checkpointed) and world_size == 1 and cfg.objective == "sft"
     if graphs:
         from tunelab.fast.graphs import GraphedSteps
         model.tunelab_graphs = GraphedSteps(fast, [p for p in model.parameters() if p.requires_grad])

@@ -25,7 +25,7 @@ What it does differently from the plain path, and why:
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -119,6 +119,20 @@ class FastDecoder:
         self.mlp_residual: Callable = wrap(mlp_residual)
         self.dropped: Callable = wrap(dropped)
         self.add_dropped: Callable = wrap(add_dropped)
+
+    @contextmanager
+    def adapters_off(self):
+        """The base model alone for the block (a preference run's reference): every projection without its LoRA
+        branch, which this forward reads from the projections rather than through PEFT's layers."""
+        projections = [p for L in self.layers for p in L.projections()]
+        saved = [(p.lora_a, p.lora_b) for p in projections]
+        for p in projections:
+            p.lora_a = p.lora_b = None
+        try:
+            yield
+        finally:
+            for p, (a, b) in zip(projections, saved):
+                p.lora_a, p.lora_b = a, b
 
     def use_host(self, offload: bool, output_layers=()) -> None:
         """Whether the recomputed layers are recomputed from inputs (and attention outputs) that waited on the

@@ -1,6 +1,9 @@
 """The per-token losses of a (PEFT-wrapped) causal LM on a batch of packed rows: the fast path's where one is
-attached (model.tunelab_fast, training), else the model's own forward with the packed rows' attention mask."""
+attached (model.tunelab_fast, training), else the model's own forward with the packed rows' attention mask.
+reference_token_losses: the same for a preference run's reference, the base with the adapter off."""
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -28,3 +31,21 @@ def token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> t
     losses = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
                              reduction="none")
     return losses.view(batch["targets"].shape)
+
+
+@torch.no_grad()
+def reference_token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """token_losses of the model without its LoRA adapter (the model itself when it has none), without dropout.
+    The fast path reads the LoRA weights itself, so there the adapter is taken out of its projections; on the
+    plain path PEFT turns it off."""
+    was_training = model.training
+    model.eval()
+    try:
+        fast = getattr(model, "tunelab_fast", None)
+        if fast is not None:
+            with fast.adapters_off():
+                return fast.token_losses(batch, dtype)
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+            return token_losses(model, batch, dtype)
+    finally:
+        model.train(was_training)

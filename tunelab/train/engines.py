@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from tunelab.data.dataset import collate
-from tunelab.train.processes import Context
 from tunelab.errors import UserError
+from tunelab.train.objective import make_objective
+from tunelab.train.processes import Context
 from tunelab.train.step import optimizer_step
 
 log = logging.getLogger("tunelab")
@@ -75,6 +76,7 @@ class TrainingEngine:
 
     def __init__(self, ctx: Context, model, cfg, dtype, deepspeed, work_dir: Path):
         self.ctx, self.module, self.model, self.cfg, self.work_dir = ctx, model, model, cfg, work_dir
+        self.objective = make_objective(cfg)  # what the steps minimise (objective.py)
 
     def make_optimizer(self, params, cfg):
         fused = all(p.is_cuda for p in params) or None  # one kernel for all parameters on a GPU
@@ -96,7 +98,7 @@ class TrainingEngine:
                        stop: list[int]) -> tuple[float | None, int, float]:
         """One optimizer step (tunelab.train.step.optimizer_step): (loss or None where it was skipped, tokens, seconds).
         `stop` holds a signal caught meanwhile; one process has no one to agree with on it."""
-        return optimizer_step(self.model, window, optimizer, params, cfg, tokenizer, dtype, step)
+        return optimizer_step(self.model, window, optimizer, params, cfg, tokenizer, dtype, step, self.objective)
 
 
 class DataParallelEngine(TrainingEngine):
@@ -132,7 +134,7 @@ class DataParallelEngine(TrainingEngine):
         on (loss, any rank non-finite, any rank signalled) so that every rank skips or stops together."""
         t0 = time.time()
         rank, bs = self.ctx.rank, cfg.batch_size
-        n_targets = sum(s.n_targets for batch in window for s in batch)
+        self.objective.begin(window)
         n_tokens = sum(len(s) for batch in window for s in batch)
         total, bad = 0.0, False
         for i, batch in enumerate(window):
@@ -141,13 +143,16 @@ class DataParallelEngine(TrainingEngine):
             if not mine:  # the epoch's last micro-batch may not reach every rank: a zero-weight stand-in
                 mine, weight = batch[:1], 0.0  # keeps this rank in the collectives
             with self.sync(last):
-                loss = self.token_losses(collate(mine, tokenizer.pad_token_id), dtype).sum() / n_targets
-                loss = loss * weight
+                batch_tensors = collate(mine, tokenizer.pad_token_id)
+                loss = self.objective.loss(self.token_losses(batch_tensors, dtype), batch_tensors, mine, weight)
                 finite = bool(torch.isfinite(loss))
                 bad |= not finite
                 self.backward(loss, last)  # even when not finite: every rank must take part in the reduction
             total += loss.item() if finite else 0.0
         total, bad, signalled = self._agree(total, bad, stop)
+        if self.objective.totals is not None:  # the step's figures over every rank's units
+            import torch.distributed as dist
+            dist.all_reduce(self.objective.totals)
         if signalled and not stop:
             stop.append(signalled)
         if bad:

@@ -11,13 +11,15 @@ from tunelab.data.encode import PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.model.generate import Sampling, generate
 from tunelab.model.losses import token_losses
+from tunelab.train.objective import evaluate_objective
 
 log = logging.getLogger("tunelab")
 
 
 def evaluate(model, tokenizer, fmt: PromptFormat, cfg: Config, step: int, monitor, val: list[Sequence],
-             dtype) -> None:
-    """Answer cfg.evaluation_inputs greedily (to the log and eval_answers.jsonl); measure the validation loss."""
+             dtype, objective=None) -> None:
+    """Answer cfg.evaluation_inputs greedily (to the log and eval_answers.jsonl); measure the validation loss
+    (a preference objective's, with its reward margin and accuracy on the held-out pairs)."""
     answers = []
     for question in cfg.evaluation_inputs:
         ids, _ = fmt.encode([Turn(question, "")], open_last=True)
@@ -30,6 +32,11 @@ def evaluate(model, tokenizer, fmt: PromptFormat, cfg: Config, step: int, monito
     if val:
         was_training = model.training
         model.eval()
+        if objective is not None and objective.name != "sft":
+            record = evaluate_objective(objective, model, val, cfg.batch_size, tokenizer.pad_token_id, dtype)
+            model.train(was_training)
+            monitor.scalars({"step": step, **record})
+            return
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(val), cfg.batch_size):

@@ -32,7 +32,7 @@ from tunelab.train.checkpoint import refuse_existing_run, remove_stale_temp_file
 from tunelab.train.evaluate import evaluate
 from tunelab.train.monitor import RunMonitor
 from tunelab.train.setup import (data_fingerprint, find_checkpoint, restore, seed_everything, setup_data,
-                                 setup_model, setup_optimizer, setup_scheduler, setup_tokenizer)
+                                 setup_model, setup_optimizer, setup_reference, setup_scheduler, setup_tokenizer)
 from tunelab.train.step import epoch_windows
 
 log = logging.getLogger("tunelab")
@@ -76,6 +76,7 @@ class Run:
     monitor: RunMonitor
     dtype: torch.dtype
     fingerprint: str
+    reference: list | None = None  # DPO/KTO: each row's reference log-probs, kept in every checkpoint
 
     def save(self, filename: str, step: int, epoch: int) -> Path | None:
         cfg, ctx = self.cfg, self.ctx
@@ -92,6 +93,7 @@ class Run:
             "peft_config": peft_config_dict(self.model), "optimizer": optimizer_state,
             "initial_adapter": getattr(self.model, "tunelab_initial_adapter", None),  # PiSSA/OLoRA: for the export
             "scheduler": self.scheduler.state_dict(), "rng": rng, "rng_ranks": rng_ranks,
+            "reference": self.reference,
         }
         path = save_checkpoint(self.root, filename, state, cfg.save_total_limit)
         log.info("saved checkpoint %s", path)
@@ -104,7 +106,8 @@ class Run:
             export_trained(self.model, self.tokenizer, self.cfg, self.root / "hf", weights)
 
     def evaluate(self, step: int, val: list) -> None:
-        evaluate(self.model, self.tokenizer, self.fmt, self.cfg, step, self.monitor, val, self.dtype)
+        evaluate(self.model, self.tokenizer, self.fmt, self.cfg, step, self.monitor, val, self.dtype,
+                 self.engine.objective)
 
 
 def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resume: str | None,
@@ -145,7 +148,8 @@ def _train(cfg: Config, name: str, work_dir: str | None, seed: int | None, resum
         scheduler = setup_scheduler(cfg, optimizer, total_steps)
         log.info("%d sequences, %d steps per epoch, %d steps in all", len(sequences), steps_per_epoch, total_steps)
         run = Run(cfg, ctx, root, model, engine, optimizer, params, scheduler, tokenizer,
-                  PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM), monitor, dtype, fingerprint)
+                  PromptFormat(tokenizer, cfg.prompt_template, cfg.SYSTEM), monitor, dtype, fingerprint,
+                  setup_reference(cfg, engine.objective, model, sequences + val, tokenizer, dtype, checkpoint))
 
         step = 0
         if checkpoint is not None:
@@ -205,7 +209,7 @@ def _loop(run: Run, sequences: list, val: list, step: int, steps_per_epoch: int,
                     run.monitor.step({"step": step, "epoch": epoch, "loss": loss,
                                       "lr": run.scheduler.get_last_lr()[0],
                                       "tokens_per_s": tokens / max(seconds, 1e-9), "memory_gb": _memory_gb(),
-                                      "time": round(time.time() - started, 3)})
+                                      "time": round(time.time() - started, 3), **run.engine.objective.figures()})
                 if stop_signal:
                     path = run.save(f"iter_{step}.pth", step, epoch)
                     signame = "SIGINT" if stop_signal[0] == signal.SIGINT else "SIGTERM"

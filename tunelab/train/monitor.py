@@ -84,6 +84,8 @@ class RunMonitor:
         line = (f"epoch {record['epoch']} step {step}/{self.total_steps} | loss {record['loss']:.4f} | "
                 f"lr {record['lr']:.3g} | {record['tokens_per_s']:.0f} tok/s | mem {record['memory_gb']:.2f} GiB | "
                 f"eta {eta:.0f}s")
+        if "reward_margin" in record:
+            line += f" | margin {record['reward_margin']:.3f} | reward acc {record['reward_accuracy']:.2f}"
         if self.bar is not None:
             self.file_handler.emit(log.makeRecord(log.name, logging.INFO, "", 0, line, None, None))
         else:
@@ -99,7 +101,7 @@ class RunMonitor:
             self.history.append(record)
         with open(self.scalars_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        metrics = {f"train/{key}" if key != "val_loss" else "eval/val_loss": value for key, value in record.items()
+        metrics = {f"eval/{key}" if key.startswith("val_") else f"train/{key}": value for key, value in record.items()
                    if key not in ("step", "epoch") and isinstance(value, (int, float))}
         if self.tensorboard is not None:
             for key, value in metrics.items():
@@ -117,7 +119,8 @@ class RunMonitor:
                 self.tensorboard.add_text("eval/answers", f"**{a['input']}** -> {a['output']}", a["step"])
 
     def plot(self) -> Path | None:
-        """loss_curve.png: training loss (and validation loss) and learning rate against step."""
+        """loss_curve.png: training loss (and validation loss), a preference run's reward margin and accuracy, and
+        learning rate against step."""
         try:
             import matplotlib
 
@@ -129,7 +132,11 @@ class RunMonitor:
         val = [r for r in self.history if "val_loss" in r]
         if not train:
             return None
-        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        preference = [r for r in self.history if "reward_margin" in r]
+        fig, axes = plt.subplots(3 if preference else 2, 1, figsize=(8, 9 if preference else 6), sharex=True)
+        ax_loss, ax_lr = axes[0], axes[-1]
+        if preference:
+            _plot_rewards(axes[1], preference, [r for r in self.history if "val_reward_margin" in r])
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
         if val:
             ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
@@ -158,6 +165,26 @@ class RunMonitor:
             tracker.close()
         log.removeHandler(self.file_handler)
         self.file_handler.close()
+
+
+def _plot_rewards(ax, train: list[dict], val: list[dict]) -> None:
+    """Reward margin (left axis) and reward accuracy (right axis, 0 to 1), training and held-out."""
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["reward_margin"] for r in train], color="tab:green", label="reward margin")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_reward_margin"] for r in val], "o-", color="tab:olive",
+                label="held-out reward margin")
+    ax.set_ylabel("reward margin")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    accuracy = ax.twinx()
+    accuracy.plot(steps, [r["reward_accuracy"] for r in train], color="tab:purple", alpha=0.5, label="reward accuracy")
+    if val:
+        accuracy.plot([r["step"] for r in val], [r["val_reward_accuracy"] for r in val], "s-", color="tab:purple",
+                      label="held-out reward accuracy")
+    accuracy.set_ylim(0, 1.05)
+    accuracy.set_ylabel("reward accuracy")
+    accuracy.legend(loc="lower right")
 
 
 def _tensorboard_writer(folder: Path):

@@ -7,12 +7,14 @@ import hashlib
 import logging
 import math
 import random
+import time
 from pathlib import Path
 
 import torch
 
 from tunelab.config.schema import Config
 from tunelab.data.dataset import Sequence, build_sequences, pack
+from tunelab.data.preference import build_units
 from tunelab.data.template_fit import check_template_fit
 from tunelab.errors import ConfigError, UserError
 from tunelab.model.load import add_lora, load_model, load_tokenizer, resolve_model_path
@@ -52,15 +54,17 @@ def setup_data(cfg: Config, tokenizer, ctx: Context, model_path: str, root: Path
 
 def load_training_data(cfg: Config, tokenizer) -> tuple[list[Sequence], list[Sequence], object]:
     """(training sequences, validation sequences, data stats). Validation data come from
-    evaluation_data_path, or from a seeded validation_split of the samples (held out before packing)."""
+    evaluation_data_path, or from a seeded validation_split of the samples (held out before packing). A
+    preference objective's samples are units of two answers (data/preference.py)."""
+    build = build_sequences if cfg.objective == "sft" else build_units
     if not cfg.validation_split or cfg.evaluation_data_path:
-        sequences, stats = build_sequences(cfg, tokenizer)
+        sequences, stats = build(cfg, tokenizer)
         val: list[Sequence] = []
         if cfg.evaluation_data_path:
-            val, val_stats = build_sequences(dataclasses.replace(cfg, data_path=cfg.evaluation_data_path), tokenizer)
+            val, val_stats = build(dataclasses.replace(cfg, data_path=cfg.evaluation_data_path), tokenizer)
             log.info("validation %s", val_stats.summary())
         return sequences, val, stats
-    samples, stats = build_sequences(dataclasses.replace(cfg, pack_to_max_length=False), tokenizer)
+    samples, stats = build(dataclasses.replace(cfg, pack_to_max_length=False), tokenizer)
     order = list(range(len(samples)))
     random.Random(cfg.seed + 1).shuffle(order)
     n_val = max(1, round(len(samples) * cfg.validation_split))
@@ -135,6 +139,27 @@ def setup_model(cfg: Config, ctx: Context, model_path: str, dtype: torch.dtype, 
     log.info("trainable parameters: %d of %d", sum(p.numel() for p in model.parameters() if p.requires_grad),
              sum(p.numel() for p in model.parameters()))
     return model, engine
+
+
+def setup_reference(cfg: Config, objective, model, rows: list[Sequence], tokenizer, dtype: torch.dtype,
+                    checkpoint: tuple[Path, dict] | None) -> list | None:
+    """DPO/KTO: every answer's log-prob under the reference (the base with the adapter off, or under full
+    fine-tuning the model as the run starts), computed once, or taken from the checkpoint resumed; None for the
+    other objectives. Returns them per row, for the checkpoints."""
+    if not objective.needs_reference:
+        return None
+    saved = checkpoint[1].get("reference") if checkpoint is not None else None
+    if saved is not None and len(saved) == len(rows):
+        for row, reference in zip(rows, saved):
+            row.reference = reference
+    else:
+        if checkpoint is not None and cfg.algorithm == "full":
+            log.warning("warning: the checkpoint holds no reference log-probs for these data; the reference is "
+                        "the resumed model, not the one the run started from")
+        started = time.time()
+        objective.reference(model, rows, cfg.batch_size, tokenizer.pad_token_id, dtype)
+        log.info("reference log-probs of %d rows in %.1fs", len(rows), time.time() - started)
+    return [row.reference for row in rows]
 
 
 def setup_optimizer(cfg: Config, model, engine):

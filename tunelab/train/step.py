@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
+from typing import Callable
 
 import torch
 
@@ -13,15 +15,18 @@ from tunelab.data.dataset import Sequence, collate
 from tunelab.model.losses import token_losses
 
 
-def forward_backward(model, batch: dict[str, torch.Tensor], dtype: torch.dtype, n_targets: int) -> torch.Tensor:
-    """loss = (sum of the batch's per-token losses) / n_targets; adds its gradient to the parameters and
-    returns it (0-dim, detached). On the fast path with CUDA graphs the micro-batch is one replayed graph."""
+def forward_backward(model, batch: dict[str, torch.Tensor], dtype: torch.dtype, n_targets: int,
+                     loss_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """loss = (sum of the batch's per-token losses) / n_targets, or loss_of(per-token losses) (a preference
+    objective's, objective.py); adds its gradient to the parameters and returns it (0-dim, detached). On the
+    fast path with CUDA graphs the SFT loss of a micro-batch is one replayed graph."""
     graphs = getattr(model, "tunelab_graphs", None)
-    if graphs is not None and model.training:
+    if graphs is not None and model.training and loss_of is None:
         loss = graphs.forward_backward(batch, dtype, n_targets)
         if loss is not None:
             return loss
-    loss = token_losses(model, batch, dtype).sum() / n_targets
+    losses = token_losses(model, batch, dtype)
+    loss = losses.sum() / n_targets if loss_of is None else loss_of(losses)
     loss.backward()
     return loss.detach()
 
@@ -40,8 +45,9 @@ def epoch_windows(sequences: list[Sequence], cfg: Config, epoch: int,
 
 
 def optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg: Config, tokenizer, dtype,
-                    step: int) -> tuple[float | None, int, float]:
-    """One optimizer step; the loss is the mean over all target tokens of the window. Returns loss None
+                    step: int, objective=None) -> tuple[float | None, int, float]:
+    """One optimizer step; the loss is the mean over all target tokens of the window, or a preference
+    objective's (objective.py), whose figures it keeps for the log. Returns loss None
     (and leaves the weights and the optimizer's state untouched) when the loss or the gradient is not finite.
 
     The host waits for the GPU once, at the end: the finiteness test runs on the device, and a fused AdamW
@@ -50,7 +56,14 @@ def optimizer_step(model, window: list[list[Sequence]], optimizer, params, cfg: 
     t0 = time.time()
     n_targets = sum(s.n_targets for batch in window for s in batch)
     n_tokens = sum(len(s) for batch in window for s in batch)
-    losses = [forward_backward(model, collate(batch, tokenizer.pad_token_id), dtype, n_targets) for batch in window]
+    if objective is not None:
+        objective.begin(window)
+    losses = []
+    for batch in window:
+        tensors = collate(batch, tokenizer.pad_token_id)
+        loss_of = None if objective is None or objective.name == "sft" else \
+            partial(objective.loss, batch=tensors, rows=batch)
+        losses.append(forward_backward(model, tensors, dtype, n_targets, loss_of))
     total = torch.stack(losses).sum()
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float("inf"))
     finite = torch.isfinite(total) & torch.isfinite(norm)

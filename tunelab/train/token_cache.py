@@ -16,7 +16,7 @@ from tunelab.train.processes import Context
 
 log = logging.getLogger("tunelab")
 
-_ENCODING_KEYS = ("seed", "validation_split", "evaluation_data_path")  # besides the model and data groups
+_ENCODING_KEYS = ("seed", "validation_split", "evaluation_data_path", "objective")  # besides the model and data groups
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
