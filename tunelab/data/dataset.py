@@ -181,11 +181,7 @@ def _load_file(cfg: Config, spec: FileSpec, stats: DataStats) -> list[tuple[str,
             stats.problems.append(f"{rec.where}: {exc}")
             continue
         except BadRecord as exc:
-            if not cfg.skip_bad_records:
-                raise DataError(f"{rec.where}: {exc}; fix the record or set skip_bad_records = True") from None
-            stats.skipped += 1
-            fstats.skipped += 1
-            stats.problems.append(f"{rec.where}: {exc}")
+            skip_bad_record(cfg, stats, fstats, rec.where, exc)
             continue
         fill_placeholders(turns, cfg.data_placeholders, rec.where)
         out.append((rec.where, turns))
@@ -198,6 +194,15 @@ def _load_file(cfg: Config, spec: FileSpec, stats: DataStats) -> list[tuple[str,
 
 
 _PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
+
+
+def skip_bad_record(cfg: Config, stats: DataStats, fstats: FileStats, where: str, exc: BadRecord) -> None:
+    """A bad record stops the run with one line, or with skip_bad_records is counted and kept for the summary."""
+    if not cfg.skip_bad_records:
+        raise DataError(f"{where}: {exc}; fix the record or set skip_bad_records = True") from None
+    stats.skipped += 1
+    fstats.skipped += 1
+    stats.problems.append(f"{where}: {exc}")
 
 
 def fill_placeholders(turns: list[Turn], values: dict, where: str) -> None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from tunelab.config.schema import Config, columns_for
-from tunelab.data.dataset import DataStats, FileStats, Sequence, fill_placeholders, join, pack, rename_columns
+from tunelab.data.dataset import (DataStats, FileStats, Sequence, fill_placeholders, join, pack, rename_columns,
+                                  skip_bad_record)
 from tunelab.data.encode import IGNORE, PromptFormat
 from tunelab.data.formats import Turn
 from tunelab.data.loading import Record, read_records, resolve_data_files
@@ -240,11 +241,7 @@ def _load_file(cfg: Config, file: str, records: list[Record], stats: DataStats) 
                 raise DataError(f"{rec.where}: a KTO row (one answer with a label), but objective '{cfg.objective}' "
                                 f"trains on pairs of a chosen and a rejected answer; use objective = 'kto' or pairs")
         except BadRecord as exc:
-            if not cfg.skip_bad_records:
-                raise DataError(f"{rec.where}: {exc}; fix the record or set skip_bad_records = True") from None
-            stats.skipped += 1
-            fstats.skipped += 1
-            stats.problems.append(f"{rec.where}: {exc}")
+            skip_bad_record(cfg, stats, fstats, rec.where, exc)
             continue
         fill_placeholders(item.prompt, cfg.data_placeholders, rec.where)
         out.append((rec.where, item))
