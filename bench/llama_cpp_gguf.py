@@ -5,7 +5,7 @@ ask llama.cpp (through llama-cpp-python) "who are you" with the chat template an
     .venv/bin/python bench/llama_cpp_gguf.py [WORK_DIR]
 
 Not in CI: the package index has no llama-cpp-python wheel for this platform, and building llama.cpp from
-source did not finish within 25 minutes on CI's 2 cores (about 60% of its compile steps). Prints one line per
+source takes about 15 minutes of CI's 2 cores (bench/RESULTS.md). Prints one line per
 check and exits 1 if the answer differs. Also writes q4_k_m through llama.cpp's quantiser and loads it.
 """
 from __future__ import annotations
