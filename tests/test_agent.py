@@ -145,6 +145,7 @@ def _agent(loaded, tools, **kw):
     return agent, shown
 
 
+@pytest.mark.slow
 def test_chat_uses_the_training_template_and_system(loaded, agent_model):
     _, _, fmt = loaded
     assert fmt.name == "internlm_chat" and fmt.system == AGENT_SYSTEM  # the tiny Llama's own is llama2_chat
@@ -152,6 +153,7 @@ def test_chat_uses_the_training_template_and_system(loaded, agent_model):
     assert meta["prompt_template"] == "internlm_chat"
 
 
+@pytest.mark.slow
 def test_generation_stops_at_the_trained_stop_word(loaded):
     """The model learnt to emit <eoa>; without stop words it runs on past it, with them it stops there."""
     from tunelab.data.formats import Turn
@@ -167,6 +169,7 @@ def test_generation_stops_at_the_trained_stop_word(loaded):
     assert generate(model, tokenizer, ids, fmt.stop_words, greedy) == call
 
 
+@pytest.mark.slow
 def test_search_results_reach_the_models_context(loaded, serper):
     agent, shown = _agent(loaded, ["calculate", "search"])
     answer, turns = agent.run(SEARCH_QUESTION, [])
@@ -186,6 +189,7 @@ def test_search_results_reach_the_models_context(loaded, serper):
     ("slow", "Response: error: search: no answer from http://127.0.0.1:"),
     ("nokey", "Response: error: search: SERPER_API_KEY is not set"),
 ])
+@pytest.mark.slow
 def test_search_failures_are_fed_back_to_the_model(mode, message, loaded, serper, monkeypatch):
     serper.mode = mode
     monkeypatch.setenv("TUNELAB_SEARCH_TIMEOUT", "0.3")
@@ -197,6 +201,7 @@ def test_search_failures_are_fed_back_to_the_model(mode, message, loaded, serper
     assert turns[-1].output  # the loop ended normally (an answer or the step limit), no exception
 
 
+@pytest.mark.slow
 def test_unknown_tool_and_step_limit(loaded):
     agent, shown = _agent(loaded, ["search"], max_steps=2)
     answer, turns = agent.run("What is 356+239?", [])
@@ -252,6 +257,7 @@ def test_chat_flags_of_the_spec(tiny_llama):
     assert cp.returncode == 2 and "--system-template: no system template 'nope'" in cp.stderr
 
 
+@pytest.mark.slow
 def test_wrong_template_warns(agent_model, capsys):
     from tunelab.chat.session import ChatOptions, load_chat_model
 

@@ -35,6 +35,7 @@ def test_uncached_hub_model_offline(good, tmp_path):
     assert "internlm/internlm-chat-7b" in line and "cache" in line
 
 
+@pytest.mark.slow
 def test_missing_data_file(good, tmp_path):
     cfg = write_config(tmp_path / "c.py", **dict(good, data_path="./MedQA2019-structured-train.jsonl"))
     line = _one_error_line(run_cli("train", cfg, cwd=tmp_path))
@@ -48,6 +49,7 @@ def test_hub_dataset_offline(good, tmp_path):
     assert "timdettmers/openassistant-guanaco" in line and "download it" in line
 
 
+@pytest.mark.slow
 def test_json_syntax_error_names_file_and_line(good, tmp_path):
     data = tmp_path / "broken.json"
     data.write_text('[\n  {"conversation": [{"input": "a", "output": "b"}]},\n'
@@ -57,6 +59,7 @@ def test_json_syntax_error_names_file_and_line(good, tmp_path):
     assert str(data) in line and "line 4" in line and "invalid JSON" in line
 
 
+@pytest.mark.slow
 def test_json_lines_syntax_error_names_line(good, tmp_path):
     data = tmp_path / "broken.jsonl"
     rows = [json.dumps({"conversation": [{"input": "q", "output": "a"}]})] * 4
@@ -79,6 +82,7 @@ def test_unknown_config_key_in_cfg_options(good, tmp_path):
     assert "'max_lenght'" in line and "did you mean 'max_length'" in line
 
 
+@pytest.mark.slow
 def test_unknown_template_lists_valid_names(good, tmp_path):
     cfg = write_config(tmp_path / "c.py", **dict(good, prompt_template="internlm_caht"))
     line = _one_error_line(run_cli("train", cfg, cwd=tmp_path))

@@ -18,6 +18,7 @@ def test_tutorial_configs_exist():
     assert cfg.trust_remote_code is True
 
 
+@pytest.mark.slow
 def test_list_cfg_and_pattern():
     cp = run_cli("list-cfg")
     assert cp.returncode == 0

@@ -981,6 +981,7 @@ def test_packed_layout_from_cpu_ids_matches_device_layout():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 @pytest.mark.parametrize("lora_gemms", [True, False])
+@pytest.mark.slow
 def test_compiled_layer_keeps_few_activations_for_backward(tiny_llama, lora_gemms):
     """What a compiled fast layer keeps for backward decides how many layers must be recomputed to fit a card.
     It needs the layer input, q/k/v and the attention output, the mid-layer residual and the gate/up outputs

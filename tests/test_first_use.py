@@ -163,6 +163,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_so(good_config, tmp_path):
 
 
 # -- CSV cells are text ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_csv_cells_are_text_and_an_empty_cell_is_an_absent_field(tiny_llama, tmp_path):
     """Number-like answers and a `system` column empty in some rows load as text; before, the CSV parser
     typed the cells (answers became ints, empty cells nulls or NaN floats)."""

@@ -187,6 +187,7 @@ def xtuner_config(tiny_llama, data_dir, tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_xtuner_config_is_read_without_running_it(xtuner_config, tmp_path):
     """check-custom-dataset takes the data settings from the file; the log line says what was taken/ignored."""
     cp = run_cli("check-custom-dataset", xtuner_config, cwd=tmp_path)

@@ -84,6 +84,7 @@ def test_tutorial_custom_data_story(xlsx, tiny_llama, tmp_path):
     assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10, losses
 
 
+@pytest.mark.slow
 def test_columns_by_header_name_match_letters(xlsx, tmp_path):
     outs = []
     for cols in (["A", "D"], ["Question", "Answer"], ["a", "d"], ["question", " ANSWER "]):

@@ -93,6 +93,7 @@ def test_truncated_newest_checkpoint_falls_back(cfg_file, tmp_path):
     assert "skipping unusable checkpoint" in cp.stderr and "iter_5.pth at step 5" in cp.stderr
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_is_bad_input(cfg_file, tmp_path):
     cp = _run("train", cfg_file, "--work-dir", tmp_path / "empty", "--resume")
     assert cp.returncode == 2 and "no checkpoint" in cp.stderr and "Traceback" not in cp.stderr

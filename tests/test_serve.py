@@ -104,6 +104,7 @@ def test_openai_client_answers_like_chat(server, chat_answers):
     assert reasons[-1] == "stop" and usage is not None and usage.completion_tokens > 3
 
 
+@pytest.mark.slow
 def test_stop_max_tokens_and_history(server, chat_answers):
     api = client(server)
     cut = api.chat.completions.create(model="assistant", messages=[{"role": "user", "content": EN}],
@@ -120,6 +121,7 @@ def test_stop_max_tokens_and_history(server, chat_answers):
     assert multi.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_bad_requests_get_openai_errors(server):
     def check(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
         assert resp.status_code == status, resp.text
@@ -149,6 +151,7 @@ def test_bad_requests_get_openai_errors(server):
     assert health(server)["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_requests(server, chat_answers):
     """A burst larger than the queue: every request gets 200 or a clean 429, and the server goes on."""
     start, results = threading.Barrier(50), [None] * 50
@@ -181,6 +184,7 @@ def test_fifty_concurrent_requests(server, chat_answers):
     assert after.choices[0].message.content == chat_answers[ZH]
 
 
+@pytest.mark.slow
 def test_disconnect_cancels_generation(server):
     before = health(server)["cancelled"]
     body = ask(EN, max_tokens=2000, ignore_eos=True, stream=True)  # would run for a long while
@@ -200,6 +204,7 @@ def test_disconnect_cancels_generation(server):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_chat_page_in_chromium(server, chat_answers, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does it as root)")

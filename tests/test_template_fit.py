@@ -194,6 +194,7 @@ def _copied_tutorial_config(folder, model, data_dir, **more):
     return cfg
 
 
+@pytest.mark.slow
 def test_tutorial_internlm_config_on_a_chatml_model_stops_before_training(chatml_models, data_dir, tmp_path):
     cfg = _copied_tutorial_config(tmp_path, chatml_models["chat"], data_dir)
     cp = run_cli("train", cfg, cwd=tmp_path)

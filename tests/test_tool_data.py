@@ -226,6 +226,7 @@ def test_bad_tool_records_are_one_line_errors_or_skipped(case, tmp_path):
     assert len(dialogues) == 1 and stats.skipped == 1 and stats.problems[0].startswith(f"{f}: {expected}")
 
 
+@pytest.mark.slow
 def test_bad_records_exit_2_through_the_cli(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps(BAD["arguments"][0]) + "\n")
@@ -240,6 +241,7 @@ def test_bad_records_exit_2_through_the_cli(tmp_path):
     ({"path": "a.json", "count": 2.5}, "data_path[0]: 'count' must be a whole number"),
     ({"path": "a.json", "wieght": 2}, "data_path[0]: unknown key 'wieght' (did you mean 'weight'?)"),
 ])
+@pytest.mark.slow
 def test_bad_source_entries_exit_2(entry, expected, tmp_path):
     cfg = write_config(tmp_path / "c.py", pretrained_model_name_or_path="builtin:tiny-llama", data_path=[entry])
     cp = run_cli("check-custom-dataset", cfg, cwd=tmp_path)
