@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 sys.path.insert(0, str(HERE))
 from shape_model import SHAPES, build  # noqa: E402  (beside this script)
+from sides import run_in_own_process  # noqa: E402
 
 
 def _device() -> str:
@@ -192,15 +192,7 @@ def main() -> None:
     for side in args.sides.split(","):
         cmd = [sys.executable, __file__, "--side", side, "--model-dir", str(path), "--algorithm", args.algorithm,
                "--pair-tokens", str(args.pair_tokens), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            out = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            out = f"timed out after {args.timeout}s\n{(exc.stderr or b'')[-2000:]}"
-        result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
-        if result is None:
-            print(f"--- {side} failed:\n" + "\n".join(out.strip().splitlines()[-25:]), flush=True)
-            result = dict(side=side, error=(out.strip().splitlines() or ["?"])[-1][:200])
+        result = run_in_own_process(cmd, args.timeout, side, side=side)
         print(json.dumps(result), flush=True)
         rows.append(result)
     print(table(rows, args))

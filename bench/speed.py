@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 sys.path.insert(0, str(HERE))
 from shape_model import SHAPES, build  # noqa: E402  (beside this script)
+from sides import run_in_own_process  # noqa: E402
 
 SHAPE_NAME = os.environ.get("BENCH_SHAPE", "llama2-7b")  # --shape; the driver hands it to each side's process
 SHAPE = {"vocab_size": SHAPES[SHAPE_NAME][1]["vocab_size"]}  # what the sides read of it: the token ids drawn
@@ -433,16 +434,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--side", side, "--tokens", str(tokens), "--model-dir", str(path),
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
         t = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            out = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            out = f"timed out after {args.timeout}s\n{(exc.stderr or b'')[-2000:]}"
-        result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
-        if result is None:
-            tail = "\n".join(out.strip().splitlines()[-25:])
-            print(f"--- {case}/{side} failed:\n{tail}", flush=True)
-            result = dict(side=side, tokens=tokens, error=out.strip().splitlines()[-1][:200] if out.strip() else "?")
+        result = run_in_own_process(cmd, args.timeout, f"{case}/{side}", side=side, tokens=tokens)
         result["case"] = case + (f" (dropout {_dropout():g})" if _dropout() else "")
         result["wall_s"] = round(time.time() - t)
         print(json.dumps(result), flush=True)
