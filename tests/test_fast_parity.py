@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+import transformers
 from transformers import AutoModelForCausalLM
 
 from test_fast import GPU, _batch, _cfg, _losses_and_grads, _wake_lora_b
@@ -22,9 +23,9 @@ from tunelab.fast import use_fast_path
 from tunelab.fast.decoder import FastDecoder
 from tunelab.fast.loss import IGNORE
 from tunelab.fast.parts import decoder_core, layers_of
-from tunelab.fast.support import FAMILIES, TESTED_ROPE, gpu_reason, support, unsupported_reason
+from tunelab.fast.support import FAMILIES, TESTED_ROPE, gpu_reason, graphs_reason, support, unsupported_reason
 from tunelab.model.load import add_lora
-from tunelab.model.tiny import tiny_config
+from tunelab.model.tiny import ARCHS, tiny_config
 from tunelab.model.losses import token_losses
 
 VOCAB = 512
@@ -62,6 +63,8 @@ def _tiny(name: str, device: str = "cpu", dtype=torch.float32, lora: LoraConfig 
     """A LoRA-wrapped (`wrap`) tiny random model of MATRIX[name] (B non-zero), its norm weights and biases moved
     off their initial values (ones, zeros) so that a fast path that skipped one would not match."""
     arch, fields = MATRIX[name]
+    if not hasattr(transformers, ARCHS[arch][0]):  # InternLM 3 came after transformers 5.17 (the GPU machine's)
+        pytest.skip(f"transformers {transformers.__version__} has no {ARCHS[arch][0]}")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, VOCAB, **{**fields, **over}), dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
@@ -263,17 +266,25 @@ def test_adapters_the_fast_path_does_not_compute_send_it_aside(caplog):
 @pytest.mark.parametrize("name", MATRIX)
 def test_gpu_fast_path_matches_plain_path_bf16(name):
     """bf16 on the GPU, compiled, varlen attention over packed rows: the summed loss within 1e-2 relative of
-    the plain path's, every LoRA gradient in its direction (cosine > 0.99); packed equals apart within bf16."""
-    model = _tiny(name, device="cuda", dtype=torch.bfloat16)
+    the plain path's; every LoRA gradient in the plain path's direction (cosine > 0.99), or, where bf16 moves
+    the plain path itself that far, at least as near the fp32 plain path's as the bf16 plain path's is (within
+    0.005); packed equals apart within bf16."""
     batch = _batch(VOCAB, [[200, 150, 100], [300, 100]], seed=4)
+    exact = _tiny(name, device="cuda")
+    _, exact_grads = _losses_and_grads(exact, lambda b: token_losses(exact, b, torch.float32), batch)
+    model = _tiny(name, device="cuda", dtype=torch.bfloat16)
     plain, plain_grads = _losses_and_grads(model, lambda b: token_losses(model, b, torch.bfloat16), batch)
     fast = FastDecoder(model, compile=True)
+    cos = lambda a, b: F.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).item()  # noqa: E731
     for lora_gemms in (True, False):
         fast.lora_gemms = lora_gemms
         quick, quick_grads = _losses_and_grads(model, lambda b: fast.token_losses(b, torch.bfloat16), batch)
         assert abs(quick.sum().item() - plain.sum().item()) / plain.sum().item() < 1e-2
         for n, g in _lora_grads(plain_grads).items():
-            assert F.cosine_similarity(quick_grads[n].flatten().float(), g.flatten().float(), dim=0) > 0.99, n
+            to_plain, to_exact, plain_to_exact = cos(quick_grads[n], g), cos(quick_grads[n], exact_grads[n]), \
+                cos(g, exact_grads[n])
+            assert to_plain > 0.99 or to_exact > plain_to_exact - 0.005, (n, lora_gemms, to_plain, to_exact,
+                                                                         plain_to_exact)
     samples = [_sample(200, 1), _sample(150, 2)]
     together = fast.token_losses(collate(pack(samples, 350), pad_id=0), torch.bfloat16)[0]
     apart = torch.cat([fast.token_losses(collate(pack([s], len(s)), pad_id=0), torch.bfloat16)[0] for s in samples])
@@ -290,7 +301,7 @@ def test_gpu_flex_attention_matches_the_reference(window, dim):
     from tunelab.fast.attention import attention, packed_layout
 
     seg = torch.tensor([[0] * 40 + [1] * 25 + [-1] * 15, [0] * 60 + [1] * 20])
-    inputs = _attention_inputs(2, 80, dim)
+    inputs = [t.to(torch.bfloat16).float() for t in _attention_inputs(2, 80, dim)]  # both sides' inputs alike
     weights = torch.randn(2, 80, 4, dim, generator=torch.Generator().manual_seed(4))
     for ids in (torch.zeros_like(seg), seg):
         ref_inputs = [t.clone().requires_grad_() for t in inputs]
@@ -299,50 +310,30 @@ def test_gpu_flex_attention_matches_the_reference(window, dim):
         gpu_inputs = [t.to("cuda", torch.bfloat16).requires_grad_() for t in inputs]
         got = attention(*gpu_inputs, packed_layout(ids, use_varlen=True, device="cuda"), 0.2, window, ATTENTION_CAP)
         (got.float() * weights.cuda()).sum().backward()
-        torch.testing.assert_close(got.float().cpu(), ref.detach(), rtol=2e-2, atol=2e-2)
-        for g, r in zip(gpu_inputs, ref_inputs):
-            assert F.cosine_similarity(g.grad.float().cpu().flatten(), r.grad.flatten(), dim=0) > 0.999
+        close = torch.allclose(got.float().cpu(), ref.detach(), rtol=2e-2, atol=2e-2)
+        directions = [F.cosine_similarity(g.grad.float().cpu().flatten(), r.grad.flatten(), dim=0).item()
+                      for g, r in zip(gpu_inputs, ref_inputs)]
+        assert close and min(directions) > 0.999, \
+            ((got.float().cpu() - ref.detach()).abs().max().item(), directions)
 
 
 @pytest.mark.gpu
 @GPU
-def test_gpu_softcapped_attention_compiles_once_per_shape_and_replays_in_cuda_graphs():
-    """Gemma 2 with attention softcapping, compiled, in CUDA graphs (tunelab.fast.graphs): flex_attention and its
-    block masks compile in the first (eager) step of a shape only; the later steps of that shape, other packings
-    included, compile nothing, are captured and replayed (no failed capture), and give the eager step's loss
-    and LoRA gradients. Without graphs, rows of near widths compile nothing more either."""
+def test_gpu_softcapped_attention_stays_out_of_cuda_graphs_and_compiles_once_per_width(caplog):
+    """Gemma 2 with attention softcapping, compiled: flex_attention's capture in a CUDA graph failed on an H100
+    ('operation would make the legacy stream depend on a capturing blocking stream'), so attach gives such a
+    model no graphs and says why; its eager steps compile flex_attention once per padded width: 2 x 450,
+    2 x 470 and 2 x 500 packed tokens all run as 1,024."""
     from torch._dynamo.utils import counters
 
-    from test_fast import _single_rows
-    from tunelab.fast.graphs import GraphedSteps, _pad_width
+    from tunelab import fast as fast_mod
 
     model = _tiny("gemma2-softcap", device="cuda", dtype=torch.bfloat16)
-    fast = FastDecoder(model, compile=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    graphs = GraphedSteps(fast, params)
-    cases = {"single": [_single_rows(VOCAB, 2, 512, seed) for seed in range(3)],
-             "packed": [_pad_width(_batch(VOCAB, lengths, seed=seed), 512) for seed, lengths in
-                        enumerate([[[200, 150, 100], [300, 100]], [[120, 300, 30], [250, 150]],
-                                   [[450], [100, 100, 100, 100]]])]}
-    for kind, batches in cases.items():
-        for i, batch in enumerate(batches):
-            compiled = counters["stats"]["unique_graphs"]
-            model.zero_grad(set_to_none=True)
-            loss = graphs.forward_backward(batch, torch.bfloat16, 100)
-            assert loss is not None and not graphs.failed, (kind, graphs.failed)
-            got = [p.grad.clone() for p in params]
-            model.zero_grad(set_to_none=True)
-            ref = fast.token_losses(batch, torch.bfloat16).sum() / 100  # the same shape: compiles nothing
-            ref.backward()
-            if i > 0:  # the first step of a shape runs eagerly and compiles; the next is captured, then replayed
-                assert counters["stats"]["unique_graphs"] == compiled, (kind, i)
-                assert any(key[2] == (8 if kind == "packed" else 0) for key in graphs.graphs), list(graphs.graphs)
-            torch.testing.assert_close(loss, ref.detach(), rtol=1e-2, atol=1e-3)
-            for g, r in zip(got, [p.grad for p in params]):
-                assert F.cosine_similarity(g.flatten().float(), r.flatten().float(), dim=0) > 0.999, (kind, i)
-    # without graphs (DDP, cuda_graphs off) packed rows of near widths share the padded width of flex_attention:
-    # 2 x 450, 2 x 470 and 2 x 500 tokens all run as 1,024 (only flex_attention compiles here)
-    eager = FastDecoder(model)
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        fast_mod.attach(model, _cfg("unused", offload_checkpoints=False), "cuda")
+    assert getattr(model, "tunelab_graphs", None) is None
+    assert any("CUDA graphs off: softcapped attention" in r.getMessage() for r in caplog.records)
+    eager = model.tunelab_fast
     for i, lengths in enumerate([[[300, 150], [400]], [[470], [200, 200]], [[250, 250], [500]]]):
         compiled = counters["stats"]["unique_graphs"]
         eager.token_losses(_batch(VOCAB, lengths, seed=i), torch.bfloat16).sum().backward()
@@ -428,10 +419,20 @@ def test_bench_shapes_take_the_path_their_family_does():
     assert {L.softcap for L in layers} == {50.0} and {L.window for L in layers} == {4096, None}
 
 
-def test_families_tested_on_the_cpu_only_keep_the_plain_path_on_a_gpu():
-    """Gemma's rows have passed on the CPU only: on a GPU the fast path steps aside for them and says why; the
-    Llama-shaped families, tested on a GPU, do not."""
-    for name in ("gemma", "gemma2", "gemma2-softcap", "gemma3"):
-        why = gpu_reason(_tiny(name, wrap=False))
-        assert why is not None and "on the CPU only" in why and "plain path" in why, (name, why)
-    assert gpu_reason(_tiny("llama", wrap=False)) is None and gpu_reason(_tiny("internlm3", wrap=False)) is None
+def test_softcapped_attention_keeps_the_plain_path_on_a_gpu():
+    """Gemma 2's softcapped attention has passed its parity row on the CPU only: on a GPU the fast path steps
+    aside for it and says why. Gemma 1, Gemma 3 and Gemma 2 without attention softcapping passed on an H100."""
+    why = gpu_reason(_tiny("gemma2-softcap", wrap=False))
+    assert why is not None and "on the CPU only" in why and "plain path" in why, why
+    for name in ("llama", "gemma", "gemma2", "gemma3"):
+        assert gpu_reason(_tiny(name, wrap=False)) is None, name
+
+
+def test_families_the_graph_tests_have_not_run_on_step_eagerly():
+    """CUDA graphs only for the families whose graphed steps a GPU test has compared with eager ones: Gemma's
+    and softcapped attention's steps run eagerly, each saying why."""
+    assert "flex_attention" in graphs_reason(_tiny("gemma2-softcap", wrap=False))
+    for name in ("gemma", "gemma2", "gemma3"):
+        assert "CUDA-graph tests" in graphs_reason(_tiny(name, wrap=False)), name
+    for name in ("llama", "llama3.1", "qwen2", "qwen3", "mistral", "phi3"):
+        assert graphs_reason(_tiny(name, wrap=False)) is None, name
