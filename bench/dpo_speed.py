@@ -10,8 +10,8 @@ A pair is one random prompt (a quarter of each sequence) with a chosen and a rej
 sequences together --pair-tokens long; one pair per optimizer step. Every side: LoRA r=64, alpha=16, dropout 0 on
 q/k/v/o/gate/up/down, sigmoid DPO with beta 0.1, activation checkpointing, fused AdamW, gradient clipping at 1.0,
 the reference being the base with the adapter off. TRL computes the reference in every step (its default);
-tunelab computes it once before training (`tunelab train` does), and that time is added to its steps', pair for
-pair, so tokens/s compare the same work. tokens/s count both sequences of every timed pair; peak = the most memory
+tunelab computes it once before training (`tunelab train` does), and the timed pairs' share of it (after a pass
+over the warm-up pairs, which compiles) is added to its steps' time, so tokens/s compare the same work. tokens/s count both sequences of every timed pair; peak = the most memory
 PyTorch allocated over warm-up and timed steps (on a CPU, the process's resident memory).
 """
 from __future__ import annotations
@@ -129,11 +129,14 @@ def _tunelab_side(path: str, qlora: bool, pairs, warmup: int) -> tuple[list[floa
 
     units = [join([segment(p, c, CHOSEN), segment(p, r, REJECTED)]) for p, c, r in pairs]
     objective = make_objective(cfg)
+    # the reference pass compiles its own (no-grad) regions on its first pairs: warmed up like the steps, and
+    # only the timed pairs' share counted
+    objective.reference(model, units[:warmup], 1, tokenizer.pad_token_id, dtype)
     _sync()
     t_ref = time.time()
-    objective.reference(model, units, 1, tokenizer.pad_token_id, dtype)
+    objective.reference(model, units[warmup:], 1, tokenizer.pad_token_id, dtype)
     _sync()
-    reference_s = (time.time() - t_ref) / len(units)  # per pair
+    reference_s = time.time() - t_ref
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda" or None)
     losses, t0 = [], time.time()
@@ -144,7 +147,7 @@ def _tunelab_side(path: str, qlora: bool, pairs, warmup: int) -> tuple[list[floa
         loss, _, _ = optimizer_step(model, [[unit]], optimizer, params, cfg, tokenizer, dtype, i + 1, objective)
         losses.append(loss)
     _sync()
-    return losses, time.time() - t0 + reference_s * (len(units) - warmup)
+    return losses, time.time() - t0 + reference_s
 
 
 def _sync() -> None:
