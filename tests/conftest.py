@@ -71,6 +71,23 @@ def run_losses(work: Path) -> dict[int, float]:
     return out
 
 
+def assert_packed_equals_alone(model, packed: list, alone: list, pad_id: int) -> None:
+    """The per-token losses of `packed` (one row holding the `alone` sequences in order) equal each sequence's
+    losses computed alone (fp32, 1e-5)."""
+    import torch
+
+    from tunelab.data.dataset import collate
+    from tunelab.model.losses import token_losses
+
+    with torch.no_grad():
+        together = token_losses(model, collate(packed, pad_id), torch.float32)[0]
+        offset = 0
+        for seq in alone:
+            own = token_losses(model, collate([seq], pad_id), torch.float32)[0]
+            torch.testing.assert_close(together[offset:offset + len(seq)], own, atol=1e-5, rtol=0)
+            offset += len(seq)
+
+
 def write_config(path: Path, **values) -> Path:
     """A config file with these top-level settings."""
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()), encoding="utf-8")

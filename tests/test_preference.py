@@ -153,6 +153,14 @@ def _close(ours, theirs):
     torch.testing.assert_close(ours, theirs.to(ours.dtype), atol=1e-5, rtol=1e-5)
 
 
+def _same_loss_and_grads(ours, our_grads: dict, theirs, model) -> None:
+    """TRL's loss `theirs` (backpropagated here into `model`) and its LoRA gradients equal tunelab's (1e-5)."""
+    theirs.backward()
+    _close(ours, theirs.detach())
+    for name, grad in _lora_grads(model).items():
+        _close(our_grads[name], grad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
 def test_dpo_matches_trl(tokenizer, tiny_llama, loss):
@@ -163,10 +171,7 @@ def test_dpo_matches_trl(tokenizer, tiny_llama, loss):
     trainer, model = _trainer("dpo", tiny_llama, tokenizer, beta=0.3, loss_type=[loss])
     ours, our_grads, figures = _tunelab(model, tokenizer, cfg, units)
     theirs = trainer._compute_loss(model, _trl_dpo_inputs(units, tokenizer.pad_token_id), False)
-    theirs.backward()
-    _close(ours, theirs.detach())
-    for name, grad in _lora_grads(model).items():
-        _close(our_grads[name], grad)
+    _same_loss_and_grads(ours, our_grads, theirs, model)
     logged = trainer._metrics["train"]
     if loss != "ipo":  # (tunelab's ipo rewards are over the per-token averages its loss reads)
         assert figures["reward_margin"] == pytest.approx(logged["rewards/margins"][-1], abs=1e-5)
@@ -200,10 +205,7 @@ def test_orpo_matches_trl(tokenizer, tiny_llama):
     tokens = (batch["chosen_labels"][:, 1:] != IGNORE).sum(-1)
     nll = -(chosen * tokens).sum() / tokens.sum()
     theirs = nll - trainer.odds_ratio_loss(chosen, rejected)[0].mean()
-    theirs.backward()
-    _close(ours, theirs.detach())
-    for name, grad in _lora_grads(model).items():
-        _close(our_grads[name], grad)
+    _same_loss_and_grads(ours, our_grads, theirs, model)
 
 
 @pytest.mark.slow
@@ -215,10 +217,7 @@ def test_simpo_matches_trl(tokenizer, tiny_llama):
                               loss_type="simpo", cpo_alpha=0.0)
     ours, our_grads, _ = _tunelab(model, tokenizer, cfg, units)
     theirs, metrics = trainer.get_batch_loss_metrics(model, _trl_pair_batch(units, tokenizer.pad_token_id))
-    theirs.backward()
-    _close(ours, theirs.detach())
-    for name, grad in _lora_grads(model).items():
-        _close(our_grads[name], grad)
+    _same_loss_and_grads(ours, our_grads, theirs, model)
 
 
 @pytest.mark.slow
@@ -236,10 +235,7 @@ def test_kto_matches_trl(tokenizer, tiny_llama):
               "KL_completion_mask": (mismatched[1] != IGNORE).long(),
               "label": torch.tensor([u.kinds[0] == CHOSEN for u in units])}
     theirs = trainer._compute_loss(model, inputs, False)
-    theirs.backward()
-    _close(ours, theirs.detach())
-    for name, grad in _lora_grads(model).items():
-        _close(our_grads[name], grad)
+    _same_loss_and_grads(ours, our_grads, theirs, model)
 
 
 @pytest.mark.slow

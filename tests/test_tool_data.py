@@ -3,15 +3,14 @@ tool format with loss on the assistant's calls only; pretraining text; other too
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, assert_packed_equals_alone, run_cli, write_config
 from published_chat_templates import LLAMA31_TOOLS
 from tunelab.config.loader import load_config
-from tunelab.data.dataset import DataStats, build_sequences, collate, encode_samples, load_dialogues, pack
+from tunelab.data.dataset import DataStats, build_sequences, encode_samples, load_dialogues, pack
 from tunelab.data.encode import IGNORE, PromptFormat
 from tunelab.data.turns import ToolCall, ToolResult, Turn
 from tunelab.errors import DataError
@@ -300,7 +299,6 @@ def test_mixing_sources_with_weights_counts_and_their_own_system(tiny_models):
 # --- 2/3. pretraining text: whole text trained, packed loss equals the loss alone ---------------------------------
 def test_pretraining_text_packed_loss_equals_unpacked(tiny_models):
     from tunelab.model.load import load_model
-    from tunelab.model.losses import token_losses
 
     path = tiny_models["llama"]
     tokenizer = load_tokenizer(str(path))
@@ -312,14 +310,8 @@ def test_pretraining_text_packed_loss_equals_unpacked(tiny_models):
         assert "<|User|>" not in tokenizer.decode(seq.input_ids)
     packed = pack(alone, 512)
     assert len(packed) == 1
-    model = load_model(str(path), dtype=torch.float32).eval()
-    with torch.no_grad():
-        together = token_losses(model, collate(packed, tokenizer.pad_token_id), torch.float32)[0]
-        offset = 0
-        for seq in alone:
-            own = token_losses(model, collate([seq], tokenizer.pad_token_id), torch.float32)[0]
-            torch.testing.assert_close(together[offset:offset + len(seq)], own, atol=1e-5, rtol=0)
-            offset += len(seq)
+    assert_packed_equals_alone(load_model(str(path), dtype=torch.float32).eval(), packed, alone,
+                               tokenizer.pad_token_id)
 
 
 def test_long_documents_are_cut_into_pieces_not_truncated(tokenizer):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import edit_config, run_cli
+from conftest import assert_packed_equals_alone, edit_config, run_cli
 from tunelab.config.loader import load_config
 from tunelab.data.dataset import build_sequences, collate, encode_sample
 from tunelab.data.encode import PromptFormat
@@ -39,13 +39,8 @@ def test_packed_loss_equals_loss_alone(arch, tiny_models, data_dir):
 
     packed = pack(alone, 512)
     assert len(packed) == 1 and packed[0].position_ids.count(0) == 3
+    assert_packed_equals_alone(model, packed, alone, tokenizer.pad_token_id)
     with torch.no_grad():
-        packed_losses = token_losses(model, collate(packed, tokenizer.pad_token_id), torch.float32)[0]
-        offset = 0
-        for seq in alone:
-            own = token_losses(model, collate([seq], tokenizer.pad_token_id), torch.float32)[0]
-            torch.testing.assert_close(packed_losses[offset:offset + len(seq)], own, atol=1e-5, rtol=0)
-            offset += len(seq)
         # a padded batch of the same samples gives the same per-token losses too
         padded = token_losses(model, collate(alone, tokenizer.pad_token_id), torch.float32)
         for row, seq in enumerate(alone):
