@@ -4,12 +4,13 @@ own process, in one call, then one table.
 
     python bench/dpo_speed.py                         # QLoRA, 2,048-token pairs, both sides, then the table
     python bench/dpo_speed.py --pair-tokens 4096      # longer pairs
+    python bench/dpo_speed.py --sides trl,tunelab,tunelab@0,tunelab-eager   # no layer recomputed; no CUDA graphs
     python bench/dpo_speed.py --shape tiny --algorithm lora --warmup 1 --steps 2    # the script itself, on a CPU
 
 A pair is one random prompt (a quarter of each sequence) with a chosen and a rejected random answer, the two
 sequences together --pair-tokens long; one pair per optimizer step. Every side: LoRA r=64, alpha=16, dropout 0 on
 q/k/v/o/gate/up/down, sigmoid DPO with beta 0.1, activation checkpointing, fused AdamW, gradient clipping at 1.0,
-the reference being the base with the adapter off. TRL computes the reference in every step (its default);
+the reference being the base with the adapter off (tunelab@N: only the first N layers recomputed). TRL computes the reference in every step (its default);
 tunelab computes it once before training (`tunelab train` does), and the timed pairs' share of it (after a pass
 over the warm-up pairs, which compiles) is added to its steps' time, so tokens/s compare the same work. tokens/s count both sequences of every timed pair; peak = the most memory
 PyTorch allocated over warm-up and timed steps (on a CPU, the process's resident memory).
@@ -99,8 +100,10 @@ def _trl_side(path: str, qlora: bool, pairs, warmup: int) -> tuple[list[float], 
     return losses, time.time() - t0
 
 
-def _tunelab_side(path: str, qlora: bool, pairs, warmup: int) -> tuple[list[float], float]:
-    """`tunelab train`'s own step (train/step.optimizer_step) with objective dpo, and its reference pass."""
+def _tunelab_side(path: str, qlora: bool, pairs, warmup: int, recomputed: int = -1,
+                  graphs: bool = True) -> tuple[list[float], float]:
+    """`tunelab train`'s own step (train/step.optimizer_step) with objective dpo, and its reference pass;
+    `recomputed`: checkpoint_layers (-1: every layer), `graphs`: cuda_graphs."""
     import torch
 
     from tunelab.config.loader import load_config
@@ -117,7 +120,8 @@ def _tunelab_side(path: str, qlora: bool, pairs, warmup: int) -> tuple[list[floa
     seq = len(pairs[0][0]) + len(pairs[0][1])
     values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora", objective="dpo",
                   pref_beta=0.1, lora_r=64, lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS,
-                  max_length=2 * seq, batch_size=1, accumulative_counts=1, max_norm=1.0, gradient_checkpointing=True)
+                  max_length=2 * seq, batch_size=1, accumulative_counts=1, max_norm=1.0, gradient_checkpointing=True,
+                  checkpoint_layers=recomputed, cuda_graphs=graphs)
     cfg = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])[0]
     model = build_model(cfg, path, device, dtype).train()
     tokenizer = load_tokenizer(path)
@@ -165,8 +169,12 @@ def run_side(side: str, path: str, algorithm: str, pair_tokens: int, warmup: int
     pairs = _pairs(warmup + steps, pair_tokens, vocab)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    run = _trl_side if side == "trl" else _tunelab_side
-    losses, seconds = run(path, algorithm == "qlora", pairs, warmup)
+    if side == "trl":
+        losses, seconds = _trl_side(path, algorithm == "qlora", pairs, warmup)
+    else:  # tunelab, tunelab@N (N layers recomputed), tunelab-eager (no CUDA graphs)
+        recomputed = int(side.split("@")[1]) if "@" in side else -1
+        losses, seconds = _tunelab_side(path, algorithm == "qlora", pairs, warmup, recomputed,
+                                        graphs=not side.endswith("-eager"))
     return dict(side=side, algorithm=algorithm, pair_tokens=pair_tokens, tok_s=round(steps * pair_tokens / seconds, 1),
                 peak_gib=round(_peak_gib(), 2), first_loss=losses[0], last_loss=losses[-1])
 
@@ -174,7 +182,7 @@ def run_side(side: str, path: str, algorithm: str, pair_tokens: int, warmup: int
 # -- the driver: each side in its own process, then the table ------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--side", choices=["trl", "tunelab"])
+    ap.add_argument("--side", help="trl, tunelab, tunelab@N (N layers recomputed) or tunelab-eager (no CUDA graphs)")
     ap.add_argument("--sides", default="trl,tunelab")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--algorithm", choices=["qlora", "lora"], default="qlora")

@@ -876,6 +876,134 @@ def test_gpu_failed_capture_leaves_eager_steps_working(tiny_llama):
     assert graphs.forward_backward(batch, torch.bfloat16, 100) is None  # decided once: no second attempt
 
 
+def _preference_rows(vocab: int, units_per_row: list[list[tuple[int, int, int]]], seed: int) -> list[Sequence]:
+    """Rows of DPO pairs, (prompt, chosen, rejected) lengths, packed as tunelab.data.preference packs them, with
+    made-up reference log-probs."""
+    from tunelab.data.dataset import join
+    from tunelab.data.preference import CHOSEN, REJECTED
+
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    rows = []
+    for units in units_per_row:
+        segments = []
+        for p, c, r in units:
+            prompt = draw(p)
+            for kind, n in ((CHOSEN, c), (REJECTED, r)):
+                answer = draw(n)
+                ids = prompt + answer
+                segments.append(Sequence(ids, [IGNORE] * (p - 1) + answer + [IGNORE], list(range(p + n)),
+                                         [0] * (p + n), [kind], [-10.5 * n - float(torch.rand(1, generator=g))]))
+        rows.append(join(segments))
+    return rows
+
+
+@GPU
+@pytest.mark.parametrize("objective,offload", [("dpo", True), ("kto", False), ("orpo", True)])
+def test_gpu_preference_graphs_match_eager_steps(tiny_llama, objective, offload):
+    """A preference step as two replayed graphs (forward; the objective on its per-token losses; backward with
+    d loss / d token loss as weights) gives the eager step's loss and LoRA gradients, for packings of the same
+    width whose layouts differ, and adds into gradients already there; a reference pass (adapters off, no
+    gradient) replays a forward graph and gives the eager pass's per-token losses."""
+    from functools import partial
+
+    from tunelab.fast.graphs import GraphedSteps
+    from tunelab.model.losses import reference_token_losses
+    from tunelab.train.objective import make_objective
+
+    model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=7)
+    fast = FastDecoder(model, compile=True, checkpoint_layers=-1, offload=offload)
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphs = GraphedSteps(fast, params)
+    vocab = model.config.vocab_size
+    layouts = [[[(100, 150, 120), (60, 40, 200)], [(200, 200, 90)]], [[(300, 100, 90)], [(50, 60, 70), (80, 90, 100)]],
+               [[(120, 180, 150)], [(90, 100, 110)]], [[(30, 40, 50)] * 4, [(200, 150, 140)]]]
+    cases = [_preference_rows(vocab, rows, seed) for seed, rows in enumerate(layouts)]
+    objective_ = make_objective(_cfg(tiny_llama, objective=objective, pref_beta=0.5))
+
+    def step(rows, graphed: bool):
+        batch = collate(rows, 0)
+        objective_.begin([rows])
+        loss_of = partial(objective_.loss, batch=batch, rows=rows)
+        if graphed:
+            return graphs.forward_backward(batch, torch.bfloat16, 0, loss_of)
+        loss = loss_of(fast.token_losses(batch, torch.bfloat16))
+        loss.backward()
+        return loss.detach()
+
+    def close(got, ref, what):
+        for g, r in zip(got, ref):
+            assert torch.nn.functional.cosine_similarity(g.flatten().float(), r.flatten().float(), dim=0) > 0.999, what
+            torch.testing.assert_close(g.norm(), r.norm(), rtol=1e-2, atol=1e-6, msg=what)
+
+    for i, rows in enumerate(cases):
+        model.zero_grad(set_to_none=True)
+        ref_loss = step(rows, False)
+        ref_grads = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        loss = step(rows, True)
+        assert loss is not None and not graphs.failed, graphs.failed
+        # the first batch of the width runs eagerly, the second captures the pair of graphs, later ones replay
+        assert len(graphs.graphs) == (i > 0), (i, list(graphs.graphs))
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-3, msg=f"{objective} {i}")
+        close([p.grad for p in params], ref_grads, f"{objective} {i}")
+    model.zero_grad(set_to_none=True)
+    for _ in range(2):  # accumulation: the second step's graphs add to what the gradients hold
+        step(cases[1], True)
+    model.zero_grad(set_to_none=True)
+    step(cases[1], False)
+    ref_grads = [p.grad.clone() for p in params]
+    step(cases[1], False)
+    close([g / 2 for g in ref_grads], [p.grad / 2 for p in params], "accumulated (eager)")
+    accumulated = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    for _ in range(2):
+        step(cases[1], True)
+    close([p.grad for p in params], accumulated, f"{objective} accumulated")
+    assert sorted(k[1:] for k in graphs.graphs) == [(2, 512, 8, False), (2, 512, 8, True)], list(graphs.graphs)
+    assert all(k[0] == "preference" for k in graphs.graphs)
+
+    # the reference pass: its first width runs eagerly, then one forward graph serves every packing
+    model.tunelab_fast, model.tunelab_graphs = fast, graphs
+    try:
+        for i, rows in enumerate(cases):
+            batch = collate(rows, 0)
+            got = reference_token_losses(model, batch, torch.bfloat16)
+            with torch.no_grad(), fast.adapters_off():
+                model.eval()
+                ref = fast.token_losses(batch, torch.bfloat16)
+                model.train()
+            torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2, msg=f"reference {i}")
+            assert got.shape == batch["input_ids"].shape and not graphs.failed
+            assert (("reference", 2, 512, 8) in graphs.graphs) == (i > 0)
+        assert model.training
+    finally:
+        del model.tunelab_fast, model.tunelab_graphs
+
+
+@GPU
+def test_gpu_train_dpo_with_cuda_graphs_matches_without(tmp_path):
+    """`tunelab train demo_dpo` on the GPU (bf16, fast path) logs the same per-step losses and reward figures
+    with and without CUDA graphs, and the reference pass and the steps replayed graphs."""
+    from conftest import run_losses
+    from tunelab.train.loop import train
+
+    runs = {}
+    for graphs in (True, False):
+        cfg, name = load_config("demo_dpo", ["max_steps=6", "save_steps=1000", "log_interval=1",
+                                             f"cuda_graphs={graphs}", "evaluation_freq=1000"])
+        result = train(cfg, name, work_dir=str(tmp_path / str(graphs)))
+        kept = getattr(result.model, "tunelab_graphs", None)
+        assert bool(kept) == graphs
+        if graphs:
+            kinds = {key[0] for key in kept.graphs}
+            assert kinds == {"preference", "reference"} and not kept.failed, (list(kept.graphs), kept.failed)
+        runs[graphs] = [loss for _, loss in sorted(run_losses(tmp_path / str(graphs)).items())]
+    assert len(runs[True]) == 6
+    for a, b in zip(runs[True], runs[False]):
+        assert abs(a - b) < 2e-2 * max(1.0, abs(b)), runs
+
+
 @GPU
 def test_gpu_train_with_cuda_graphs_matches_without(tiny_llama, tmp_path):
     """`tunelab train` on the GPU (bf16, fast path, compiled) logs the same per-step losses with and without

@@ -255,6 +255,40 @@ def test_packed_equals_one_unit_per_row(tokenizer, tiny_llama, objective):
         _close(packed_grads[name], grad)
 
 
+@pytest.mark.parametrize("objective,ftx", [("dpo", 0.5), ("kto", 0.0), ("orpo", 0.0)])
+def test_token_weights_carry_the_objectives_gradient(tokenizer, tiny_llama, objective, ftx):
+    """With CUDA graphs a preference step is two graphs, forward and backward, the objective computed between them
+    on the forward's per-token losses; its gradient reaches the model as per-token weights (fast.graphs.
+    objective_weights). On the fast path (CPU, fp32, packed rows, every layer recomputed from its input on the
+    host) back-propagating those weights gives the objective's own loss and LoRA gradients."""
+    from functools import partial
+
+    from tunelab.fast.decoder import FastDecoder
+    from tunelab.fast.graphs import objective_weights
+
+    model = _policy(tiny_llama)
+    cfg = _cfg(tiny_llama, objective=objective, pref_ftx=ftx)
+    rows = pack(_units(cfg, tokenizer, [Pair([Turn(q, "")], c, r) for q, c, r in PAIRS]), 160)
+    assert len(rows) > 1 and all(max(r.segment_ids) > 0 for r in rows)
+    objective_ = make_objective(cfg)
+    if objective_.needs_reference:
+        objective_.reference(model, rows, 2, tokenizer.pad_token_id, torch.float32)
+    fast = FastDecoder(model, offload=True)
+    batch = collate(rows, tokenizer.pad_token_id)
+    objective_.begin([rows])
+    direct = objective_.loss(fast.token_losses(batch, torch.float32), batch, rows)
+    direct.backward()
+    direct_grads = _lora_grads(model)
+    objective_.begin([rows])
+    losses = fast.token_losses(batch, torch.float32)
+    loss, weights = objective_weights(partial(objective_.loss, batch=batch, rows=rows), losses)
+    assert weights.shape == losses.shape and bool((weights[batch["segment_ids"] < 0] == 0).all())  # padding
+    losses.backward(weights)
+    _close(loss, direct.detach())
+    for name, grad in _lora_grads(model).items():
+        torch.testing.assert_close(grad, direct_grads[name], atol=1e-6, rtol=1e-5)
+
+
 def _load(tmp_path, records, objective="dpo", **over):
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

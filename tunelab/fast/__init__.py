@@ -92,10 +92,9 @@ def attach(model, cfg, device: str, world_size: int = 1) -> None:
     # graphs replay recorded kernels: a recomputed layer's dropout in the compiled regions would not see its
     # first masks again (the GEMM groups' masks come from seeds), and a trainable head (full fine-tuning)
     # needs a GPU sync in the loss; with several processes DDP reduces the gradients in backward hooks, which a
-    # captured graph would not call; and a graph's loss is SFT's summed token loss, while preference objectives
-    # read per-answer log-probs
+    # captured graph would not call
     graphs = compiled and cfg.cuda_graphs and cfg.algorithm in ("lora", "qlora") and \
-        not (fast.replays_rng and fast.checkpointed) and world_size == 1 and cfg.objective == "sft"
+        not (fast.replays_rng and fast.checkpointed) and world_size == 1
     why = graphs_reason(model) if graphs else None
     if why is not None:
         log.info("CUDA graphs off: %s", why)

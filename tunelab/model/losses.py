@@ -43,6 +43,10 @@ def reference_token_losses(model, batch: dict[str, torch.Tensor], dtype: torch.d
     try:
         fast = getattr(model, "tunelab_fast", None)
         if fast is not None:
+            graphs = getattr(model, "tunelab_graphs", None)  # a replayed forward (fast/graphs.py)
+            losses = graphs.reference_losses(batch, dtype) if graphs is not None else None
+            if losses is not None:
+                return losses
             with fast.adapters_off():
                 return fast.token_losses(batch, dtype)
         with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():

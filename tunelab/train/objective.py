@@ -120,9 +120,12 @@ class Preference:
                 "logps_rejected": mean(t["logps_rejected"], t["rejected"])}
 
     def reference(self, model, rows: list[Sequence], batch_size: int, pad_id: int, dtype: torch.dtype) -> None:
-        """Fill every row's `reference`: each answer's summed log-prob under the reference model."""
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
+        """Fill every row's `reference`: each answer's summed log-prob under the reference model. The longest rows
+        go first: with CUDA graphs the first batch then sets the width that every later one, and training's, is
+        padded to (fast/graphs.py), so that one graph serves them all."""
+        order = sorted(rows, key=len, reverse=True)
+        for i in range(0, len(order), batch_size):
+            chunk = order[i:i + batch_size]
             batch = collate(chunk, pad_id)
             sums, _ = sequence_logps(reference_token_losses(model, batch, dtype), batch["segment_ids"],
                                      batch["targets"])

@@ -19,10 +19,10 @@ def forward_backward(model, batch: dict[str, torch.Tensor], dtype: torch.dtype, 
                      loss_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """loss = (sum of the batch's per-token losses) / n_targets, or loss_of(per-token losses) (a preference
     objective's, objective.py); adds its gradient to the parameters and returns it (0-dim, detached). On the
-    fast path with CUDA graphs the SFT loss of a micro-batch is one replayed graph."""
+    fast path with CUDA graphs a micro-batch is replayed graphs (fast/graphs.py)."""
     graphs = getattr(model, "tunelab_graphs", None)
-    if graphs is not None and model.training and loss_of is None:
-        loss = graphs.forward_backward(batch, dtype, n_targets)
+    if graphs is not None and model.training:
+        loss = graphs.forward_backward(batch, dtype, n_targets, loss_of)
         if loss is not None:
             return loss
     losses = token_losses(model, batch, dtype)
