@@ -876,20 +876,22 @@ def test_gpu_failed_capture_leaves_eager_steps_working(tiny_llama):
     assert graphs.forward_backward(batch, torch.bfloat16, 100) is None  # decided once: no second attempt
 
 
-def _preference_rows(vocab: int, units_per_row: list[list[tuple[int, int, int]]], seed: int) -> list[Sequence]:
+def _preference_rows(vocab: int, units_per_row: list[list[tuple[int, int, int]]], seed: int,
+                     kto: bool = False) -> list[Sequence]:
     """Rows of DPO pairs, (prompt, chosen, rejected) lengths, packed as tunelab.data.preference packs them, with
-    made-up reference log-probs."""
+    made-up reference log-probs; `kto`: KTO units instead, an answer (desirable in even units) and a mismatched one."""
     from tunelab.data.dataset import join
-    from tunelab.data.preference import CHOSEN, REJECTED
+    from tunelab.data.preference import CHOSEN, MISMATCHED, REJECTED
 
     g = torch.Generator().manual_seed(seed)
     draw = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
     rows = []
     for units in units_per_row:
         segments = []
-        for p, c, r in units:
+        for i, (p, c, r) in enumerate(units):
             prompt = draw(p)
-            for kind, n in ((CHOSEN, c), (REJECTED, r)):
+            kinds = ((CHOSEN if i % 2 == 0 else REJECTED, c), (MISMATCHED, r)) if kto else ((CHOSEN, c), (REJECTED, r))
+            for kind, n in kinds:
                 answer = draw(n)
                 ids = prompt + answer
                 segments.append(Sequence(ids, [IGNORE] * (p - 1) + answer + [IGNORE], list(range(p + n)),
@@ -916,9 +918,10 @@ def test_gpu_preference_graphs_match_eager_steps(tiny_llama, objective, offload)
     params = [p for p in model.parameters() if p.requires_grad]
     graphs = GraphedSteps(fast, params)
     vocab = model.config.vocab_size
+    # rows 900 to 1,024 tokens wide (width 1,024), of at most 7 segments (capacity 8), in different layouts
     layouts = [[[(100, 150, 120), (60, 40, 200)], [(200, 200, 90)]], [[(300, 100, 90)], [(50, 60, 70), (80, 90, 100)]],
-               [[(120, 180, 150)], [(90, 100, 110)]], [[(30, 40, 50)] * 4, [(200, 150, 140)]]]
-    cases = [_preference_rows(vocab, rows, seed) for seed, rows in enumerate(layouts)]
+               [[(120, 180, 150), (100, 70, 80)], [(90, 100, 110)]], [[(30, 40, 50)] * 2, [(200, 150, 140)]]]
+    cases = [_preference_rows(vocab, rows, seed, kto=objective == "kto") for seed, rows in enumerate(layouts)]
     objective_ = make_objective(_cfg(tiny_llama, objective=objective, pref_beta=0.5))
 
     def step(rows, graphed: bool):
@@ -960,7 +963,7 @@ def test_gpu_preference_graphs_match_eager_steps(tiny_llama, objective, offload)
     for _ in range(2):
         step(cases[1], True)
     close([p.grad for p in params], accumulated, f"{objective} accumulated")
-    assert sorted(k[1:] for k in graphs.graphs) == [(2, 512, 8, False), (2, 512, 8, True)], list(graphs.graphs)
+    assert sorted(k[1:] for k in graphs.graphs) == [(2, 1024, 8, False), (2, 1024, 8, True)], list(graphs.graphs)
     assert all(k[0] == "preference" for k in graphs.graphs)
 
     # the reference pass: its first width runs eagerly, then one forward graph serves every packing
@@ -975,7 +978,7 @@ def test_gpu_preference_graphs_match_eager_steps(tiny_llama, objective, offload)
                 model.train()
             torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2, msg=f"reference {i}")
             assert got.shape == batch["input_ids"].shape and not graphs.failed
-            assert (("reference", 2, 512, 8) in graphs.graphs) == (i > 0)
+            assert (("reference", 2, 1024, 8) in graphs.graphs) == (i > 0)
         assert model.training
     finally:
         del model.tunelab_fast, model.tunelab_graphs
