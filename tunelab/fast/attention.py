@@ -204,23 +204,6 @@ def block_mask(layout: PackedLayout, tokens: int, window: int | None, create, de
     return found
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on its gradient contiguous: flex_attention's q/k/v gradients come back in its
-    own (batch, heads, tokens, dim) layout, which the compiled regions' backward before it reads wrongly."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
-def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(x)
-
-
 def flex(q, k, v, layout: PackedLayout, scale: float, window: int | None, softcap: float,
          compiled: bool = True) -> torch.Tensor:
     """Softcapped attention by flex_attention (`compiled`: as it runs on CUDA; eagerly it materialises the
@@ -228,7 +211,6 @@ def flex(q, k, v, layout: PackedLayout, scale: float, window: int | None, softca
     the block mask; either is padded at its end to a width_bucket, which no real token attends to (causal)."""
     b, n, h, d = q.shape
     attend, create = _compiled() if compiled else _eager()
-    q, k, v = (contiguous_grad(t) for t in (q, k, v))
     if layout.cu_seqlens is not None:
         q, k, v = (t.reshape(1, b * n, t.shape[2], d) for t in (q, k, v))
     tokens = q.shape[1]
