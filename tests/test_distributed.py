@@ -116,6 +116,34 @@ def test_fast_path_on_two_processes_equals_one_process(cfg_file, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("objective,fast_path", [("dpo", "on"), ("kto", "off")])
+def test_preference_objectives_on_two_processes_equal_one_process(tiny_llama, tmp_path, objective, fast_path):
+    """DPO (fast path) and KTO (plain path) under DDP: 2 processes x batch_size 1 give the per-step losses and the
+    adapter of one process with batch_size 2. KTO's reference point, a mean over the micro-batch's mismatched
+    answers, is summed over both processes' rows, as one process with the whole micro-batch computes it."""
+    cfg = write_config(
+        tmp_path / "run.py", pretrained_model_name_or_path=str(tiny_llama), algorithm="lora",
+        data_path="builtin:preference_demo", prompt_template="default", objective=objective, pref_beta=0.1,
+        max_length=256, pack_to_max_length=False, batch_size=1, accumulative_counts=2, max_steps=4, lr=1e-3,
+        lora_r=8, lora_alpha=16, lora_dropout=0.0, gradient_checkpointing=False, save_steps=0, log_interval=1,
+        evaluation_inputs=[], fast_path=fast_path)
+    two = _run("train", cfg, "--work-dir", tmp_path / "two", NPROC_PER_NODE=2)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "parallel: ddp over 2 processes" in two.stderr
+    assert ("fast path on" in two.stderr) == (fast_path == "on")
+    one = _run("train", cfg, "--work-dir", tmp_path / "one", "--cfg-options", "batch_size=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    losses = run_losses(tmp_path / "two")
+    assert sorted(losses) == [1, 2, 3, 4]
+    _assert_same_losses(losses, run_losses(tmp_path / "one"), range(1, 5))
+    a = load_checkpoint(tmp_path / "two" / "iter_4.pth")["model"]
+    b = load_checkpoint(tmp_path / "one" / "iter_4.pth")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=0)
+
+
 def test_equivalent_configs_take_the_same_sequences_per_step(tiny_llama):
     """What makes the runs above equal: N ranks x batch_size B x accumulation A, one process x B*N x A and one
     process x B x A*N all group the epoch's sequences into the same steps (the last one short)."""

@@ -6,6 +6,8 @@ orpo, simpo). The formulas follow the papers as TRL implements them (tests/test_
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -70,9 +72,16 @@ def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma:
             beta * chosen.detach(), beta * rejected.detach())
 
 
-def kto_kl(mismatched: torch.Tensor, ref_mismatched: torch.Tensor) -> torch.Tensor:
-    """KTO's reference point: the batch's mean log-ratio of mismatched answers, at least 0, as a constant."""
-    return (mismatched - ref_mismatched).mean().detach().clamp(min=0)
+def kto_kl(mismatched: torch.Tensor, ref_mismatched: torch.Tensor, weight: float = 1.0,
+           total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """KTO's reference point: the batch's mean log-ratio of mismatched answers, at least 0, as a constant.
+    `total`: sums (sum, count) over every process where several share the batch (each its rows, counted with
+    its `weight`: 0 for a stand-in), so that each takes the whole batch's mean, as TRL gathers it."""
+    ratio = (mismatched - ref_mismatched).detach()
+    parts = torch.stack([ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)]) * weight
+    if total is not None:
+        parts = total(parts)
+    return (parts[0] / parts[1].clamp(min=1)).clamp(min=0)
 
 
 def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,

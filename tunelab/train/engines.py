@@ -104,6 +104,11 @@ class TrainingEngine:
 class DataParallelEngine(TrainingEngine):
     """Several processes, each training on its share of every micro-batch; subclasses reduce the gradients."""
 
+    def __init__(self, ctx: Context, model, cfg, dtype, deepspeed, work_dir: Path):
+        super().__init__(ctx, model, cfg, dtype, deepspeed, work_dir)
+        if hasattr(self.objective, "across_ranks"):
+            self.objective.across_ranks = _summed_over_ranks
+
     def sync(self, last: bool):
         """Context for one micro-batch's backward: reduce gradients only on the window's last one."""
         return nullcontext()
@@ -171,6 +176,14 @@ class DataParallelEngine(TrainingEngine):
         dist.all_gather(every, mine)
         every = torch.stack(every).cpu()
         return float(every[:, 0].sum()), bool(every[:, 1].any()), int(every[:, 2].max())
+
+
+def _summed_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 class FastLosses(torch.nn.Module):

@@ -8,6 +8,8 @@ step's micro-batches and handed to the log once per step.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from tunelab.data.dataset import Sequence, collate
@@ -49,6 +51,8 @@ class Preference:
         self.averaged = cfg.objective in ("orpo", "simpo") or (cfg.objective == "dpo" and cfg.pref_loss == "ipo")
         self.sft_weight = 1.0 if cfg.objective == "orpo" else cfg.pref_ftx  # of the chosen next-token loss
         self.totals: torch.Tensor | None = None
+        # several processes (train.engines): a sum over all of them, for KTO's estimate over the whole batch
+        self.across_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def begin(self, window: list[list[Sequence]]) -> None:
         rows = [s for batch in window for s in batch]
@@ -79,7 +83,7 @@ class Preference:
             answers = [i for i, k in enumerate(kinds) if k != MISMATCHED]
             desirable = torch.tensor([kinds[i] == CHOSEN for i in answers], device=device)
             answers = torch.tensor(answers, dtype=torch.long, device=device)
-            kl = kto_kl(logps[where[MISMATCHED]], reference[where[MISMATCHED]])
+            kl = kto_kl(logps[where[MISMATCHED]], reference[where[MISMATCHED]], weight, self.across_ranks)
             per_unit, chosen_rewards, rejected_rewards = kto_loss(
                 logps[answers], reference[answers], desirable, kl, cfg.pref_beta, cfg.kto_desirable_weight,
                 cfg.kto_undesirable_weight)
