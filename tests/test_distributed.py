@@ -117,20 +117,24 @@ def test_fast_path_on_two_processes_equals_one_process(cfg_file, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective,fast_path", [("dpo", "on"), ("kto", "off")])
-def test_preference_objectives_on_two_processes_equal_one_process(tiny_llama, tmp_path, objective, fast_path):
-    """DPO (fast path) and KTO (plain path) under DDP: 2 processes x batch_size 1 give the per-step losses and the
-    adapter of one process with batch_size 2. KTO's reference point, a mean over the micro-batch's mismatched
-    answers, is summed over both processes' rows, as one process with the whole micro-batch computes it."""
+@pytest.mark.parametrize("objective,fast_path,algorithm", [("dpo", "on", "lora"), ("kto", "off", "lora"),
+                                                         ("dpo", "off", "full")])
+def test_preference_objectives_on_two_processes_equal_one_process(tiny_llama, tmp_path, objective, fast_path,
+                                                                  algorithm):
+    """DPO (LoRA on the fast path, and full fine-tuning: FSDP2, its reference computed before training) and KTO
+    (plain path) on 2 processes x batch_size 1 give the per-step losses and the trained weights of one process with
+    batch_size 2. KTO's reference point, a mean over the micro-batch's mismatched answers, is summed over both
+    processes' rows, as one process with the whole micro-batch computes it."""
     cfg = write_config(
-        tmp_path / "run.py", pretrained_model_name_or_path=str(tiny_llama), algorithm="lora",
+        tmp_path / "run.py", pretrained_model_name_or_path=str(tiny_llama), algorithm=algorithm,
         data_path="builtin:preference_demo", prompt_template="default", objective=objective, pref_beta=0.1,
-        max_length=256, pack_to_max_length=False, batch_size=1, accumulative_counts=2, max_steps=4, lr=1e-3,
+        max_length=256, pack_to_max_length=False, batch_size=1, accumulative_counts=2, max_steps=4,
+        lr=1e-3 if algorithm == "lora" else 1e-4,
         lora_r=8, lora_alpha=16, lora_dropout=0.0, gradient_checkpointing=False, save_steps=0, log_interval=1,
         evaluation_inputs=[], fast_path=fast_path)
     two = _run("train", cfg, "--work-dir", tmp_path / "two", NPROC_PER_NODE=2)
     assert two.returncode == 0, two.stderr[-4000:]
-    assert "parallel: ddp over 2 processes" in two.stderr
+    assert f"parallel: {'fsdp' if algorithm == 'full' else 'ddp'} over 2 processes" in two.stderr
     assert ("fast path on" in two.stderr) == (fast_path == "on")
     one = _run("train", cfg, "--work-dir", tmp_path / "one", "--cfg-options", "batch_size=2")
     assert one.returncode == 0, one.stderr[-3000:]
