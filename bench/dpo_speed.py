@@ -2,7 +2,7 @@
 model of a real model's shape (random weights; --shape, default Llama-3 8B, bench/shape_model.py), each side in its
 own process, in one call, then one table.
 
-    python bench/dpo_speed.py                         # QLoRA, 2,048-token pairs, both sides, then the table
+    python bench/dpo_speed.py                         # QLoRA, 2,048-token pairs: TRL, tunelab, tunelab@0; the table
     python bench/dpo_speed.py --pair-tokens 4096      # longer pairs
     python bench/dpo_speed.py --sides trl,tunelab,tunelab@0,tunelab-eager   # no layer recomputed; no CUDA graphs
     python bench/dpo_speed.py --shape tiny --algorithm lora --warmup 1 --steps 2    # the script itself, on a CPU
@@ -183,7 +183,7 @@ def run_side(side: str, path: str, algorithm: str, pair_tokens: int, warmup: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--side", help="trl, tunelab, tunelab@N (N layers recomputed) or tunelab-eager (no CUDA graphs)")
-    ap.add_argument("--sides", default="trl,tunelab")
+    ap.add_argument("--sides", default="trl,tunelab,tunelab@0")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--algorithm", choices=["qlora", "lora"], default="qlora")
     ap.add_argument("--pair-tokens", type=int, default=2048, help="chosen and rejected sequences together")
