@@ -988,8 +988,8 @@ def test_gpu_preference_graphs_match_eager_steps(tiny_llama, objective, offload)
 
 @GPU
 def test_gpu_train_dpo_with_cuda_graphs_matches_without(tmp_path):
-    """`tunelab train demo_dpo` on the GPU (bf16, fast path) logs the same per-step losses and reward figures
-    with and without CUDA graphs, and the reference pass and the steps replayed graphs."""
+    """`tunelab train demo_dpo` on the GPU (bf16, fast path) logs the same per-step losses with and without CUDA
+    graphs, and the reference pass and the steps replayed graphs."""
     from conftest import run_losses
     from tunelab.train.loop import train
 
