@@ -289,6 +289,33 @@ def test_token_weights_carry_the_objectives_gradient(tokenizer, tiny_llama, obje
         torch.testing.assert_close(grad, direct_grads[name], atol=1e-6, rtol=1e-5)
 
 
+def test_a_long_reference_pass_says_how_far_it_is(tokenizer, tiny_llama, caplog, monkeypatch):
+    """The reference pass runs before the first step: past REFERENCE_QUIET_S it logs its progress at each tenth of
+    the rows (here the quiet time is 0), and the log-probs it fills are the same in any batch order."""
+    import logging
+
+    from tunelab.train import objective as objective_module
+
+    model = _policy(tiny_llama)
+    cfg = _cfg(tiny_llama, objective="dpo")
+    rows = _units(cfg, tokenizer, [Pair([Turn(q, "")], c, r) for q, c, r in PAIRS * 5])
+    objective = make_objective(cfg)
+    def progress():
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("reference log-probs:")]
+
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        objective.reference(model, rows, 1, tokenizer.pad_token_id, torch.float32)
+        assert progress() == []  # a short pass says nothing
+        alone = [list(r.reference) for r in rows]
+        monkeypatch.setattr(objective_module, "REFERENCE_QUIET_S", 0)
+        objective.reference(model, rows, 3, tokenizer.pad_token_id, torch.float32)
+    lines = progress()
+    expected = [f"reference log-probs: {n} of 20" for n in (3, 6, 9, 12, 15, 18)]
+    assert [line.split(" rows")[0] for line in lines] == expected
+    for row, ref in zip(rows, alone):
+        torch.testing.assert_close(torch.tensor(row.reference), torch.tensor(ref), atol=1e-4, rtol=1e-5)
+
+
 def _load(tmp_path, records, objective="dpo", **over):
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

@@ -8,6 +8,8 @@ step's micro-batches and handed to the log once per step.
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable
 
 import torch
@@ -18,6 +20,9 @@ from tunelab.data.preference import CHOSEN, MISMATCHED, REJECTED
 from tunelab.model.losses import reference_token_losses, token_losses
 from tunelab.model.preference_losses import (dpo_loss, kto_kl, kto_loss, orpo_loss, sequence_logps,
                                              simpo_loss)
+
+log = logging.getLogger("tunelab")
+REFERENCE_QUIET_S = 30  # a reference pass shorter than this logs no progress
 
 # the figures a preference step logs, in the order of Preference.totals
 FIGURES = ("chosen_reward", "chosen", "rejected_reward", "rejected", "correct", "logps_chosen", "logps_rejected",
@@ -126,9 +131,14 @@ class Preference:
     def reference(self, model, rows: list[Sequence], batch_size: int, pad_id: int, dtype: torch.dtype) -> None:
         """Fill every row's `reference`: each answer's summed log-prob under the reference model. The longest rows
         go first: with CUDA graphs the first batch then sets the width that every later one, and training's, is
-        padded to (fast/graphs.py), so that one graph serves them all."""
+        padded to (fast/graphs.py), so that one graph serves them all. A pass that takes long says how far it
+        is at each tenth of the rows (it runs before the first step, which would otherwise be the first sign of
+        life)."""
         order = sorted(rows, key=len, reverse=True)
+        started, tenth = time.time(), max(1, len(order) // 10)
         for i in range(0, len(order), batch_size):
+            if i and i // tenth > (i - batch_size) // tenth and time.time() - started > REFERENCE_QUIET_S:
+                log.info("reference log-probs: %d of %d rows (%.0fs)", i, len(order), time.time() - started)
             chunk = order[i:i + batch_size]
             batch = collate(chunk, pad_id)
             sums, _ = sequence_logps(reference_token_losses(model, batch, dtype), batch["segment_ids"],
