@@ -911,7 +911,6 @@ def test_gpu_preference_graphs_match_eager_steps(tiny_llama, objective, offload)
 
     from tunelab.fast.graphs import GraphedSteps
     from tunelab.model.losses import reference_token_losses
-    from tunelab.model.preference_losses import sequence_logps
     from tunelab.train.objective import make_objective
 
     model, _ = _gpu_lora_model_and_batch(tiny_llama, seed=7)
@@ -925,11 +924,7 @@ def test_gpu_preference_graphs_match_eager_steps(tiny_llama, objective, offload)
     cases = [_preference_rows(vocab, rows, seed, kto=objective == "kto") for seed, rows in enumerate(layouts)]
     objective_ = make_objective(_cfg(tiny_llama, objective=objective, pref_beta=0.5))
     for rows in cases:  # the reference log-probs the base gives (made-up ones would saturate the losses)
-        batch = collate(rows, 0)
-        with torch.no_grad(), fast.adapters_off():
-            sums, _ = sequence_logps(fast.token_losses(batch, torch.bfloat16), batch["segment_ids"], batch["targets"])
-        for row, chunk in zip(rows, torch.split(sums, [len(r.kinds) for r in rows])):
-            row.reference = chunk.tolist()
+        objective_.reference(model, rows, len(rows), 0, torch.bfloat16)
 
     def step(rows, graphed: bool):
         batch = collate(rows, 0)

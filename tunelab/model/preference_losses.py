@@ -78,7 +78,7 @@ def kto_kl(mismatched: torch.Tensor, ref_mismatched: torch.Tensor, weight: float
     `total`: sums (sum, count) over every process where several share the batch (each its rows, counted with
     its `weight`: 0 for a stand-in), so that each takes the whole batch's mean, as TRL gathers it."""
     ratio = (mismatched - ref_mismatched).detach()
-    parts = torch.stack([ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)]) * weight
+    parts = torch.stack([ratio.sum(), ratio.new_full((), ratio.numel())]) * weight  # no copy from the host
     if total is not None:
         parts = total(parts)
     return (parts[0] / parts[1].clamp(min=1)).clamp(min=0)
