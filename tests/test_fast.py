@@ -635,10 +635,13 @@ def test_gpu_chunked_loss_bf16():
     ref = F.cross_entropy((hidden @ weight.t()).float(), targets, ignore_index=IGNORE, reduction="none")
     ref.mean().backward()
     ref_grad, hidden.grad = hidden.grad.clone(), None
-    got = chunked_token_losses(hidden, weight, targets, chunk_size=1000)
-    got.mean().backward()
-    torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
-    torch.testing.assert_close(hidden.grad.float(), ref_grad.float(), atol=1e-3, rtol=5e-2)
+    from tunelab.fast.loss import chunk_losses_and_grad
+    for elementwise in (chunk_losses_and_grad, torch.compile(chunk_losses_and_grad)):  # eager, and as the fast path
+        got = chunked_token_losses(hidden, weight, targets, chunk_size=1000, elementwise=elementwise)
+        got.mean().backward()
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(hidden.grad.float(), ref_grad.float(), atol=1e-3, rtol=5e-2)
+        hidden.grad = None
 
 
 def _single_rows(vocab: int, rows: int, length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -1143,6 +1146,30 @@ def test_compiled_layer_keeps_few_activations_for_backward(tiny_llama, lora_gemm
     ratio = model.config.intermediate_size / hidden
     kept = kept_by_one_layer()
     assert kept < 6 + 2 * ratio + 2.0, kept  # 1 (x) + 4 (q, k, v, out) + 1 (mid) + 2 x ratio (g, u) + LoRA
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_compiled_loss_chunk_equals_eager(softcap):
+    """The fast path's compiled copy of a chunk's loss and logit gradient (what a GPU runs, reading the bf16 GEMM
+    output without an fp32 copy in memory) gives the eager function's losses and hidden-state gradients, with and
+    without Gemma 2's logit softcap, over a tail chunk and ignored tokens."""
+    from tunelab.fast.loss import chunk_losses_and_grad
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = (0.2 * torch.randn(1000, 64, generator=g)).to(torch.bfloat16)
+    targets = torch.randint(0, 1000, (300,), generator=g)
+    targets[:20] = IGNORE
+    results = []
+    for elementwise in (chunk_losses_and_grad, torch.compile(chunk_losses_and_grad)):
+        losses = chunked_token_losses(hidden, weight, targets, chunk_size=128, softcap=softcap, elementwise=elementwise)
+        losses.sum().backward()
+        results.append((losses.detach(), hidden.grad))
+        hidden.grad = None
+    (eager, eager_grad), (compiled, compiled_grad) = results
+    assert bool((eager[:20] == 0).all()) and float(eager[20:].min()) > 0
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_grad.float(), eager_grad.float(), atol=1e-4, rtol=1e-2)
 
 
 def test_loss_chunks_are_sized_by_vocabulary():

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from tunelab.fast.attention import PackedLayout, attention, packed_layout, windowed
 from tunelab.fast.dropout import Masks, add_dropped, dropped
 from tunelab.fast.lora_gemm import project, recomputing
-from tunelab.fast.loss import chunked_token_losses
+from tunelab.fast.loss import chunk_losses_and_grad, chunked_token_losses
 from tunelab.fast.offload import HostStash, KeptOutputs, offloaded
 from tunelab.fast.parts import Layer, decoder_core, layers_of, lm_head, norm_eps
 from tunelab.fast.regions import (attn_residual_norm, frozen_projection, gate_up, geglu, lora_args,
@@ -119,6 +119,7 @@ class FastDecoder:
         self.mlp_residual: Callable = wrap(mlp_residual)
         self.dropped: Callable = wrap(dropped)
         self.add_dropped: Callable = wrap(add_dropped)
+        self.loss_chunk: Callable = wrap(chunk_losses_and_grad)
 
     @contextmanager
     def adapters_off(self):
@@ -355,5 +356,5 @@ class FastDecoder:
         weight = head.weight if head.weight.dtype == dtype else head.weight.to(dtype)
         targets = batch["targets"]
         losses = chunked_token_losses(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
-                                      softcap=self.logit_softcap)
+                                      softcap=self.logit_softcap, elementwise=self.loss_chunk)
         return losses.view(targets.shape)

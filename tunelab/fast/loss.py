@@ -11,9 +11,32 @@ import torch
 IGNORE = -100
 
 
+def chunk_losses_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    """One chunk's per-token losses (fp32) and d loss / d logits (softmax - onehot, zero on ignored tokens; in the
+    logits' dtype), from its logits as the head's GEMM gave them. In place on one fp32 copy of the logits, so
+    eagerly a chunk holds one fp32 (chunk x vocab) tensor, not two; compiled (the fast path on a GPU), it is
+    two kernels that read the GEMM's output and write the gradient, with no fp32 tensor in memory."""
+    valid = targets != IGNORE
+    x = logits.float()
+    if softcap:  # Gemma 2: cap * tanh(logits / cap); its derivative, 1 - tanh^2, is kept in `squash`
+        squash = x.div_(softcap).tanh_()
+        x = squash * softcap
+        squash = squash.square_().neg_().add_(1)
+    lse = torch.logsumexp(x, dim=-1)
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+    picked = x.gather(1, safe_t[:, None]).squeeze(1)
+    losses = torch.where(valid, lse - picked, torch.zeros_like(lse))
+    grad = x.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
+    grad *= valid[:, None]
+    if softcap:
+        grad *= squash
+    return losses, grad.to(logits.dtype)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None, elementwise):
         n = hidden.shape[0]
         losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden)
@@ -24,26 +47,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size]
             t = targets[start:start + chunk_size]
-            valid = t != IGNORE
-            if may_skip and not bool(valid.any()):
+            if may_skip and not bool((t != IGNORE).any()):
                 continue
-            logits = (h @ weight.t()).float()
-            if softcap:  # Gemma 2: cap * tanh(logits / cap); its derivative, 1 - tanh^2, is kept in `squash`
-                squash = logits.div_(softcap).tanh_()
-                logits = squash * softcap
-                squash = squash.square_().neg_().add_(1)
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = torch.where(valid, t, torch.zeros_like(t))
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            losses[start:start + chunk_size] = torch.where(valid, lse - picked, torch.zeros_like(lse))
-            # d loss / d logits = softmax - onehot, zero on ignored tokens; the softmax is made in place of the
-            # logits, so a chunk holds one fp32 (chunk x vocab) tensor, not two
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
-            grad_logits *= valid[:, None]
-            if softcap:
-                grad_logits *= squash
-                del squash
+            losses[start:start + chunk_size], grad_logits = elementwise(h @ weight.t(), t, softcap)
             grad_logits = grad_logits.to(hidden.dtype)
             grad_hidden[start:start + chunk_size] = grad_logits @ weight
             if weight_trains:
@@ -64,7 +70,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not torch.all(grad_losses == grad_losses.flatten()[0]):
                 raise RuntimeError("chunked_token_losses: a trainable head needs a uniform loss weight")
             dw = (grad_weight * grad_losses.flatten()[0]).to(ctx.weight_dtype)
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk: a 32k vocabulary gives 1,024-token chunks
@@ -81,9 +87,11 @@ def chunk_tokens(vocab: int) -> int:
 
 
 def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                         chunk_size: int | None = None, softcap: float | None = None,
+                         elementwise=chunk_losses_and_grad) -> torch.Tensor:
     """Per-token cross entropy of `hidden @ weight.T` against `targets` (IGNORE gives 0), shape (tokens,).
     hidden: (tokens, dim); weight: (vocab, dim); targets: (tokens,); chunk_size: tokens per chunk
-    (default: chunk_tokens(vocab)); softcap: the logits are capped to cap * tanh(logits / cap) first (Gemma 2)."""
+    (default: chunk_tokens(vocab)); softcap: the logits are capped to cap * tanh(logits / cap) first (Gemma 2);
+    elementwise: chunk_losses_and_grad, or the fast path's compiled copy of it."""
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size or chunk_tokens(weight.shape[0]),
-                                            softcap)
+                                            softcap, elementwise)
