@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunelab.model.load import resolve_model_path
+from tunelab.model.load import load_model, resolve_model_path
 from tunelab.errors import UserError
 
 
@@ -21,6 +21,26 @@ def test_tiny_models_load_with_auto_classes(tiny_models, arch, model_type):
     assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
     if arch == "internlm":
         assert model.model.layers[0].self_attn.q_proj.bias is not None
+
+
+def test_softcapped_attention_loads_with_eager_attention(tiny_models, caplog):
+    """Gemma 2 softcaps its attention scores. Hugging Face's eager attention applies the cap; its sdpa attention,
+    the default for Gemma 2 in transformers 5.17 (the GPU machine's), left it out without a word, so training and
+    chat computed another model. load_model asks for eager attention for such a model, says so, and leaves
+    every other model its own default."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        gemma2 = load_model(str(tiny_models["gemma2"]), dtype=torch.float32, device="cpu")
+    assert gemma2.config.attn_logit_softcapping is not None
+    assert gemma2.config._attn_implementation == "eager"
+    assert any("attention: eager" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        llama = load_model(str(tiny_models["llama"]), dtype=torch.float32, device="cpu")
+    assert llama.config._attn_implementation == AutoModelForCausalLM.from_pretrained(
+        tiny_models["llama"]).config._attn_implementation
+    assert not any("attention: eager" in r.getMessage() for r in caplog.records)
 
 
 def test_tokenizer_round_trips_chinese_and_markers(tiny_llama):

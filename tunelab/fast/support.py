@@ -193,7 +193,8 @@ FAMILIES.update({
 def gpu_reason(model) -> str | None:
     """Why the fast path must not run this model on a GPU although it runs it on the CPU (None: it may).
     Softcapped attention takes flex_attention there, whose bf16 parity row has not passed on a GPU yet
-    (test_gpu_fast_path_matches_plain_path_bf16[gemma2-softcap]; bench/RESULTS.md, 2026-12-05)."""
+    (test_gpu_fast_path_matches_plain_path_bf16[gemma2-softcap]: it failed against a reference that skipped the
+    softcap, and has not run against the eager attention since; bench/RESULTS.md, 2026-12-06)."""
     cfg = getattr(decoder_core(model), "config", None)
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         return (f"model type {cfg.model_type!r} with attention softcapping has passed its fast-path parity test on "

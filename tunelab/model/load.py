@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ from tunelab.errors import UserError
 from tunelab.model.tiny import resolve_builtin_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+log = logging.getLogger("tunelab")
 
 
 def default_device() -> str:
@@ -97,10 +99,29 @@ def load_model(path: str, *, dtype: torch.dtype, bits: int | None = None, device
 
     device = device or default_device()
     quant = quantization_config(bits, dtype)
+    if "attn_implementation" not in kwargs:
+        from transformers import AutoConfig
+
+        try:
+            impl = attention_implementation(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        except Exception:  # noqa: BLE001 - a config only its remote code reads: from_pretrained says why below
+            impl = None
+        if impl:
+            kwargs["attn_implementation"] = impl
+            log.info("attention: eager, which applies the model's attention-score softcapping (sdpa skips it "
+                     "in some transformers versions)")
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=trust_remote_code, quantization_config=quant,
         device_map={"": device} if quant is not None or device != "cpu" else None, **kwargs)
     return model
+
+
+def attention_implementation(config) -> str | None:
+    """'eager' for a model whose attention scores are softcapped (Gemma 2): Hugging Face's eager attention applies
+    the cap in every transformers version, while its sdpa attention left it out without a word in some (5.17, the
+    GPU machine's: a tiny Gemma 2's loss moved by 0.1%, its gradients to cosine 0.77; bench/RESULTS.md), which
+    trains and runs another model. None: the model's own default."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) is not None else None
 
 
 def add_lora(model, cfg, quantized: bool, prepare: bool = True, model_path: str | None = None):
