@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 sys.path.insert(0, str(HERE))
 from shape_model import SHAPES, build  # noqa: E402  (beside this script)
-from sides import run_in_own_process  # noqa: E402
+from sides import hf_attention, run_in_own_process  # noqa: E402
 
 
 def _device() -> str:
@@ -73,7 +73,8 @@ def _trl_side(path: str, qlora: bool, pairs, warmup: int) -> tuple[list[float], 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype) if qlora else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": _device()}, attn_implementation="sdpa")
+                                                 device_map={"": _device()},
+                                                 attn_implementation=hf_attention(path))
     args = DPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], bf16=cuda, use_cpu=not cuda, beta=0.1,
                      loss_type=["sigmoid"], gradient_checkpointing=True, per_device_train_batch_size=1)
     trainer = DPOTrainer(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(path),

@@ -19,3 +19,12 @@ def run_in_own_process(cmd: list[str], timeout: float, label: str, **row) -> dic
         print(f"--- {label} failed:\n{tail}", flush=True)
         result = dict(row, error=out.strip().splitlines()[-1][:200] if out.strip() else "?")
     return result
+
+
+def hf_attention(path: str) -> str:
+    """The Hugging Face attention of the HF/TRL sides: sdpa, or the one tunelab loads the model with where it
+    must be another (Gemma 2's softcapped attention: eager, since transformers 5.17's sdpa skipped the cap)."""
+    from transformers import AutoConfig
+
+    from tunelab.model.load import attention_implementation
+    return attention_implementation(AutoConfig.from_pretrained(path)) or "sdpa"

@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 sys.path.insert(0, str(HERE))
 from shape_model import SHAPES, build  # noqa: E402  (beside this script)
-from sides import run_in_own_process  # noqa: E402
+from sides import hf_attention, run_in_own_process  # noqa: E402
 
 SHAPE_NAME = os.environ.get("BENCH_SHAPE", "llama2-7b")  # --shape; the driver hands it to each side's process
 SHAPE = {"vocab_size": SHAPES[SHAPE_NAME][1]["vocab_size"]}  # what the sides read of it: the token ids drawn
@@ -78,7 +78,8 @@ def _hf_model(path: str, qlora: bool):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16) if qlora else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quant,
-                                                 device_map={"": "cuda"}, attn_implementation="sdpa")
+                                                 device_map={"": "cuda"},
+                                                 attn_implementation=hf_attention(path))
     model.config.use_cache = False
     if qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
