@@ -14,8 +14,8 @@ IGNORE = -100
 def chunk_losses_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
     """One chunk's per-token losses (fp32) and d loss / d logits (softmax - onehot, zero on ignored tokens; in the
     logits' dtype), from its logits as the head's GEMM gave them. In place on one fp32 copy of the logits, so
-    eagerly a chunk holds one fp32 (chunk x vocab) tensor, not two; compiled (the fast path on a GPU), it is
-    two kernels that read the GEMM's output and write the gradient, with no fp32 tensor in memory."""
+    eagerly a chunk holds one fp32 (chunk x vocab) tensor, not two; compiled (the fast path on a GPU),
+    torch.compile fuses those passes over the chunk (times and peaks: bench/RESULTS.md, 2026-12-06)."""
     valid = targets != IGNORE
     x = logits.float()
     if softcap:  # Gemma 2: cap * tanh(logits / cap); its derivative, 1 - tanh^2, is kept in `squash`
