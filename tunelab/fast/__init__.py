@@ -22,7 +22,7 @@ def use_fast_path(cfg, device: str, model, engine: str = "single") -> bool:
     engine is one process or DDP, and the (not yet LoRA-wrapped) model is one it supports. Decided before LoRA
     is added, because the plain path needs PEFT's k-bit preparation and transformers' own checkpointing, which
     the fast path does not."""
-    from tunelab.fast.support import gpu_reason, targets_reason, unsupported_reason
+    from tunelab.fast.support import targets_reason, unsupported_reason
 
     if not _asked_for(cfg, device):
         return False
@@ -31,8 +31,6 @@ def use_fast_path(cfg, device: str, model, engine: str = "single") -> bool:
         # FSDP2 gathers its shards and DeepSpeed ZeRO its partitions in hooks on the model's own forward
         reason = f"the {engine} engine (it needs the model's own forward; LoRA/QLoRA over DDP runs the fast path)"
     reason = reason or unsupported_reason(model)
-    if reason is None and str(device).startswith("cuda"):
-        reason = gpu_reason(model)
     if reason is None and cfg.algorithm in ("lora", "qlora"):
         reason = targets_reason(model, cfg.lora_target_modules)
     if reason is None and cfg.algorithm in ("lora", "qlora") and getattr(cfg, "use_dora", False):
@@ -82,7 +80,6 @@ def attach(model, cfg, device: str, world_size: int = 1) -> None:
     """Give `model` (one that use_fast_path accepted, LoRA added) its fast forward as `model.tunelab_fast`
     and, where they can run, its CUDA graphs as `model.tunelab_graphs`."""
     from tunelab.fast.decoder import FastDecoder
-    from tunelab.fast.support import graphs_reason
 
     compiled = device.startswith("cuda") and cfg.fast_compile
     fast = FastDecoder(model, compile=compiled, checkpointing=cfg.gradient_checkpointing,
@@ -95,10 +92,6 @@ def attach(model, cfg, device: str, world_size: int = 1) -> None:
     # captured graph would not call
     graphs = compiled and cfg.cuda_graphs and cfg.algorithm in ("lora", "qlora") and \
         not (fast.replays_rng and fast.checkpointed) and world_size == 1
-    why = graphs_reason(model) if graphs else None
-    if why is not None:
-        log.info("CUDA graphs off: %s", why)
-        graphs = False
     if graphs:
         from tunelab.fast.graphs import GraphedSteps
         model.tunelab_graphs = GraphedSteps(fast, [p for p in model.parameters() if p.requires_grad])

@@ -190,34 +190,6 @@ FAMILIES.update({
 })
 
 
-def gpu_reason(model) -> str | None:
-    """Why the fast path must not run this model on a GPU although it runs it on the CPU (None: it may).
-    Softcapped attention takes flex_attention there, whose bf16 parity row has not passed on a GPU yet
-    (test_gpu_fast_path_matches_plain_path_bf16[gemma2-softcap]: it failed against a reference that skipped the
-    softcap, and has not run against the eager attention since; bench/RESULTS.md, 2026-12-06)."""
-    cfg = getattr(decoder_core(model), "config", None)
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        return (f"model type {cfg.model_type!r} with attention softcapping has passed its fast-path parity test on "
-                f"the CPU only; on a GPU it runs the plain path until its GPU parity test passes")
-    return None
-
-
-# Families whose fast path has passed its bf16 parity on a GPU but not the CUDA-graph tests (tests/test_fast.py
-# runs those on Llama-shaped models): their steps run eagerly until it has
-GRAPHS_UNTESTED = frozenset({"gemma", "gemma2", "gemma3_text"})
-
-
-def graphs_reason(model) -> str | None:
-    """Why the fast path must not capture this model's steps in CUDA graphs (None: it may)."""
-    cfg = getattr(decoder_core(model), "config", None)
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        return "softcapped attention (flex_attention) failed its capture in a CUDA graph on a GPU"
-    kind = getattr(cfg, "model_type", None)
-    if kind in GRAPHS_UNTESTED:
-        return f"model type {kind!r} has not passed the CUDA-graph tests on a GPU"
-    return None
-
-
 def support(model) -> tuple[Spec | None, str | None]:
     """(what the fast path computes for `model`, None), or (None, why it cannot run it, in one line)."""
     core = decoder_core(model)
