@@ -1,8 +1,8 @@
 """A randomly initialised model with the shape of a real one (default: Llama-2 7B) and tunelab's tiny byte-level
 tokenizer, saved in bf16 Hugging Face format, for speed and memory benchmarks only.
 
-    python bench/shape_model.py OUT_DIR [--shape llama2-7b|llama3-8b|qwen2.5-7b|qwen3-8b|gemma2-9b|tiny]
-                                        [--device cuda]
+    python bench/shape_model.py OUT_DIR [--shape llama2-7b|llama3-8b|qwen2.5-7b|qwen3-8b|gemma2-9b|phi3.5-mini|
+                                                 phi4-mini|tiny] [--device cuda]
 """
 from __future__ import annotations
 
@@ -32,12 +32,28 @@ SHAPES = {
                                        vocab_size=256000, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
                                        sliding_window=4096, attn_logit_softcapping=50.0,
                                        final_logit_softcapping=30.0, tie_word_embeddings=True)),
+    # Phi-3.5-mini and Phi-4-mini: LongRoPE switching at 4,096 positions (factor lists of the published length,
+    # their values 1: they do not change the speed), Phi-4-mini's RoPE over 3/4 of each head
+    "phi3.5-mini": ("Phi3Config", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                                       rms_norm_eps=1e-5, sliding_window=262144, original_max_position_embeddings=4096,
+                                       rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                            original_max_position_embeddings=4096,
+                                                            short_factor=[1.0] * 48, long_factor=[1.0] * 48))),
+    "phi4-mini": ("Phi3Config", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                     num_attention_heads=24, num_key_value_heads=8, vocab_size=200064,
+                                     rms_norm_eps=1e-5, sliding_window=262144, original_max_position_embeddings=4096,
+                                     tie_word_embeddings=True,
+                                     rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                          partial_rotary_factor=0.75,
+                                                          original_max_position_embeddings=4096,
+                                                          short_factor=[1.0] * 48, long_factor=[1.0] * 48))),
     "tiny": ("LlamaConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=4, vocab_size=2048)),
 }
 SHAPES["7b"] = SHAPES["llama2-7b"]  # the name earlier commands in bench/RESULTS.md use
 TEMPLATES = {"LlamaConfig": "llama2_chat", "Qwen2Config": "qwen_chat", "Qwen3Config": "chatml",
-             "Gemma2Config": "gemma"}
+             "Gemma2Config": "gemma", "Phi3Config": "phi3_chat"}
 
 
 def config_of(shape: str, vocab_size: int | None = None, **ids):

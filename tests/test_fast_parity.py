@@ -32,6 +32,19 @@ VOCAB = 512
 ATTENTION_CAP = 5.0
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def _longrope(partial: float = 1.0) -> dict:
+    """Phi-3.5's LongRoPE on the tiny Phi-3 (head_dim 32: transformers checks the factors against hidden / heads),
+    switching at 50 positions: the parity rows' batch (positions up to 59) takes the long factors, the packed
+    samples (up to 39) the short ones; factors far from 1 so that the wrong set would show."""
+    n = int(32 * partial) // 2
+    return {"head_dim": 32, "max_position_embeddings": 400, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 50,
+        "partial_rotary_factor": partial, "short_factor": [1.0 + 0.2 * i for i in range(n)],
+        "long_factor": [3.0 + 0.5 * i for i in range(n)]}}
+
+
 # name -> (tiny.ARCHS arch, config fields over the tiny one): every family and RoPE type the fast path allows
 MATRIX = {
     "llama": ("llama", {"head_dim": 48}),  # Llama 2: GQA (4 heads over 2), head_dim != hidden / heads
@@ -45,6 +58,8 @@ MATRIX = {
     "qwen3": ("qwen3", {"tie_word_embeddings": True}),  # per-head q/k norms, head_dim 48, tied embeddings
     "mistral": ("mistral", {"head_dim": 48, "sliding_window": 24}),  # samples longer than the window
     "phi3": ("phi3", {"sliding_window": 24, "pad_token_id": 0}),  # fused qkv and gate_up, LoRA on them, window
+    "phi3.5": ("phi3", {"pad_token_id": 0, **_longrope()}),  # LongRoPE
+    "phi4-mini": ("phi3", {"pad_token_id": 0, "tie_word_embeddings": True, **_longrope(0.75)}),  # RoPE on 3/4 of a head
     "internlm3": ("internlm3", {"attention_bias": True, "mlp_bias": True}),  # Llama under its own config class
     "gemma": ("gemma", {"tie_word_embeddings": True}),  # (1 + w) norms, GeGLU, scaled embedding, head_dim 48
     # post-sublayer norms, query_pre_attn_scalar, a sliding layer then a full one; final logits softcapped
@@ -101,7 +116,21 @@ def test_the_matrix_covers_the_allowlist():
     """The fast path runs only model types and RoPE types that have a parity test here."""
     assert {tiny_config(arch, VOCAB, **fields).model_type for arch, fields in MATRIX.values()} == set(FAMILIES)
     ropes = {fields.get("rope_parameters", {}).get("rope_type", "default") for _, fields in MATRIX.values()}
-    assert ropes == set(TESTED_ROPE)
+    assert ropes == set(TESTED_ROPE) | {"longrope"}  # LongRoPE and partial rotary: Phi-3's rows only
+
+
+def test_longrope_and_partial_rotary_run_the_fast_path_for_phi3_only():
+    """Phi-3's attention applies LongRoPE and partial rotary, and its rows test them; a Llama config carrying
+    either runs the plain path, saying why."""
+    assert unsupported_reason(_tiny("phi4-mini", wrap=False)) is None
+    longrope = _longrope()["rope_parameters"]
+    why = unsupported_reason(_tiny("llama", wrap=False, head_dim=32, max_position_embeddings=400,
+                                   rope_parameters=longrope))
+    assert why is not None and "rope type 'longrope'" in why, why
+    why = unsupported_reason(_tiny("llama", wrap=False, rope_parameters={"rope_type": "default",
+                                                                         "rope_theta": 10000.0,
+                                                                         "partial_rotary_factor": 0.5}))
+    assert why is not None and "partial_rotary_factor 0.5" in why, why
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -397,15 +426,16 @@ def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, t
 
 
 def test_bench_shapes_take_the_path_their_family_does():
-    """bench/speed.py --shape: each published shape builds its family's model, which takes the fast path: Gemma 2
-    as published too (attention softcapping at 50, on flex_attention), with both of its softcaps."""
+    """bench/speed.py --shape: each published shape builds its family's model, which takes the fast path: Phi-3.5's
+    and Phi-4-mini's LongRoPE and partial rotary, and Gemma 2 as published (attention softcapping at 50, on
+    flex_attention), with both of its softcaps."""
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("shape_model", Path(__file__).parents[1] / "bench" / "shape_model.py")
     shapes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shapes)
-    for name in ("llama2-7b", "llama3-8b", "qwen2.5-7b", "qwen3-8b", "gemma2-9b"):
+    for name in ("llama2-7b", "llama3-8b", "qwen2.5-7b", "qwen3-8b", "phi3.5-mini", "phi4-mini", "gemma2-9b"):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(shapes.config_of(name))
         computed, why = support(model)
@@ -420,7 +450,8 @@ def test_bench_shapes_take_the_path_their_family_does():
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_gpu_graphed_steps_match_eager_steps_per_family(name):
     """Every family's graphed steps against its eager ones, every layer recomputed, single rows and packed rows of
-    one width, as test_gpu_cuda_graph_steps_match_eager_steps does for Llama in more settings."""
+    one width, as test_gpu_cuda_graph_steps_match_eager_steps does for Llama in more settings. The last packed
+    batch stays within LongRoPE's original context: one replayed graph takes both of its factor sets."""
     from tunelab.fast.graphs import GraphedSteps
 
     model = _tiny(name, device="cuda", dtype=torch.bfloat16)
@@ -430,7 +461,7 @@ def test_gpu_graphed_steps_match_eager_steps_per_family(name):
     cases = {"single": [_single_rows(VOCAB, 2, 512, seed) for seed in range(3)],
              "packed": [_batch(VOCAB, lengths, seed=seed) for seed, lengths in
                         enumerate([[[200, 150, 100], [300, 100]], [[120, 300, 30], [250, 150]],
-                                   [[450], [100, 100, 100, 100]]])]}
+                                   [[450], [100, 100, 100, 100]], [[45] * 4, [45] * 4]])]}
 
     def eager(batch):  # its loss detached: an eager autograd graph left alive would break the next capture
         model.zero_grad(set_to_none=True)

@@ -62,6 +62,20 @@ def _marked_recomputation():
     return nullcontext(), recomputing()
 
 
+def longrope_frequencies(rotary) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """LongRoPE's (short, long) inverse frequencies and the original context it switches at, from the model's
+    own RoPE initialisation; None for any other RoPE type."""
+    if getattr(rotary, "rope_type", None) != "longrope":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg, init = rotary.config, ROPE_INIT_FUNCTIONS["longrope"]
+    original = (getattr(cfg, "rope_parameters", None) or {}).get("original_max_position_embeddings") or \
+        cfg.original_max_position_embeddings
+    device = rotary.inv_freq.device
+    return init(cfg, device)[0], init(cfg, device, seq_len=original + 1)[0], original
+
+
 class FastDecoder:
     """Per-token losses for a batch, computed the fast way over `model`'s own parameters."""
 
@@ -80,6 +94,7 @@ class FastDecoder:
         self.scale = spec.attention_scale or self.head_dim ** -0.5
         self.gemma, self.logit_softcap = spec.gemma, spec.logit_softcap
         self.layers = layers_of(core, spec)
+        self.longrope = longrope_frequencies(core.rotary_emb)
         # the shortest sliding window of any layer (check_window)
         self.window = min((L.window for L in self.layers if L.window), default=None)
         projections = [p for L in self.layers for p in L.projections()]
@@ -306,6 +321,21 @@ class FastDecoder:
             raise ValueError("fast path: samples longer than the sliding window, which this PyTorch's varlen "
                              "attention cannot apply")
 
+    def rope_tables(self, x, position_ids, kind: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin for these positions, by the model's own rotary embedding; LongRoPE's (Phi-3.5) as
+        it computes them, from its frequencies (longrope_frequencies). LongRoPE takes its long factors where the
+        batch reaches past the original context, its short ones otherwise. Some transformers versions make that
+        choice with a Python comparison (a GPU sync, which a CUDA graph capture forbids) and swap the buffer a
+        captured graph would read, so here it is made on the device, between frequencies this decoder keeps."""
+        rotary = self.core.rotary_emb
+        if self.longrope is None:
+            return rotary(x, position_ids) if kind is None else rotary(x, position_ids, kind)
+        short, long, original = self.longrope
+        inv_freq = torch.where(position_ids.max() + 1 > original, long.to(x.device), short.to(x.device))
+        freqs = position_ids[..., None].float() * inv_freq
+        angles = torch.cat((freqs, freqs), -1)
+        return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
+
     def hidden_states(self, input_ids, position_ids, dtype: torch.dtype, layout: PackedLayout) -> torch.Tensor:
         """Final-norm hidden states (batch, seq, dim)."""
         core = self.core
@@ -313,8 +343,7 @@ class FastDecoder:
         if self.gemma and not hasattr(core.embed_tokens, "embed_scale"):  # older transformers scale it in the model
             x = x * torch.tensor(core.config.hidden_size ** 0.5, dtype=dtype)
         # RoPE's cos and sin: one pair, or (Gemma 3) one per kind of layer
-        ropes = {kind: tuple(t.to(dtype) for t in (core.rotary_emb(x, position_ids) if kind is None else
-                                                   core.rotary_emb(x, position_ids, kind)))
+        ropes = {kind: tuple(t.to(dtype) for t in self.rope_tables(x, position_ids, kind))
                  for kind in {L.rope_kind for L in self.layers}}
         masks = self.masks(x.device)  # given to each layer and to its recomputation alike
         if self.stash is not None:

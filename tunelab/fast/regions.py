@@ -124,7 +124,17 @@ def rope(q, k, v, cos, sin, heads: int, kv_heads: int, q_norm=None, k_norm=None,
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, head_norm_eps, gemma), rms_norm(k, k_norm, head_norm_eps, gemma)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def rotate(x, cos, sin):
+    """RoPE over the first cos.shape[-1] dims of each head (all of them, or partial_rotary_factor's share, as
+    Phi-4-mini); the rest pass as they are."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, tail = x[..., :r], x[..., r:]
+    return torch.cat((head * cos + rotate_half(head) * sin, tail), -1)
 
 
 def post_residual(x, y, post, eps, gemma: bool):

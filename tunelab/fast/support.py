@@ -86,14 +86,22 @@ def _tested_rope(cfg) -> str | None:
     return _rope_reason(getattr(cfg, "rope_parameters", None) or {}, getattr(cfg, "partial_rotary_factor", 1.0))
 
 
-def _rope_reason(params: dict, partial_default) -> str | None:
+def _phi3_rope(cfg) -> str | None:
+    """Phi-3.5 and Phi-4-mini: LongRoPE, and (Phi-4-mini) RoPE over part of each head, which Phi-3's attention
+    applies and the fast path does as it does."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return _rope_reason(params, getattr(cfg, "partial_rotary_factor", 1.0), TESTED_ROPE + ("longrope",), True)
+
+
+def _rope_reason(params: dict, partial_default, tested: tuple[str, ...] = TESTED_ROPE,
+                 partial_ok: bool = False) -> str | None:
     """Why the fast path cannot compute RoPE of these rope_parameters (None: it can)."""
     kind = params.get("rope_type", "default")
-    if kind not in TESTED_ROPE:
-        return f"rope type {kind!r} (tested: {', '.join(TESTED_ROPE)})"
+    if kind not in tested:
+        return f"rope type {kind!r} (tested: {', '.join(tested)})"
     partial = params.get("partial_rotary_factor", partial_default)
-    if partial not in (None, 1.0):
-        return f"partial_rotary_factor {partial} (the fast path rotates whole heads)"
+    if partial not in (None, 1.0) and not partial_ok:
+        return f"partial_rotary_factor {partial} (the fast path rotates whole heads of this model type)"
     return None
 
 
@@ -144,8 +152,9 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3Model", {**_COMMON, **_QWEN_WINDOW, "attention_bias": _handled},
                     modules=_LLAMA_MODULES + ("self_attn.q_norm", "self_attn.k_norm")),  # per-head norms
     # Phi-3/3.5/4: fused qkv_proj and gate_up_proj (LoRA on them as PEFT names them); a sliding window on every
-    # layer where the config sets one; original_max_position_embeddings serves longrope only
-    "phi3": Family("Phi3Model", {**_COMMON, "sliding_window": _handled, "original_max_position_embeddings": _handled,
+    # layer where the config sets one; LongRoPE (its original_max_position_embeddings), partial rotary
+    "phi3": Family("Phi3Model", {**_COMMON, "rope_parameters": _phi3_rope, "sliding_window": _handled,
+                                 "original_max_position_embeddings": _handled,
                                  "resid_pdrop": _no_dropout("resid_pdrop"), "embd_pdrop": _no_dropout("embd_pdrop")},
                    modules=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj") + _NORMS,
                    spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
