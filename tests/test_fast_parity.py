@@ -59,7 +59,8 @@ MATRIX = {
     "mistral": ("mistral", {"head_dim": 48, "sliding_window": 24}),  # samples longer than the window
     "phi3": ("phi3", {"sliding_window": 24, "pad_token_id": 0}),  # fused qkv and gate_up, LoRA on them, window
     "phi3.5": ("phi3", {"pad_token_id": 0, **_longrope()}),  # LongRoPE
-    "phi4-mini": ("phi3", {"pad_token_id": 0, "tie_word_embeddings": True, **_longrope(0.75)}),  # RoPE on 3/4 of a head
+    # LongRoPE and RoPE on 3/4 of each head
+    "phi4-mini": ("phi3", {"pad_token_id": 0, "tie_word_embeddings": True, **_longrope(0.75)}),
     "internlm3": ("internlm3", {"attention_bias": True, "mlp_bias": True}),  # Llama under its own config class
     "gemma": ("gemma", {"tie_word_embeddings": True}),  # (1 + w) norms, GeGLU, scaled embedding, head_dim 48
     # post-sublayer norms, query_pre_attn_scalar, a sliding layer then a full one; final logits softcapped
@@ -481,8 +482,6 @@ def test_gpu_graphed_steps_match_eager_steps_per_family(name):
     assert len(graphs.graphs) >= 2, list(graphs.graphs)  # a graph per kind, captured at its second batch
 
 
-
-
 def test_softcapped_attention_takes_the_fast_path_on_a_gpu():
     """Gemma 2 as published (attention softcapping) takes the fast path on a GPU: its bf16 parity row and its
     graphed steps passed on an H100 against Hugging Face's eager attention (bench/RESULTS.md, 2026-12-06)."""
@@ -493,7 +492,7 @@ def test_softcapped_attention_takes_the_fast_path_on_a_gpu():
 
 def test_longrope_steps_run_eagerly_until_their_graph_test_passes():
     """LongRoPE models (Phi-3.5, Phi-4-mini) take the fast path without CUDA graphs, saying why, until the GPU
-    graph test has replayed their switch between factor sets; the families whose graphed steps passed keep them."""
+    graph test has replayed their switch between factor sets; other families keep them."""
     for name in ("phi3.5", "phi4-mini"):
         assert "LongRoPE" in graphs_reason(_tiny(name, wrap=False)), name
     for name in ("llama", "phi3", "gemma2-softcap", "gemma3"):
