@@ -6,13 +6,16 @@ in one call.
     python bench/speed.py --cases qlora8k,long  # other cases (see CASES)
     python bench/speed.py --side tunelab --tokens 2048      # one side (what the driver runs per process)
     python bench/speed.py --sides "lora2k=unsloth,lora2k=tunelab@32h"   # exactly these case=side pairs
-    python bench/speed.py --shape qwen3-8b      # llama2-7b (default), llama3-8b, qwen2.5-7b, qwen3-8b, gemma2-9b
+    python bench/speed.py --shape qwen3-8b      # llama2-7b (default), llama3-8b, qwen2.5-7b, qwen3-8b, gemma2-9b,
+                                                # phi3.5-mini, phi4-mini
 
 tunelab sides take `@N` (recompute only the first N layers) and `@Nh` (and keep their inputs on the host:
 offload_checkpoints, which also sends the gate/up outputs of the layers FastDecoder.output_layers_for picks);
 `@Nh-oK` sends those of K layers instead (`-o0`: none; for an A/B in one call), `@Nh-rK` keeps the inputs of
 the top K recomputed layers on the GPU (decoder.RESIDENT_LAYERS), `@32h-a` leaves SwiGLU's backward to autograd
-(not written in place); variants combine: `@32h-r0-a`. bench/acceptance.sh runs the
+(not written in place); variants combine: `@32h-r0-a`. `hf@sdpa` and `hf_qlora@sdpa` load the model with sdpa
+attention where the HF sides would take another (Gemma 2: eager, since sdpa skips its softcap in transformers
+5.17), as transformers' default does there. bench/acceptance.sh runs the
 issue's acceptance in three device calls. Diagnostics, with $OUT set: BENCH_PROFILE=1 (a kernel table and a
 gzipped timeline, for bench/trace_gaps.py, of one more step; with BENCH_GRAPHS=0 the eager step's kernels, in
 files named `-eager`), BENCH_MEMTRACE=1 (the allocations live at the peak, by source line; slows the steps).
@@ -70,7 +73,7 @@ def make_model(path: Path) -> None:
 
 
 # -- one side, in its own process -------------------------------------------------------------------------
-def _hf_model(path: str, qlora: bool):
+def _hf_model(path: str, qlora: bool, attention: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -79,7 +82,7 @@ def _hf_model(path: str, qlora: bool):
                                bnb_4bit_compute_dtype=torch.bfloat16) if qlora else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quant,
                                                  device_map={"": "cuda"},
-                                                 attn_implementation=hf_attention(path))
+                                                 attn_implementation=attention)
     model.config.use_cache = False
     if qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -164,8 +167,11 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
     torch.manual_seed(0)
     # tunelab@N: recompute only the first N layers; tunelab@Nh: and keep their inputs on the host (offload)
     side, _, ckpt = side.partition("@")
+    # hf@sdpa: the HF side with sdpa attention even where tunelab loads the model with another (Gemma 2: sdpa
+    # skips its attention softcap in transformers 5.17), i.e. what a user of transformers' default gets
+    attention = "sdpa" if side.startswith("hf") and ckpt == "sdpa" else None
     ckpt, _, variant = ckpt.partition("-")
-    layers, offload = int(ckpt.rstrip("h") or -1), ckpt.endswith("h")
+    layers, offload = (-1, False) if attention else (int(ckpt.rstrip("h") or -1), ckpt.endswith("h"))
     variants = {part[:1]: part[1:] for part in variant.split("-") if part}  # A/B within one call, see above
     if "o" in variants:  # gate/up outputs of K layers on the host
         from tunelab.fast.decoder import FastDecoder
@@ -205,7 +211,8 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             loss, _, _ = optimizer_step(model, work[i], optimizer, params, cfg, tokenizer, torch.bfloat16, i)
             return loss
     else:
-        model = _unsloth_model(path, qlora, tokens) if side.startswith("unsloth") else _hf_model(path, qlora)
+        model = _unsloth_model(path, qlora, tokens) if side.startswith("unsloth") else \
+            _hf_model(path, qlora, attention or hf_attention(path))
         # from_pretrained leaves a model in eval mode, where HF and Unsloth skip gradient checkpointing (the
         # Trainer calls train() before the first step); before 2026-12-02 these sides ran that way
         model.train()
