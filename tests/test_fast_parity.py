@@ -57,6 +57,7 @@ MATRIX = {
     "qwen2": ("qwen2", {"head_dim": 48}),  # q/k/v biases
     "qwen3": ("qwen3", {"tie_word_embeddings": True}),  # per-head q/k norms, head_dim 48, tied embeddings
     "mistral": ("mistral", {"head_dim": 48, "sliding_window": 24}),  # samples longer than the window
+    "ministral": ("ministral", {"head_dim": 48}),  # the window on its first layer only (layer_types)
     "phi3": ("phi3", {"sliding_window": 24, "pad_token_id": 0}),  # fused qkv and gate_up, LoRA on them, window
     "phi3.5": ("phi3", {"pad_token_id": 0, **_longrope()}),  # LongRoPE
     # LongRoPE and RoPE on 3/4 of each head

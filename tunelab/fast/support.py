@@ -148,6 +148,10 @@ FAMILIES: dict[str, Family] = {
                                    "pretraining_tp": _handled}),  # transformers 5 no longer reads pretraining_tp
     "mistral": Family("MistralModel", {**_COMMON, "sliding_window": _handled},
                       spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
+    # Ministral: Mistral's window on the layers of kind 'sliding_attention' only (layer_types)
+    "ministral": Family("MinistralModel", {**_COMMON, "sliding_window": _handled, "layer_types": _layer_kinds},
+                        spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None),
+                                          "layer_kinds": tuple(cfg.layer_types) if cfg.layer_types else None}),
     "qwen2": Family("Qwen2Model", {**_COMMON, **_QWEN_WINDOW}),  # q/k/v biases
     "qwen3": Family("Qwen3Model", {**_COMMON, **_QWEN_WINDOW, "attention_bias": _handled},
                     modules=_LLAMA_MODULES + ("self_attn.q_norm", "self_attn.k_norm")),  # per-head norms

@@ -20,6 +20,10 @@ ARCHS = {
     "llama": ("LlamaConfig", {}, "llama2_chat"),
     "qwen2": ("Qwen2Config", {}, "qwen_chat"),
     "mistral": ("MistralConfig", {"sliding_window": None}, "mistral"),
+    # Ministral: Mistral with a window on the layers its layer_types mark 'sliding_attention'
+    "ministral": ("MinistralConfig", {"head_dim": 32, "sliding_window": 24,
+                                      "layer_types": ["sliding_attention", "full_attention"]},
+                  "mistral"),
     "qwen3": ("Qwen3Config", {"head_dim": 48}, "qwen_chat"),  # head_dim != hidden / heads, per-head q/k norms
     "phi3": ("Phi3Config", {"head_dim": 48}, "phi3_chat"),  # fused qkv_proj and gate_up_proj
     "internlm": ("LlamaConfig", {"attention_bias": True}, "internlm_chat"),  # InternLM 1: Llama + qkvo bias
