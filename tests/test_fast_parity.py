@@ -56,6 +56,8 @@ MATRIX = {
                                                       "original_max_position_embeddings": 32}}),
     "qwen2": ("qwen2", {"head_dim": 48}),  # q/k/v biases
     "qwen3": ("qwen3", {"tie_word_embeddings": True}),  # per-head q/k norms, head_dim 48, tied embeddings
+    # use_sliding_window: the window on the layers from max_window_layers on (the second)
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}),
     "mistral": ("mistral", {"head_dim": 48, "sliding_window": 24}),  # samples longer than the window
     "ministral": ("ministral", {"head_dim": 48}),  # the window on its first layer only (layer_types)
     "phi3": ("phi3", {"sliding_window": 24, "pad_token_id": 0}),  # fused qkv and gate_up, LoRA on them, window
@@ -248,7 +250,7 @@ def _fast_path_log(caplog, model) -> tuple[bool, list[str]]:
 def test_models_and_fields_not_tested_run_the_plain_path_and_say_why(caplog):
     """A model type without a parity test (Granite keeps Llama's module names and adds multipliers), and a
     model of a tested type with a field whose value the fast path does not compute (an untested rope type,
-    another activation, attention dropout, sliding-window layers in Qwen, Gemma 3's attention softcapping,
+    another activation, attention dropout, a layer type other than full and sliding, Gemma 3's attention softcapping,
     bidirectional Gemma 3), take the plain path: the log says why, in one line."""
     from transformers import GraniteConfig
 
@@ -262,8 +264,8 @@ def test_models_and_fields_not_tested_run_the_plain_path_and_say_why(caplog):
               "rope type 'dynamic'"),
              (_tiny("llama", hidden_act="gelu"), "hidden_act 'gelu'"),
              (_tiny("qwen2", attention_dropout=0.1), "attention_dropout 0.1"),
-             (_tiny("qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=1),
-              "layer types ['full_attention', 'sliding_attention']"),
+             (_tiny("qwen3", layer_types=["full_attention", "chunked_attention"]),
+              "layer types ['chunked_attention']"),
              # attention softcapping has a parity test on Gemma 2 only
              (_tiny("gemma3", attn_logit_softcapping=50.0), "attn_logit_softcapping 50.0"),
              (_tiny("gemma3", use_bidirectional_attention=True), "use_bidirectional_attention True")]

@@ -105,11 +105,12 @@ def _rope_reason(params: dict, partial_default, tested: tuple[str, ...] = TESTED
     return None
 
 
-def _full_attention_layers(cfg) -> str | None:
-    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        return f"layer types {sorted(kinds)} (use_sliding_window: the fast path has no per-layer windows)"
-    return None
+def _layer_windows(cfg) -> dict:
+    """Spec of a model whose layer_types mark the layers that attend through the sliding window (Ministral;
+    Qwen2/Qwen3 with use_sliding_window, from max_window_layers on); the others attend to every token."""
+    kinds = getattr(cfg, "layer_types", None)
+    return {"window": getattr(cfg, "sliding_window", None) if kinds else None,
+            "layer_kinds": tuple(kinds) if kinds else None}
 
 
 def _no_dropout(name: str) -> Check:
@@ -126,7 +127,7 @@ def _handled(cfg) -> None:
 _COMMON: dict[str, Check] = {"hidden_act": _swiglu, "attention_dropout": _no_dropout("attention_dropout"),
                              "rope_parameters": _tested_rope}
 # Qwen2 and Qwen3 slide their window over some layers only when use_sliding_window says so (layer_types)
-_QWEN_WINDOW: dict[str, Check] = {"layer_types": _full_attention_layers, "use_sliding_window": _handled,
+_QWEN_WINDOW: dict[str, Check] = {"layer_types": _layer_kinds, "use_sliding_window": _handled,
                                   "sliding_window": _handled, "max_window_layers": _handled}
 
 
@@ -150,11 +151,11 @@ FAMILIES: dict[str, Family] = {
                       spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None)}),
     # Ministral: Mistral's window on the layers of kind 'sliding_attention' only (layer_types)
     "ministral": Family("MinistralModel", {**_COMMON, "sliding_window": _handled, "layer_types": _layer_kinds},
-                        spec=lambda cfg: {"window": getattr(cfg, "sliding_window", None),
-                                          "layer_kinds": tuple(cfg.layer_types) if cfg.layer_types else None}),
-    "qwen2": Family("Qwen2Model", {**_COMMON, **_QWEN_WINDOW}),  # q/k/v biases
+                        spec=_layer_windows),
+    "qwen2": Family("Qwen2Model", {**_COMMON, **_QWEN_WINDOW}, spec=_layer_windows),  # q/k/v biases
     "qwen3": Family("Qwen3Model", {**_COMMON, **_QWEN_WINDOW, "attention_bias": _handled},
-                    modules=_LLAMA_MODULES + ("self_attn.q_norm", "self_attn.k_norm")),  # per-head norms
+                    modules=_LLAMA_MODULES + ("self_attn.q_norm", "self_attn.k_norm"),  # per-head norms
+                    spec=_layer_windows),
     # Phi-3/3.5/4: fused qkv_proj and gate_up_proj (LoRA on them as PEFT names them); a sliding window on every
     # layer where the config sets one; LongRoPE (its original_max_position_embeddings), partial rotary
     "phi3": Family("Phi3Model", {**_COMMON, "rope_parameters": _phi3_rope, "sliding_window": _handled,
