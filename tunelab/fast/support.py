@@ -87,8 +87,8 @@ def _tested_rope(cfg) -> str | None:
 
 
 def _phi3_rope(cfg) -> str | None:
-    """Phi-3.5 and Phi-4-mini: LongRoPE, and (Phi-4-mini) RoPE over part of each head, which Phi-3's attention
-    applies and the fast path does as it does."""
+    """Phi-3.5 and Phi-4-mini: LongRoPE and (Phi-4-mini) RoPE over part of each head, both applied by Phi-3's
+    own attention and computed the same way by the fast path (parity rows phi3.5 and phi4-mini)."""
     params = getattr(cfg, "rope_parameters", None) or {}
     return _rope_reason(params, getattr(cfg, "partial_rotary_factor", 1.0), TESTED_ROPE + ("longrope",), True)
 
