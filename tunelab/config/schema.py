@@ -108,8 +108,9 @@ class Config:
                                            group="train")
     fast_path: Literal["auto", "on", "off"] = setting(
         "auto", "Fused training forward (compiled layers, padding-free packed attention, chunked loss) over "
-        "the same weights: auto = LoRA/QLoRA on a GPU for the families it is tested on (Llama, Qwen2/3, Mistral, "
-        "Phi-3; the log says why another model runs the plain path); off = plain transformers.",
+        "the same weights: auto = LoRA/QLoRA on a GPU for the families it is tested on (Llama, Qwen2/3, "
+        "Mistral/Ministral, Phi-3/3.5/4, Gemma 1/2/3, InternLM 3; the log says why another model runs the plain "
+        "path); on = the same families on a CPU and for full fine-tuning too; off = plain transformers.",
         group="train")
     checkpoint_layers: int = setting(
         -1, "With gradient_checkpointing on the fast path: recompute only the first N layers in backward "
