@@ -74,7 +74,10 @@ MATRIX = {
     "gemma2-softcap": ("gemma2", {"tie_word_embeddings": True, "attn_logit_softcapping": ATTENTION_CAP,
                                   "final_logit_softcapping": 5.0}),
     "gemma3": ("gemma3", {"tie_word_embeddings": True}),  # q/k norms too, and a RoPE per layer kind (linear on one)
+    # Gemma 3 from 4B on: text and image (Gemma3ForConditionalGeneration), trained on text: its language model
+    "gemma3-mm": ("gemma3", {"tie_word_embeddings": True}),
 }
+MULTIMODAL = {"gemma3-mm"}  # the row's text config inside a text-and-image model (_tiny)
 
 
 def _tiny(name: str, device: str = "cpu", dtype=torch.float32, lora: LoraConfig | None = None, wrap: bool = True,
@@ -86,6 +89,12 @@ def _tiny(name: str, device: str = "cpu", dtype=torch.float32, lora: LoraConfig 
         pytest.skip(f"transformers {transformers.__version__} has no {ARCHS[arch][0]}")
     torch.manual_seed(0)
     config = tiny_config(arch, VOCAB, **{**fields, **over})
+    if name in MULTIMODAL:  # a one-layer vision tower beside it; its special tokens at the top of the vocabulary
+        config = transformers.Gemma3Config(
+            text_config=config.to_dict(), mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+            boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, tie_word_embeddings=True,
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8))
     # the attention tunelab loads such a model with (Gemma 2's softcap: eager; sdpa skipped it in transformers 5.17)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              attn_implementation=attention_implementation(config))
@@ -500,3 +509,32 @@ def test_longrope_steps_run_eagerly_until_their_graph_test_passes():
         assert "LongRoPE" in graphs_reason(_tiny(name, wrap=False)), name
     for name in ("llama", "phi3", "gemma2-softcap", "gemma3"):
         assert graphs_reason(_tiny(name, wrap=False)) is None, name
+
+
+def test_text_and_image_gemma3_trains_its_language_model():
+    """Gemma 3 from 4B on is a text-and-image model trained here on text. Its adapters go on the language model
+    only ('all-linear' or a list of names; not the vision tower, the projector or the head), the fast path takes
+    its language model, and the plain path's packed-row mask keeps the window of its sliding layers, which live
+    in the text config: a sample longer than the window gets the model's own losses on both paths."""
+    from tunelab.model.load import language_model_targets
+
+    model = _tiny("gemma3-mm")
+    assert unsupported_reason(model) is None
+    for targets in (None, "all-linear"):
+        wrapped = model if targets is None else add_lora(_tiny("gemma3-mm", wrap=False),
+                                                       _cfg("unused", lora_target_modules=targets), quantized=False)
+        adapted = [n for n, m in wrapped.named_modules() if hasattr(m, "lora_A")]
+        assert adapted and all(".language_model.layers." in n for n in adapted), (targets, adapted)
+        assert {n.rsplit(".", 1)[-1] for n in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"}, targets
+    plain_model = _tiny("gemma", wrap=False)
+    assert language_model_targets(plain_model, ["q_proj"]) == ["q_proj"]  # other models: as configured
+    sample = _sample(40, 3)  # the tiny text config's window: 24
+    batch = collate(pack([sample], 40), pad_id=0)
+    with torch.no_grad():
+        own = F.cross_entropy(model(input_ids=torch.tensor([sample.input_ids])).logits[0],
+                              torch.tensor(sample.targets), ignore_index=IGNORE, reduction="none")
+        plain = token_losses(model, batch, torch.float32)[0]
+        quick = FastDecoder(model).token_losses(batch, torch.float32)[0]
+    torch.testing.assert_close(plain, own, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(quick, own, rtol=1e-5, atol=1e-7)

@@ -343,7 +343,9 @@ def attention_bias(segment_ids: torch.Tensor, dtype: torch.dtype, window: int | 
 def model_attention_mask(config, segment_ids: torch.Tensor, dtype: torch.dtype):
     """The mask a transformers model's own forward takes for packed rows. It takes a prepared 4-D mask as it is,
     without the sliding window it would have built itself, so the window goes in here: on every layer (Mistral)
-    or, where the config names each layer's kind (layer_types), as one mask per kind."""
+    or, where the config names each layer's kind (layer_types), as one mask per kind. A text-and-image model
+    (Gemma 3 from 4B on) keeps those fields in its text config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(config, "sliding_window", None)
     if window is None or not getattr(config, "use_sliding_window", True):
         return attention_bias(segment_ids, dtype)

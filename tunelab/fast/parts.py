@@ -144,12 +144,13 @@ def layers_of(core, spec=None) -> list[Layer]:
 
 
 def decoder_core(model):
-    """The inner decoder (LlamaModel) of a causal LM, through a PEFT wrapper if there is one."""
+    """The inner decoder (LlamaModel) of a causal LM, through a PEFT wrapper if there is one; of a text-and-image
+    model (Gemma 3 from 4B on), its language model."""
     m = model
-    for _ in range(4):
+    for _ in range(5):
         if hasattr(m, "layers") and hasattr(m, "embed_tokens"):
             return m
-        nxt = getattr(m, "model", None) or getattr(m, "base_model", None)
+        nxt = getattr(m, "model", None) or getattr(m, "language_model", None) or getattr(m, "base_model", None)
         if nxt is None or nxt is m:
             return None
         m = nxt

@@ -139,7 +139,7 @@ def add_lora(model, cfg, quantized: bool, prepare: bool = True, model_path: str 
     # loftq: PEFT's own LoftQ runs on CUDA only and ignores the LoRA scale; tunelab sets A and B itself below
     peft_init = True if init in ("default", "loftq") else init
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
+                      target_modules=language_model_targets(model, cfg.lora_target_modules), task_type="CAUSAL_LM",
                       use_rslora=getattr(cfg, "use_rslora", False), use_dora=getattr(cfg, "use_dora", False),
                       init_lora_weights=peft_init)
     try:
@@ -156,6 +156,20 @@ def add_lora(model, cfg, quantized: bool, prepare: bool = True, model_path: str 
         model.tunelab_initial_adapter = {k: v.detach().cpu().clone()
                                          for k, v in get_peft_model_state_dict(model).items() if ".lora_" in k}
     return model
+
+
+def language_model_targets(model, targets):
+    """LoRA targets as PEFT takes them. A text-and-image model (Gemma 3 from 4B on) trains here on text only, so
+    its adapters go on the language model's modules alone (a pattern over their paths): its vision tower never
+    runs, and an adapter there would only take memory and keep the fast path off."""
+    prefix = next((name for name, _ in model.named_modules() if name.endswith("language_model")), None)
+    if prefix is None or targets is None or (isinstance(targets, str) and targets != "all-linear"):
+        return targets
+    if targets == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                          if name.startswith(prefix + ".") and isinstance(m, torch.nn.Linear) and m is not head})
+    return rf"{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, targets))})"
 
 
 def moves_base_weights(lora_init: str) -> bool:
