@@ -438,6 +438,54 @@ def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, t
         assert abs(a - b) < 1e-4 * max(1.0, abs(b)), losses
 
 
+def test_train_text_and_image_gemma3_on_text(tiny_models, tmp_path):
+    """`tunelab train` of a tiny text-and-image Gemma 3 (its norms moved off their init): the fast path (CPU, 'on')
+    logs the plain path's losses, rows longer than the sliding window included, and the adapter it writes holds
+    LoRA on the language model only, which plain PEFT loads onto the base."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from conftest import run_losses
+    from tunelab.train.loop import train
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["gemma3"])
+    text = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"]).config.to_dict()
+    vocab = text["vocab_size"] = len(tokenizer) + 3  # the image's three special tokens on top
+    config = transformers.Gemma3Config(
+        text_config=text, mm_tokens_per_image=4, image_token_index=vocab - 1, boi_token_index=vocab - 3,
+        eoi_token_index=vocab - 2, tie_word_embeddings=True,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    folder = tmp_path / "gemma3-mm"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    losses = {}
+    for mode in ("on", "off"):
+        values = dict(pretrained_model_name_or_path=str(folder), max_steps=3, save_steps=1000, lora_dropout=0.0,
+                      fast_path=mode, evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
+        cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
+        result = train(cfg, name, work_dir=str(tmp_path / mode))
+        assert (getattr(result.model, "tunelab_fast", None) is not None) == (mode == "on")
+        losses[mode] = [loss for _, loss in sorted(run_losses(tmp_path / mode).items())]
+    assert len(losses["on"]) == 3
+    for a, b in zip(losses["on"], losses["off"]):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(b)), losses
+    adapter = tmp_path / "on" / "hf"
+    assert "language_model" in json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), adapter)
+    adapted = [n for n, m in loaded.named_modules() if hasattr(m, "lora_A")]
+    assert adapted and all(".language_model.layers." in n for n in adapted), adapted
+
+
 def test_bench_shapes_take_the_path_their_family_does():
     """bench/speed.py --shape: each published shape builds its family's model, which takes the fast path: Phi-3.5's
     and Phi-4-mini's LongRoPE and partial rotary, and Gemma 2 as published (attention softcapping at 50, on
