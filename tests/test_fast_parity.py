@@ -438,6 +438,16 @@ def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, t
         assert abs(a - b) < 1e-4 * max(1.0, abs(b)), losses
 
 
+def test_text_and_image_models_without_a_row_keep_the_plain_path(monkeypatch):
+    """The fast path takes the language model of a text-and-image model only where that model type has a parity
+    row (Gemma 3's): with the list emptied, the same model runs the plain path and the log line says why."""
+    from tunelab.fast import support as support_module
+
+    monkeypatch.setattr(support_module, "TESTED_TEXT_AND_IMAGE", ())
+    why = unsupported_reason(_tiny("gemma3-mm", wrap=False))
+    assert why is not None and "language model of a 'gemma3' text-and-image model" in why, why
+
+
 def test_train_text_and_image_gemma3_on_text(tiny_models, tmp_path):
     """`tunelab train` of a tiny text-and-image Gemma 3 (its norms moved off their init): the fast path (CPU, 'on')
     logs the plain path's losses, rows longer than the sliding window included, and the adapter it writes holds

@@ -214,6 +214,10 @@ def graphs_reason(model) -> str | None:
     return None
 
 
+# Text-and-image models whose language model the fast path trains on text: those with a parity row
+TESTED_TEXT_AND_IMAGE = ("gemma3",)
+
+
 def support(model) -> tuple[Spec | None, str | None]:
     """(what the fast path computes for `model`, None), or (None, why it cannot run it, in one line)."""
     core = decoder_core(model)
@@ -221,6 +225,10 @@ def support(model) -> tuple[Spec | None, str | None]:
         return None, "not a decoder with model.layers and embed_tokens"
     cfg = core.config
     kind = getattr(cfg, "model_type", None)
+    outer = getattr(getattr(model, "config", None), "model_type", None)
+    if getattr(model, "config", cfg) is not cfg and outer not in TESTED_TEXT_AND_IMAGE:
+        return None, (f"the language model of a {outer!r} text-and-image model (tested: "
+                      f"{', '.join(TESTED_TEXT_AND_IMAGE)})")
     family = FAMILIES.get(kind)
     if family is None:
         return None, f"model type {kind!r} has no parity test on the fast path (it runs {', '.join(FAMILIES)})"
