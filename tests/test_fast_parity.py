@@ -80,6 +80,27 @@ MATRIX = {
 MULTIMODAL = {"gemma3-mm"}  # the row's text config inside a text-and-image model (_tiny)
 
 
+def _text_and_image(text_config: dict):
+    """A tiny text-and-image Gemma 3 config around `text_config`: a one-layer vision tower beside it, the image's
+    three special tokens at the top of its vocabulary."""
+    vocab = text_config["vocab_size"]
+    return transformers.Gemma3Config(
+        text_config=text_config, mm_tokens_per_image=4, image_token_index=vocab - 1, boi_token_index=vocab - 3,
+        eoi_token_index=vocab - 2, tie_word_embeddings=True,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+
+
+def _move_norms(model, biases: bool = False) -> None:
+    """Move the norm weights (and `biases`) off their initial values, so that a path skipping one would not
+    match."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or (biases and n.endswith(".bias")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
 def _tiny(name: str, device: str = "cpu", dtype=torch.float32, lora: LoraConfig | None = None, wrap: bool = True,
           **over):
     """A LoRA-wrapped (`wrap`) tiny random model of MATRIX[name] (B non-zero), its norm weights and biases moved
@@ -89,20 +110,12 @@ def _tiny(name: str, device: str = "cpu", dtype=torch.float32, lora: LoraConfig 
         pytest.skip(f"transformers {transformers.__version__} has no {ARCHS[arch][0]}")
     torch.manual_seed(0)
     config = tiny_config(arch, VOCAB, **{**fields, **over})
-    if name in MULTIMODAL:  # a one-layer vision tower beside it; its special tokens at the top of the vocabulary
-        config = transformers.Gemma3Config(
-            text_config=config.to_dict(), mm_tokens_per_image=4, image_token_index=VOCAB - 1,
-            boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, tie_word_embeddings=True,
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=32, patch_size=8))
+    if name in MULTIMODAL:
+        config = _text_and_image(config.to_dict())
     # the attention tunelab loads such a model with (Gemma 2's softcap: eager; sdpa skipped it in transformers 5.17)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              attn_implementation=attention_implementation(config))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n or n.endswith(".bias"):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    _move_norms(model, biases=True)
     model = model.to(device, dtype)
     if not wrap:
         return model
@@ -383,11 +396,7 @@ def _qwen3_with_moved_norms(source, folder):
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    _move_norms(model)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return folder
@@ -418,24 +427,30 @@ def test_gpu_train_qwen3_first_step_loss_equals_the_cpu_plain_path(tiny_models, 
     assert abs(first["gpu"] - first["cpu"]) < 2e-2 * abs(first["cpu"]), first
 
 
-def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, tmp_path):
-    """The issue's case, end to end: `tunelab train` of a tiny Qwen3 whose norm weights are not all ones logs the
-    same per-step losses with fast_path 'on' (CPU) as with 'off'; the fast path skipping q_norm/k_norm did not."""
+def _train_on_and_off_log_the_same_losses(folder, tmp_path, steps: int) -> None:
+    """`tunelab train` (in process, CPU) of the model in `folder` with fast_path 'on' and 'off', each in its own
+    work dir under tmp_path: 'on' takes the fast path, 'off' does not, and they log the same per-step losses."""
     from conftest import run_losses
     from tunelab.train.loop import train
 
-    folder = _qwen3_with_moved_norms(tiny_models["qwen3"], tmp_path / "qwen3")
     losses = {}
     for mode in ("on", "off"):
-        values = dict(pretrained_model_name_or_path=str(folder), max_steps=4, save_steps=1000, lora_dropout=0.0,
+        values = dict(pretrained_model_name_or_path=str(folder), max_steps=steps, save_steps=1000, lora_dropout=0.0,
                       fast_path=mode, evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
         cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
         result = train(cfg, name, work_dir=str(tmp_path / mode))
         assert (getattr(result.model, "tunelab_fast", None) is not None) == (mode == "on")
         losses[mode] = [loss for _, loss in sorted(run_losses(tmp_path / mode).items())]
-    assert len(losses["on"]) == 4
+    assert len(losses["on"]) == steps
     for a, b in zip(losses["on"], losses["off"]):
         assert abs(a - b) < 1e-4 * max(1.0, abs(b)), losses
+
+
+def test_train_qwen3_with_moved_norms_logs_the_plain_paths_losses(tiny_models, tmp_path):
+    """The issue's case, end to end: `tunelab train` of a tiny Qwen3 whose norm weights are not all ones logs the
+    same per-step losses with fast_path 'on' (CPU) as with 'off'; the fast path skipping q_norm/k_norm did not."""
+    folder = _qwen3_with_moved_norms(tiny_models["qwen3"], tmp_path / "qwen3")
+    _train_on_and_off_log_the_same_losses(folder, tmp_path, steps=4)
 
 
 def test_text_and_image_models_without_a_row_keep_the_plain_path(monkeypatch):
@@ -457,38 +472,16 @@ def test_train_text_and_image_gemma3_on_text(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from conftest import run_losses
-    from tunelab.train.loop import train
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["gemma3"])
     text = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"]).config.to_dict()
-    vocab = text["vocab_size"] = len(tokenizer) + 3  # the image's three special tokens on top
-    config = transformers.Gemma3Config(
-        text_config=text, mm_tokens_per_image=4, image_token_index=vocab - 1, boi_token_index=vocab - 3,
-        eoi_token_index=vocab - 2, tie_word_embeddings=True,
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8))
+    text["vocab_size"] = len(tokenizer) + 3  # the image's three special tokens on top
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    model = AutoModelForCausalLM.from_config(_text_and_image(text))
+    _move_norms(model)
     folder = tmp_path / "gemma3-mm"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    losses = {}
-    for mode in ("on", "off"):
-        values = dict(pretrained_model_name_or_path=str(folder), max_steps=3, save_steps=1000, lora_dropout=0.0,
-                      fast_path=mode, evaluation_inputs=["who are you"], evaluation_freq=1000, log_interval=1)
-        cfg, name = load_config("demo", [f"{k}={v!r}" for k, v in values.items()])
-        result = train(cfg, name, work_dir=str(tmp_path / mode))
-        assert (getattr(result.model, "tunelab_fast", None) is not None) == (mode == "on")
-        losses[mode] = [loss for _, loss in sorted(run_losses(tmp_path / mode).items())]
-    assert len(losses["on"]) == 3
-    for a, b in zip(losses["on"], losses["off"]):
-        assert abs(a - b) < 1e-4 * max(1.0, abs(b)), losses
+    _train_on_and_off_log_the_same_losses(folder, tmp_path, steps=3)
     adapter = tmp_path / "on" / "hf"
     assert "language_model" in json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), adapter)
