@@ -43,6 +43,20 @@ def test_softcapped_attention_loads_with_eager_attention(tiny_models, caplog):
     assert not any("attention: eager" in r.getMessage() for r in caplog.records)
 
 
+def test_attention_implementation_reads_a_text_and_image_models_text_config():
+    """A text-and-image config (Gemma 3 from 4B on) keeps attn_logit_softcapping in its text config: eager
+    attention where that text config softcaps, the default where it does not."""
+    import transformers
+
+    from tunelab.model.load import attention_implementation
+
+    def wrapped(cap):
+        return transformers.Gemma3Config(text_config=dict(attn_logit_softcapping=cap))
+
+    assert attention_implementation(wrapped(50.0)) == "eager"
+    assert attention_implementation(wrapped(None)) is None
+
+
 def test_tokenizer_round_trips_chinese_and_markers(tiny_llama):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     for text in ["我是不要葱姜蒜大佬的小助手，内在是上海AI实验室书生·浦语的7B大模型哦", "Ünïcödé ✓ 🙂 tabs\tand\nnewlines"]:

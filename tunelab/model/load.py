@@ -120,7 +120,9 @@ def attention_implementation(config) -> str | None:
     """'eager' for a model whose attention scores are softcapped (Gemma 2): Hugging Face's eager attention applies
     the cap in every transformers version, while its sdpa attention left it out without a word in some (5.17, the
     GPU machine's: a tiny Gemma 2's loss moved by 0.1%, its gradients to cosine 0.77; bench/RESULTS.md), which
-    trains and runs another model. None: the model's own default."""
+    trains and runs another model. None: the model's own default. A text-and-image config keeps the field in its
+    text config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return "eager" if getattr(config, "attn_logit_softcapping", None) is not None else None
 
 
