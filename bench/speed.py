@@ -44,6 +44,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Phi-3's fused projections, as PEFT names them: with Llama's names LoRA lands on o_proj and down_proj only,
+# and tunelab takes the plain path (before 2026-12-06 the phi shapes ran that way)
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 sys.path.insert(0, str(HERE))
 from shape_model import SHAPES, build  # noqa: E402  (beside this script)
 from sides import hf_attention, run_in_own_process  # noqa: E402
@@ -73,6 +76,12 @@ def make_model(path: Path) -> None:
 
 
 # -- one side, in its own process -------------------------------------------------------------------------
+def targets(path: str) -> list[str]:
+    """Every linear layer of the model's decoder, by the names its family uses."""
+    model_type = json.loads(Path(path, "config.json").read_text()).get("model_type")
+    return FUSED_TARGETS if model_type == "phi3" else TARGETS
+
+
 def _hf_model(path: str, qlora: bool, attention: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -90,8 +99,8 @@ def _hf_model(path: str, qlora: bool, attention: str):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=_dropout(), target_modules=TARGETS,
-                                             bias="none", task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=_dropout(),
+                                             target_modules=targets(path), bias="none", task_type="CAUSAL_LM"))
     return model
 
 
@@ -103,7 +112,7 @@ def _unsloth_model(path: str, qlora: bool, tokens: int):
     model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=max(tokens, 2048), dtype=torch.bfloat16,
                                                  load_in_4bit=qlora, local_files_only=True)
     model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=_dropout(), bias="none",
-                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                             target_modules=targets(path), use_gradient_checkpointing="unsloth",
                                              random_state=0)
     return model
 
@@ -128,7 +137,8 @@ def _tunelab_setup(path: str, qlora: bool, tokens: int, checkpoint_layers: int, 
     from tunelab.train.setup import build_model
 
     values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora", lora_r=64,
-                  lora_alpha=16, lora_dropout=_dropout(), lora_target_modules=TARGETS, max_length=max(tokens, 2048),
+                  lora_alpha=16, lora_dropout=_dropout(), lora_target_modules=targets(path),
+                  max_length=max(tokens, 2048),
                   batch_size=1, accumulative_counts=1, max_norm=1.0, gradient_checkpointing=True,
                   checkpoint_layers=checkpoint_layers, offload_checkpoints=offload,
                   # BENCH_GRAPHS=0 for kernel-by-kernel profiles (BENCH_PROFILE=1) of the eager fast path
@@ -292,6 +302,8 @@ def run_side(side: str, path: str, tokens: int, warmup: int, steps: int) -> dict
             averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60) + "\n\n" +
             averages.table(sort_by="self_cuda_time_total", row_limit=90, max_name_column_width=90))
     graphs, fast = getattr(model, "tunelab_graphs", None), getattr(model, "tunelab_fast", None)
+    if side.startswith("tunelab") and fast is None:  # the log above says why; such a row measures the plain path
+        print(f"{side}: the fast path failed to engage", flush=True)
     return dict(side=side + (f"@{ckpt}" if ckpt else ""), tokens=tokens, tok_s=counted / elapsed,
                 training=model.training, output_layers=None if fast is None else fast.output_layers,
                 cuda_graphs=None if graphs is None else dict(
@@ -366,7 +378,7 @@ def run_train(path: str, qlora: bool, checkpoint_layers: int, offload: bool, war
     values = dict(pretrained_model_name_or_path=path, algorithm="qlora" if qlora else "lora",
                   data_path=str(work / "data.json"), prompt_template="internlm2_chat", max_length=2048,
                   pack_to_max_length=True, batch_size=1, accumulative_counts=1, max_steps=warmup + steps, lr=1e-5,
-                  lora_r=64, lora_alpha=16, lora_dropout=_dropout(), lora_target_modules=TARGETS, max_norm=1.0,
+                  lora_r=64, lora_alpha=16, lora_dropout=_dropout(), lora_target_modules=targets(path), max_norm=1.0,
                   gradient_checkpointing=True, checkpoint_layers=checkpoint_layers, offload_checkpoints=offload,
                   torch_dtype="bf16",
                   evaluation_inputs=[], save_steps=10_000, log_interval=1)

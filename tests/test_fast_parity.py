@@ -23,7 +23,7 @@ from tunelab.fast import use_fast_path
 from tunelab.fast.decoder import FastDecoder
 from tunelab.fast.loss import IGNORE
 from tunelab.fast.parts import decoder_core, layers_of
-from tunelab.fast.support import FAMILIES, TESTED_ROPE, graphs_reason, support, unsupported_reason
+from tunelab.fast.support import FAMILIES, TESTED_ROPE, support, unsupported_reason
 from tunelab.model.load import add_lora, attention_implementation
 from tunelab.model.tiny import ARCHS, tiny_config
 from tunelab.model.losses import token_losses
@@ -551,15 +551,6 @@ def test_softcapped_attention_takes_the_fast_path_on_a_gpu():
     cfg = _cfg("unused")
     for name in ("gemma2-softcap", "gemma", "gemma3", "llama"):
         assert use_fast_path(cfg, "cuda", _tiny(name, wrap=False)), name
-
-
-def test_longrope_steps_run_eagerly_until_their_graph_test_passes():
-    """LongRoPE models (Phi-3.5, Phi-4-mini) take the fast path without CUDA graphs, saying why, until the GPU
-    graph test has replayed their switch between factor sets; other families keep them."""
-    for name in ("phi3.5", "phi4-mini"):
-        assert "LongRoPE" in graphs_reason(_tiny(name, wrap=False)), name
-    for name in ("llama", "phi3", "gemma2-softcap", "gemma3"):
-        assert graphs_reason(_tiny(name, wrap=False)) is None, name
 
 
 def test_text_and_image_gemma3_trains_its_language_model():

@@ -80,7 +80,6 @@ def attach(model, cfg, device: str, world_size: int = 1) -> None:
     """Give `model` (one that use_fast_path accepted, LoRA added) its fast forward as `model.tunelab_fast`
     and, where they can run, its CUDA graphs as `model.tunelab_graphs`."""
     from tunelab.fast.decoder import FastDecoder
-    from tunelab.fast.support import graphs_reason
 
     compiled = device.startswith("cuda") and cfg.fast_compile
     fast = FastDecoder(model, compile=compiled, checkpointing=cfg.gradient_checkpointing,
@@ -93,10 +92,6 @@ def attach(model, cfg, device: str, world_size: int = 1) -> None:
     # captured graph would not call
     graphs = compiled and cfg.cuda_graphs and cfg.algorithm in ("lora", "qlora") and \
         not (fast.replays_rng and fast.checkpointed) and world_size == 1
-    why = graphs_reason(model) if graphs else None
-    if why is not None:
-        log.info("CUDA graphs off: %s", why)
-        graphs = False
     if graphs:
         from tunelab.fast.graphs import GraphedSteps
         model.tunelab_graphs = GraphedSteps(fast, [p for p in model.parameters() if p.requires_grad])

@@ -204,16 +204,6 @@ FAMILIES.update({
 })
 
 
-def graphs_reason(model) -> str | None:
-    """Why the fast path must not capture this model's steps in CUDA graphs (None: it may). LongRoPE picks its
-    factors on the device so that a replayed graph follows each batch, but no GPU test has replayed that yet
-    (test_gpu_graphed_steps_match_eager_steps_per_family, rows phi3.5 and phi4-mini): its steps run eagerly."""
-    params = getattr(getattr(decoder_core(model), "config", None), "rope_parameters", None) or {}
-    if params.get("rope_type") == "longrope":
-        return "LongRoPE has not passed the CUDA-graph test on a GPU"
-    return None
-
-
 # Text-and-image models whose language model the fast path trains on text: those with a parity row
 TESTED_TEXT_AND_IMAGE = ("gemma3",)
 
