@@ -1,4 +1,5 @@
-"""Acceptance 6: each kind of bad input gives one clear line on stderr and exit code 2, before any model loads."""
+"""Acceptance 6: each kind of bad input gives one clear line on stderr and exit code 2, before any model loads
+where the input can be judged without the model."""
 from __future__ import annotations
 
 import json
@@ -177,3 +178,18 @@ def test_bad_config_values(good, tmp_path, monkeypatch, capsys, key, value, expe
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("tunelab: error: ") and expect in err[0], err
     assert not (tmp_path / "work_dirs").exists()
+
+
+def test_lora_targets_that_name_no_module_of_the_model(good, tiny_models, tmp_path):
+    """Llama's projection names on a Phi-3 model (fused qkv_proj and gate_up_proj): PEFT would put adapters on
+    o_proj and down_proj alone and train on, so the names that match nothing stop the run once the model has
+    loaded (after the run's first log lines), the model's own names given; no step is logged."""
+    cfg = write_config(tmp_path / "c.py", **dict(good, pretrained_model_name_or_path=str(tiny_models["phi3"]),
+                                                 prompt_template="phi3_chat", max_steps=2,
+                                                 lora_target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    cp = run_cli("train", cfg, "--work-dir", tmp_path / "work", cwd=tmp_path)
+    assert cp.returncode == 2 and "Traceback" not in cp.stderr, cp.stderr[-2000:]
+    assert cp.stderr.strip().splitlines()[-1] == (
+        "tunelab: error: lora_target_modules: 'q_proj', 'v_proj' name no module of this Phi3ForCausalLM; its "
+        "linear layers are down_proj, gate_up_proj, o_proj, qkv_proj (or use 'all-linear')"), cp.stderr[-2000:]
+    assert not list((tmp_path / "work").glob("*/vis_data/scalars.json"))

@@ -169,7 +169,8 @@ class Config:
     lora_dropout: float = setting(0.1, "Dropout on the LoRA input.", group="lora", min=0)
     lora_target_modules: Union[str, list] = setting(
         "all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) "
-        "or a list of names such as ['q_proj', 'v_proj'].", group="lora")
+        "or a list of names such as ['q_proj', 'v_proj'], each naming modules of the model (Phi-3 fuses them: "
+        "qkv_proj, gate_up_proj).", group="lora")
     use_rslora: bool = setting(
         False, "Rank-stabilised LoRA: scale = lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r, so "
         "that high ranks keep learning.", group="lora")

@@ -137,6 +137,7 @@ def add_lora(model, cfg, quantized: bool, prepare: bool = True, model_path: str 
     if quantized and prepare:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    _check_target_names(model, cfg.lora_target_modules)
     init = getattr(cfg, "lora_init", "default")
     # loftq: PEFT's own LoftQ runs on CUDA only and ignores the LoRA scale; tunelab sets A and B itself below
     peft_init = True if init in ("default", "loftq") else init
@@ -160,6 +161,27 @@ def add_lora(model, cfg, quantized: bool, prepare: bool = True, model_path: str 
     return model
 
 
+def _check_target_names(model, targets) -> None:
+    """Every name in a list of LoRA targets must name modules of this model. PEFT stops only when none does: Llama's
+    names on a Phi-3 model (fused qkv_proj, gate_up_proj) would put adapters on o_proj and down_proj alone."""
+    if not isinstance(targets, (list, tuple)):
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UserError(f"lora_target_modules: {', '.join(map(repr, missing))} "
+                        f"{'names' if len(missing) == 1 else 'name'} no module of this "
+                        f"{type(model).__name__}; its linear layers are {', '.join(_linear_names(model))} (or use "
+                        "'all-linear')")
+
+
+def _linear_names(model, prefix: str = "") -> list[str]:
+    """The names of the linear layers under `prefix` ('': all), the output head left out (as 'all-linear' does)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if name.startswith(prefix) and isinstance(m, torch.nn.Linear) and m is not head})
+
+
 def language_model_targets(model, targets):
     """LoRA targets as PEFT takes them. A text-and-image model (Gemma 3 from 4B on) trains here on text only, so
     its adapters go on the language model's modules alone (a pattern over their paths): its vision tower never
@@ -168,9 +190,7 @@ def language_model_targets(model, targets):
     if prefix is None or targets is None or (isinstance(targets, str) and targets != "all-linear"):
         return targets
     if targets == "all-linear":
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                          if name.startswith(prefix + ".") and isinstance(m, torch.nn.Linear) and m is not head})
+        targets = _linear_names(model, prefix + ".")
     return rf"{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, targets))})"
 
 
