@@ -82,15 +82,15 @@ def _layer_kinds(cfg) -> str | None:
     return f"layer types {sorted(extra)} (the fast path has full and sliding-window attention)" if extra else None
 
 
-def _tested_rope(cfg) -> str | None:
-    return _rope_reason(getattr(cfg, "rope_parameters", None) or {}, getattr(cfg, "partial_rotary_factor", 1.0))
+def _tested_rope(cfg, tested: tuple[str, ...] = TESTED_ROPE, partial_ok: bool = False) -> str | None:
+    return _rope_reason(getattr(cfg, "rope_parameters", None) or {}, getattr(cfg, "partial_rotary_factor", 1.0),
+                        tested, partial_ok)
 
 
 def _phi3_rope(cfg) -> str | None:
     """Phi-3.5 and Phi-4-mini: LongRoPE and (Phi-4-mini) RoPE over part of each head, both applied by Phi-3's
     own attention and computed the same way by the fast path (parity rows phi3.5 and phi4-mini)."""
-    params = getattr(cfg, "rope_parameters", None) or {}
-    return _rope_reason(params, getattr(cfg, "partial_rotary_factor", 1.0), TESTED_ROPE + ("longrope",), True)
+    return _tested_rope(cfg, TESTED_ROPE + ("longrope",), partial_ok=True)
 
 
 def _rope_reason(params: dict, partial_default, tested: tuple[str, ...] = TESTED_ROPE,
@@ -107,7 +107,7 @@ def _rope_reason(params: dict, partial_default, tested: tuple[str, ...] = TESTED
 
 def _layer_windows(cfg) -> dict:
     """Spec of a model whose layer_types mark the layers that attend through the sliding window (Ministral;
-    Qwen2/Qwen3 with use_sliding_window, from max_window_layers on); the others attend to every token."""
+    Qwen2/Qwen3 with use_sliding_window, from max_window_layers on; Gemma 2/3); the others attend to every token."""
     kinds = getattr(cfg, "layer_types", None)
     return {"window": getattr(cfg, "sliding_window", None) if kinds else None,
             "layer_kinds": tuple(kinds) if kinds else None}
@@ -178,10 +178,8 @@ _GEMMA_LATER = {**_GEMMA, "hidden_activation": _geglu("hidden_activation"), "que
 
 
 def _gemma_spec(cfg, rope_per_kind: bool = False) -> dict:
-    kinds = getattr(cfg, "layer_types", None)
     scalar = getattr(cfg, "query_pre_attn_scalar", None)
-    return {"gemma": True, "layer_kinds": tuple(kinds) if kinds else None,
-            "window": getattr(cfg, "sliding_window", None) if kinds else None, "rope_per_kind": rope_per_kind,
+    return {"gemma": True, **_layer_windows(cfg), "rope_per_kind": rope_per_kind,
             "attention_scale": scalar ** -0.5 if scalar else None,
             "logit_softcap": getattr(cfg, "final_logit_softcapping", None),
             "attention_softcap": getattr(cfg, "attn_logit_softcapping", None)}
